@@ -22,6 +22,7 @@ __all__ = ["ParameterSpace", "check_eval_mode", "ParamSelector"]
 
 ParamSelector = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
+
 def check_eval_mode(model: nn.Module, name: str = "model") -> None:
     """Raise if a module whose output depends on the batch or on chance is in training mode.
 
@@ -136,7 +137,9 @@ class ParameterSpace:
         if not isinstance(vec, Tensor):
             raise TypeError(f"vec: expected a tensor, got {type(vec).__name__}")
         if vec.shape[0] != self.p or vec.dim() not in (1, 2):
-            raise ValueError(f"vec: expected shape ({self.p},) or ({self.p}, k), got {tuple(vec.shape)}")
+            raise ValueError(
+                f"vec: expected shape ({self.p},) or ({self.p}, k), got {tuple(vec.shape)}"
+            )
         out: dict[str, Tensor] = {}
         offset = 0
         for n, shape, k in zip(self.names, self.shapes, self.numels):
@@ -167,7 +170,9 @@ class ParameterSpace:
         if isinstance(source, nn.Module):
             source = dict(source.named_parameters())
         if not isinstance(source, Mapping):
-            raise TypeError(f"source: expected a module, a state_dict or a tensor, got {type(source).__name__}")
+            raise TypeError(
+                f"source: expected a module, a state_dict or a tensor, got {type(source).__name__}"
+            )
         return self.flatten(source)
 
     def split(self, vec: Tensor) -> dict[str, Tensor]:
@@ -204,7 +209,9 @@ class ParameterSpace:
         if isinstance(other, nn.Module):
             other = dict(other.named_parameters())
         if not isinstance(other, Mapping):
-            raise TypeError(f"{name}: expected a module or a state_dict, got {type(other).__name__}")
+            raise TypeError(
+                f"{name}: expected a module or a state_dict, got {type(other).__name__}"
+            )
         for n, shape in zip(self.names, self.shapes):
             if n not in other:
                 raise ValueError(f"{name}: has no parameter '{n}'; is it the same architecture?")

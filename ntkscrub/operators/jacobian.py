@@ -1,0 +1,249 @@
+"""The Jacobian J_S of the logits over a data set S, as a streamed, matrix-free operator.
+
+``J_S = ∂f_θ(x)/∂θ`` stacked over the samples of S has shape ``(c·|S|, p)``, row ``n·c + k`` for
+sample ``n`` and logit ``k`` (the paper's J_r, J_f; eq. 9–10). It is never formed: ``J v`` is a
+forward-mode product (JVP) per mini-batch and ``Jᵀ u`` a reverse-mode product (VJP) per
+mini-batch, accumulated — so memory is that of one batch, whatever |S|. Several vectors are applied
+in one pass by ``vmap`` over the tangents/cotangents, which shares the primal computation.
+
+:meth:`Jacobian.dense` is the exact twin (explicit per-sample Jacobians via ``torch.func.jacrev``,
+chunked) that the tests trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, jvp, vjp, vmap
+
+from ntkscrub.batches import Batches, as_batches
+from ntkscrub.params import ParameterSpace
+
+__all__ = ["Jacobian", "StackedJacobian", "check_vector"]
+
+
+def check_vector(v: Tensor, rows: int, dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """Raise unless ``v`` has shape ``(rows,)`` or ``(rows, k)`` and the given dtype/device."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(v).__name__}")
+    if v.dim() not in (1, 2) or v.shape[0] != rows:
+        raise ValueError(f"{name}: expected shape ({rows},) or ({rows}, k), got {tuple(v.shape)}")
+    if v.dtype != dtype:
+        raise ValueError(f"{name}: dtype {v.dtype} does not match the operator's {dtype}")
+    if v.device != device:
+        raise ValueError(f"{name}: device {v.device} does not match the operator's {device}")
+
+
+class Jacobian:
+    """``J_S`` at a point θ: a ``(c·|S|, p)`` operator applied batch by batch.
+
+    Args:
+        space: the :class:`~ntkscrub.params.ParameterSpace` (model + linearised parameters).
+        data: S — a Dataset, a non-shuffling DataLoader, an ``(X, Y)`` pair or ``X`` alone.
+            Inputs are moved to the parameters' device and cast to their dtype batch by batch.
+        at: the linearisation point θ (a module, a state_dict or a flat ``(p,)`` vector);
+            default: the model's current parameters. Parameters that are not linearised and all
+            buffers always come from the space's model.
+        batch_size: samples per JVP/VJP batch (memory ∝ batch_size·(activations) · k vectors).
+        name: argument name used in error messages.
+        autocast: optional ``torch.autocast`` dtype (e.g. ``torch.bfloat16``) for the products;
+            ``None`` (default) computes in the parameters' dtype.
+
+    Shapes: ``matvec``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)``; ``rmatvec`` the reverse.
+    """
+
+    def __init__(
+        self,
+        space: ParameterSpace,
+        data: Any,
+        *,
+        at: Any = None,
+        batch_size: int = 256,
+        name: str = "data",
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(space, ParameterSpace):
+            raise TypeError(f"space: expected a ParameterSpace, got {type(space).__name__}")
+        self.space = space
+        self.theta = space.point(at)
+        if not bool(torch.isfinite(self.theta).all()):
+            raise ValueError("at: the linearisation point contains NaN or infinite values")
+        self.data: Batches = as_batches(
+            data, batch_size=batch_size, name=name, device=space.device, dtype=space.dtype
+        )
+        self.name = name
+        self.autocast = autocast
+        self._params = space.unflatten(self.theta)
+        self._f = space.functional()
+        x0, _ = self.data.first()
+        with torch.no_grad():
+            out = self._f(self._params, x0[:1])
+        if out.dim() != 2:
+            raise ValueError(f"model: expected logits of shape (b, c), got {tuple(out.shape)}")
+        self.c: int = out.shape[1]
+        self.n: int = len(self.data)
+        self.p: int = space.p
+        self.dtype = space.dtype
+        self.device = space.device
+        self.data.num_classes = self.c  # labels, when read, are checked against c
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.c * self.n, self.p)
+
+    def _ctx(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _fn(self, x: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+        f = self._f
+
+        def g(params: dict[str, Tensor]) -> Tensor:
+            return f(params, x)
+
+        return g
+
+    def _row_batches(self) -> Iterator[tuple[int, int, Tensor]]:
+        """Yield ``(row_start, row_stop, x)`` per mini-batch (rows of J, i.e. ×c)."""
+        start = 0
+        for x, _ in self.data:
+            b = x.shape[0]
+            yield start * self.c, (start + b) * self.c, x
+            start += b
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, V: Tensor) -> Tensor:
+        """``J V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)`` — one JVP pass over S."""
+        check_vector(V, self.p, self.dtype, self.device, "V")
+        single = V.dim() == 1
+        T = self.space.unflatten(V if single else V.contiguous())
+        out = torch.empty(
+            self.c * self.n, *([] if single else [V.shape[1]]), dtype=self.dtype, device=self.device
+        )
+        for r0, r1, x in self._row_batches():
+            g = self._fn(x)
+            with self._ctx():
+                if single:
+                    jv = jvp(g, (self._params,), (T,))[1]  # (b, c)
+                    out[r0:r1] = jv.reshape(-1).to(self.dtype)
+                else:
+                    jv = vmap(lambda t, g=g: jvp(g, (self._params,), (t,))[1])(T)  # (k, b, c)
+                    out[r0:r1] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
+        return out
+
+    def rmatvec(self, U: Tensor) -> Tensor:
+        """``Jᵀ U``: ``(c·N,)``→``(p,)`` or ``(c·N, k)``→``(p, k)`` — one VJP pass over S."""
+        check_vector(U, self.c * self.n, self.dtype, self.device, "U")
+        single = U.dim() == 1
+        acc = torch.zeros(
+            self.p, *([] if single else [U.shape[1]]), dtype=self.dtype, device=self.device
+        )
+        for r0, r1, x in self._row_batches():
+            with self._ctx():
+                _, pullback = vjp(self._fn(x), self._params)
+                if single:
+                    g = pullback(U[r0:r1].reshape(-1, self.c))[0]
+                    acc += self.space.flatten(g)
+                else:
+                    u = U[r0:r1].T.reshape(U.shape[1], -1, self.c)  # (k, b, c)
+                    g = vmap(pullback)(u)[0]  # dict of (k, *shape)
+                    acc += self.space.flatten_batched(g).to(self.dtype)
+        return acc
+
+    def outputs(self) -> Tensor:
+        """``f_θ(S)``: the logits at θ, shape ``(N, c)``."""
+        outs = []
+        with torch.no_grad():
+            for _, _, x in self._row_batches():
+                with self._ctx():
+                    outs.append(self._f(self._params, x).to(self.dtype))
+        return torch.cat(outs)
+
+    def labels(self) -> Tensor:
+        """The integer labels of S, shape ``(N,)``, checked against ``c``."""
+        return self.data.labels()
+
+    # ------------------------------------------------------------------ exact twin
+    def dense_rows(self, chunk: int = 16) -> Iterator[tuple[int, int, Tensor]]:
+        """Explicit rows of J: ``(row_start, row_stop, J[rows])`` with blocks ``(chunk·c, p)``."""
+        for r0, _, x in self._row_batches():
+            for s in range(0, x.shape[0], chunk):
+                xs = x[s : s + chunk]
+                jac = jacrev(self._fn(xs))(self._params)  # dict of (b, c, *shape)
+                b = xs.shape[0]
+                block = torch.cat([jac[n].reshape(b * self.c, -1) for n in self.space.names], 1)
+                yield r0 + s * self.c, r0 + (s + b) * self.c, block
+
+    def dense(self, chunk: int = 16) -> Tensor:
+        """The explicit Jacobian ``(c·N, p)``: for small problems and tests only."""
+        out = torch.empty(self.c * self.n, self.p, dtype=self.dtype, device=self.device)
+        for r0, r1, block in self.dense_rows(chunk):
+            out[r0:r1] = block
+        return out
+
+    def row_norms_sq(self, chunk: int = 16) -> Tensor:
+        """``diag(J Jᵀ)``: squared norms of the rows, ``(c·N,)``, from explicit row blocks."""
+        out = torch.empty(self.c * self.n, dtype=self.dtype, device=self.device)
+        for r0, r1, block in self.dense_rows(chunk):
+            out[r0:r1] = (block * block).sum(1)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Jacobian(c={self.c}, N={self.n}, p={self.p}, dtype={self.dtype})"
+
+
+class StackedJacobian(Jacobian):
+    """``J_D = [J_r; J_f]``: the Jacobian of a concatenation of data sets, ``(c·ΣN_i, p)``.
+
+    Rows follow the order of the parts (all of the first set, then the second, ...). Built from
+    :class:`Jacobian` parts at the same point; products are delegated to the parts, so no data
+    are copied.
+    """
+
+    def __init__(self, *parts: Jacobian) -> None:  # noqa: D107 - documented on the class
+        if not parts or not all(isinstance(j, Jacobian) for j in parts):
+            raise TypeError("parts: expected one or more Jacobian operators")
+        first = parts[0]
+        for j in parts[1:]:
+            if j.p != first.p or j.c != first.c or not torch.equal(j.theta, first.theta):
+                raise ValueError("parts: Jacobians must share the parameter space, c and θ")
+        self.parts = parts
+        self.space, self.theta, self.c, self.p = first.space, first.theta, first.c, first.p
+        self.dtype, self.device, self.autocast = first.dtype, first.device, first.autocast
+        self.name = "+".join(j.name for j in parts)
+        self.n = sum(j.n for j in parts)
+        self._bounds = []
+        r = 0
+        for j in parts:
+            self._bounds.append((r, r + j.c * j.n))
+            r += j.c * j.n
+
+    def matvec(self, V: Tensor) -> Tensor:
+        return torch.cat([j.matvec(V) for j in self.parts])
+
+    def rmatvec(self, U: Tensor) -> Tensor:
+        check_vector(U, self.c * self.n, self.dtype, self.device, "U")
+        out = None
+        for j, (r0, r1) in zip(self.parts, self._bounds):
+            g = j.rmatvec(U[r0:r1])
+            out = g if out is None else out + g
+        return out
+
+    def outputs(self) -> Tensor:
+        return torch.cat([j.outputs() for j in self.parts])
+
+    def labels(self) -> Tensor:
+        return torch.cat([j.labels() for j in self.parts])
+
+    def dense_rows(self, chunk: int = 16) -> Iterator[tuple[int, int, Tensor]]:
+        for j, (r0, _) in zip(self.parts, self._bounds):
+            for a, b, block in j.dense_rows(chunk):
+                yield r0 + a, r0 + b, block
+
+    def __repr__(self) -> str:
+        return f"StackedJacobian(parts={len(self.parts)}, c={self.c}, N={self.n}, p={self.p})"

@@ -1,0 +1,358 @@
+"""J, Jᵀ, Θ, P and the GGN against explicit float64 references (a fixture grid of models).
+
+Every lazy operator inherits :class:`OperatorContract`, which checks its products against the
+dense matrix built independently in the test (``torch.func.jacrev`` over the whole data set).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_cnn, make_data, make_mlp
+from torch import nn
+from torch.func import functional_call, jacrev
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+
+from ntkscrub.operators import GGN, NTK, Jacobian, PartitionedNTK, Projection, StackedJacobian
+from ntkscrub.params import ParameterSpace
+
+TOL = 1e-10
+
+
+def explicit_jacobian(model: nn.Module, X: torch.Tensor, names=None) -> torch.Tensor:
+    """The reference: jacrev over the whole data set at once, rows n·c + k, ``(c·N, p)``."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = names or list(params)
+    fixed = {n: p for n, p in params.items() if n not in names}
+    fixed.update(dict(model.named_buffers()))
+
+    def f(lin):
+        return functional_call(model, (lin, fixed), (X,))
+
+    jac = jacrev(f)({n: params[n] for n in names})
+    N, c = X.shape[0], f({n: params[n] for n in names}).shape[1]
+    return torch.cat([jac[n].reshape(N * c, -1) for n in names], dim=1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+class OperatorContract:
+    """Shared tests: every operator matches its dense reference for one and several vectors."""
+
+    def make(self, case):  # -> (operator, dense reference)
+        raise NotImplementedError
+
+    def test_matmul_matches_dense(self, case):
+        op, dense = self.make(case)
+        g = torch.Generator().manual_seed(3)
+        V = torch.randn(dense.shape[1], 5, generator=g, dtype=torch.float64)
+        assert rel(op.matmul(V), dense @ V) <= TOL
+        assert rel(op.matmul(V[:, 2]), dense @ V[:, 2]) <= TOL
+
+    def test_transpose_matches_dense(self, case):
+        op, dense = self.make(case)
+        U = torch.randn(dense.shape[0], 3, dtype=torch.float64)
+        assert rel(op.mT.matmul(U), dense.T @ U) <= TOL
+
+    def test_wrong_dtype_rejected(self, case):
+        op, dense = self.make(case)
+        with pytest.raises(ValueError, match="dtype"):
+            op.matmul(torch.randn(dense.shape[1], 2, dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------- Jacobian
+class JacobianAsOperator:
+    """Adapter so the Jacobian runs the same contract (``matmul`` = ``matvec``)."""
+
+    def __init__(self, J: Jacobian):
+        self.J = J
+
+    def matmul(self, V):
+        return self.J.matvec(V)
+
+    @property
+    def mT(self):
+        outer = self
+
+        class _T:
+            def matmul(self, U):
+                return outer.J.rmatvec(U)
+
+        return _T()
+
+
+class TestJacobian(OperatorContract):
+    def make(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=5)
+        return JacobianAsOperator(J), explicit_jacobian(model, X)
+
+    def test_dense_twin(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=4)
+        assert rel(J.dense(chunk=3), explicit_jacobian(model, X)) <= TOL
+        assert rel(J.row_norms_sq(), (explicit_jacobian(model, X) ** 2).sum(1)) <= TOL
+
+    @pytest.mark.parametrize("form", ["dataset", "loader", "tensors"])
+    def test_data_forms_agree(self, case, form):
+        model, X, Y = case
+        data = {
+            "dataset": TensorDataset(X, Y),
+            "loader": DataLoader(TensorDataset(X, Y), batch_size=3, shuffle=False),
+            "tensors": (X, Y),
+        }[form]
+        J = Jacobian(ParameterSpace(model), data, batch_size=6)
+        V = torch.randn(J.p, 2, dtype=torch.float64)
+        assert rel(J.matvec(V), explicit_jacobian(model, X) @ V) <= TOL
+
+    def test_other_point_and_subset(self):
+        model = make_cnn()
+        X, Y = make_data("cnn", 9)
+        # Linearise only BatchNorm affine parameters and the head, at another point; the other
+        # parameters and the buffers stay those of the space's model (documented semantics).
+        names = [n for n, p in model.named_parameters() if p.dim() == 1 or n.startswith("7.")]
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in other.named_parameters():
+                if n in names:
+                    p.add_(0.1 * torch.randn_like(p))
+        space = ParameterSpace(model, names)
+        J = Jacobian(space, (X, Y), at=other, batch_size=4)
+        ref = explicit_jacobian(other, X, names)
+        V = torch.randn(space.p, 3, dtype=torch.float64)
+        assert rel(J.matvec(V), ref @ V) <= TOL
+        U = torch.randn(J.shape[0], 3, dtype=torch.float64)
+        assert rel(J.rmatvec(U), ref.T @ U) <= TOL
+
+    def test_outputs(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=5)
+        assert rel(J.outputs(), model(X).detach()) <= TOL
+
+
+# --------------------------------------------------------------------------- NTK
+class TestNTK(OperatorContract):
+    ridge = 0.3
+
+    def make(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=4)
+        Jd = explicit_jacobian(model, X)
+        return NTK(J.theta, jac_a=J, ridge=self.ridge), Jd @ Jd.T + self.ridge * torch.eye(
+            Jd.shape[0], dtype=torch.float64
+        )
+
+    def test_symmetric_psd(self, case):
+        op, dense = self.make(case)
+        K = op.dense()
+        assert rel(K, dense) <= TOL
+        assert float((K - K.T).abs().max()) == 0.0 or rel(K, K.T) <= 1e-14
+        assert float(torch.linalg.eigvalsh(K - self.ridge * torch.eye(K.shape[0],
+                     dtype=K.dtype)).min()) >= -1e-10 * float(K.diagonal().max())
+
+    def test_blocks(self, case):
+        model, X, Y = case
+        part = PartitionedNTK(ParameterSpace(model), (X[:10], Y[:10]), (X[10:], Y[10:]),
+                              ridge=0.2, batch_size=3)
+        Jr, Jf = explicit_jacobian(model, X[:10]), explicit_jacobian(model, X[10:])
+        refs = {
+            "rr": Jr @ Jr.T + 0.2 * torch.eye(Jr.shape[0], dtype=torch.float64),
+            "ff": Jf @ Jf.T + 0.2 * torch.eye(Jf.shape[0], dtype=torch.float64),
+            "rf": Jr @ Jf.T,
+            "fr": Jf @ Jr.T,
+        }
+        for key, ref in refs.items():
+            V = torch.randn(ref.shape[1], 2, dtype=torch.float64)
+            assert rel(part[key].matmul(V), ref @ V) <= TOL, key
+        assert part.matvecs == 8
+
+    def test_stacked_jacobian(self, case):
+        model, X, Y = case
+        space = ParameterSpace(model)
+        J_r = Jacobian(space, (X[:9], Y[:9]), batch_size=4)
+        J_f = Jacobian(space, (X[9:], Y[9:]), batch_size=4)
+        J_d = StackedJacobian(J_r, J_f)
+        ref = explicit_jacobian(model, X)
+        V = torch.randn(space.p, 2, dtype=torch.float64)
+        U = torch.randn(ref.shape[0], 2, dtype=torch.float64)
+        assert rel(J_d.matvec(V), ref @ V) <= TOL
+        assert rel(J_d.rmatvec(U), ref.T @ U) <= TOL
+        assert torch.equal(J_d.labels(), Y)
+
+    def test_linear_operator_integration(self, case):
+        op, dense = self.make(case)
+        b = torch.randn(dense.shape[0], 2, dtype=torch.float64)
+        assert rel(dense @ op.solve(b), b) <= 1e-8
+        logdet = torch.logdet(dense)
+        _, ld = op.inv_quad_logdet(logdet=True)
+        assert abs(float(ld) - float(logdet)) <= 1e-6 * abs(float(logdet)) + 1e-6
+        assert rel(op.diagonal(), dense.diagonal()) <= TOL
+
+    def test_bad_ridge(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y))
+        with pytest.raises(ValueError, match="ridge"):
+            NTK(J.theta, jac_a=J, ridge=-1.0)
+
+
+# --------------------------------------------------------------------------- P
+class TestProjection(OperatorContract):
+    ridge = 0.0
+
+    def make(self, case):
+        model, X, Y = case
+        X, Y = X[:4], Y[:4]  # c·N = 12 < p so J_r has full row rank and P is a projection
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=3)
+        Jd = explicit_jacobian(model, X)
+        ref = torch.eye(Jd.shape[1], dtype=torch.float64) - Jd.T @ torch.linalg.solve(Jd @ Jd.T, Jd)
+        return Projection(J.theta, jac_r=J, ridge=self.ridge, solver="dense"), ref
+
+    def test_idempotent_and_annihilates(self, case):
+        op, _ = self.make(case)
+        V = torch.randn(op.shape[0], 3, dtype=torch.float64)
+        PV = op.matmul(V)
+        assert rel(op.matmul(PV), PV) <= 1e-9
+        U = torch.randn(op.jac_r.shape[0], 2, dtype=torch.float64)
+        JtU = op.jac_r.rmatvec(U)
+        assert float(op.matmul(JtU).norm()) <= 1e-9 * float(JtU.norm())
+        assert rel(op.dense(), op.dense().T) <= 1e-12
+
+    def test_ridge_form(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=5)
+        P = Projection(J.theta, jac_r=J, ridge=0.7, solver="dense")
+        Jd = explicit_jacobian(model, X)
+        ref = 0.7 * torch.linalg.inv(Jd.T @ Jd + 0.7 * torch.eye(Jd.shape[1], dtype=torch.float64))
+        V = torch.randn(J.p, 2, dtype=torch.float64)
+        assert rel(P.matmul(V), ref @ V) <= 1e-9
+
+    def test_cg_solver_matches_dense(self, case):
+        pytest.importorskip("ntkscrub.solvers.cg")
+        op, ref = self.make(case)
+        P = Projection(op.jac_r.theta, jac_r=op.jac_r, solver="cg",
+                       solver_options={"tol": 1e-12, "precond": None})
+        V = torch.randn(op.shape[0], 2, dtype=torch.float64)
+        assert rel(P.matmul(V), ref @ V) <= 1e-8
+
+
+# --------------------------------------------------------------------------- GGN
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+class TestGGN:
+    def test_matches_dense(self, case, loss):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=4)
+        F = GGN(J.theta, jac=J, loss=loss, damping=0.05)
+        Jd = explicit_jacobian(model, X)
+        c = J.c
+        if loss == "ce":
+            pi = torch.softmax(model(X).detach(), 1)
+            H = torch.block_diag(*[torch.diag(p) - torch.outer(p, p) for p in pi])
+        else:
+            H = torch.eye(Jd.shape[0], dtype=torch.float64)
+        ref = Jd.T @ H @ Jd + 0.05 * torch.eye(J.p, dtype=torch.float64)
+        V = torch.randn(J.p, 3, dtype=torch.float64)
+        assert rel(F.matmul(V), ref @ V) <= TOL
+        assert rel(F.diagonal(), ref.diagonal()) <= TOL
+        assert rel(F.dense(), ref) <= TOL
+        assert c == 3
+
+
+# --------------------------------------------------------------------------- memory
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_ntk_matvec_memory_independent_of_n():
+    """Θ v over N samples allocates nothing of size N·p or (cN)²: the largest tensor is the same
+    for N = 48 and N = 480 (only the (cN,) vectors grow)."""
+    model = make_cnn()
+    space = ParameterSpace(model)
+    largest = {}
+    for n in (48, 480):
+        X, Y = make_data("cnn", n)
+        J = Jacobian(space, (X, Y), batch_size=16)
+        K = NTK(J.theta, jac_a=J)
+        v = torch.randn(J.shape[0], 2, dtype=torch.float64)
+        with LargestTensor() as mode:
+            K.matmul(v)
+        largest[n] = mode.largest
+        assert mode.largest < n * space.p
+        assert mode.largest < (3 * n) ** 2
+    # The only thing allowed to grow with N is the (c·N, k) block of vectors itself.
+    assert largest[480] <= max(largest[48], 3 * 480 * 2)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_training_mode_batchnorm_rejected():
+    model = make_cnn().train()
+    with pytest.raises(ValueError, match="'1' \\(BatchNorm2d\\)"):
+        ParameterSpace(model)
+
+
+def test_bad_data():
+    model = make_mlp()
+    space = ParameterSpace(model)
+    X, Y = make_data("mlp", 5)
+    with pytest.raises(ValueError, match="empty"):
+        Jacobian(space, (X[:0], Y[:0]))
+    Xn = X.clone()
+    Xn[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        Jacobian(space, (Xn, Y))
+    with pytest.raises(ValueError, match="same number"):
+        Jacobian(space, (X, Y[:3]))
+    with pytest.raises(ValueError, match="shuffles"):
+        Jacobian(space, DataLoader(TensorDataset(X, Y), shuffle=True))
+    J = Jacobian(space, (X, Y + 5))
+    with pytest.raises(ValueError, match="labels must lie"):
+        J.labels()
+    with pytest.raises(ValueError, match="V: expected shape"):
+        J.matvec(torch.randn(space.p + 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match="space"):
+        Jacobian(model, (X, Y))
+
+
+def test_nonfinite_parameters_rejected():
+    model = make_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="0.weight"):
+        ParameterSpace(model)
+
+
+def test_model_unchanged(case):
+    model, X, Y = case
+    before = copy.deepcopy(model.state_dict())
+    J = Jacobian(ParameterSpace(model), (X, Y))
+    K = NTK(J.theta, jac_a=J, ridge=0.1)
+    K.matmul(torch.randn(J.shape[0], 2, dtype=torch.float64))
+    J.dense()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model.training
+
+
+def test_flatten_roundtrip(case):
+    model, _, _ = case
+    space = ParameterSpace(model)
+    v = torch.randn(space.p, dtype=torch.float64)
+    assert torch.equal(space.flatten(space.unflatten(v)), v)
+    V = torch.randn(space.p, 3, dtype=torch.float64)
+    assert torch.equal(space.flatten_batched(space.unflatten(V)), V)
+    assert torch.equal(space.point(), torch.cat([p.reshape(-1) for p in model.parameters()]))
