@@ -215,7 +215,8 @@ class _Solver:
         if self.precond == "nystrom" and rank > 0:
             before = K.matvecs
             M = NystromPreconditioner(
-                K, n, rank, shift=K.ridge, seed=self.seed, dtype=B.dtype, device=B.device
+                K, n, rank, shift=K.ridge, includes_shift=True, seed=self.seed, dtype=B.dtype,
+                device=B.device,
             )
             build = {
                 "precond": "nystrom",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny problems: threads only add OpenMP overhead
 
 
 def make_mlp(in_dim: int = 6, hidden: int = 8, c: int = 3, seed: int = 0) -> nn.Module:

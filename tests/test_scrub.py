@@ -1,0 +1,246 @@
+"""ntkscrub.scrub: the exact identity, cg = dense, block = two solves, noise, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_cnn, make_data
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+from ntkscrub.scrub import (
+    diagonal_fisher,
+    fisher_noise_variance,
+    scrub,
+    trapezium_scale,
+)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+# --------------------------------------------------------------------------- exact identity
+def random_features_model(seed=0, d=5, h=12, c=3):
+    """A model linear in its trainable parameters: fixed random features → nn.Linear."""
+    torch.manual_seed(seed)
+    feats = nn.Linear(d, h).double().requires_grad_(False)
+    return nn.Sequential(feats, nn.Tanh(), nn.Linear(h, c).double()).eval()
+
+
+def ridge_optimum(model, theta0_model, X, Y, lam):
+    """θ0 + argmin_w ½‖Φ w − e‖² + ½λ‖w‖², solved in *parameter space* (primal normal
+    equations) — independent of the dual NTK form that scrub uses."""
+    with torch.no_grad():
+        phi = torch.tanh(theta0_model[0](X))  # (N, h)
+        c = theta0_model[2].out_features
+        Phi = torch.cat([phi, torch.ones(len(X), 1, dtype=phi.dtype)], 1)  # (N, h+1)
+        e = torch.nn.functional.one_hot(Y, c).double() - theta0_model(X)  # (N, c)
+        # rows (n, k) of J are Φ_n ⊗ e_k; the system decouples over the c output rows.
+        A = Phi.T @ Phi + lam * torch.eye(Phi.shape[1], dtype=Phi.dtype)
+        Wb = torch.linalg.solve(A, Phi.T @ e).T  # (c, h+1)
+        out = copy.deepcopy(theta0_model)
+        out[2].weight.add_(Wb[:, :-1])
+        out[2].bias.add_(Wb[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.0])
+def test_exact_identity_linear_model(lam):
+    theta0 = random_features_model(seed=0)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 3, (30,), generator=g)
+    Xr, Yr, Xf, Yf = X[:24], Y[:24], X[24:], Y[24:]
+    if lam == 0.0:  # min-norm solution needs c·N < p: 3·30 = 90 > 39, so use fewer samples
+        X, Y, Xr, Yr, Xf, Yf = X[:10], Y[:10], X[:8], Y[:8], X[8:10], Y[8:10]
+        trained = _min_norm(theta0, X, Y)
+        target = _min_norm(theta0, Xr, Yr)
+    else:
+        trained = ridge_optimum(None, theta0, X, Y, lam)
+        target = ridge_optimum(None, theta0, Xr, Yr, lam)
+    res = scrub(
+        trained,
+        (Xr, Yr),
+        (Xf, Yf),
+        init=theta0,
+        linearize_at="init",
+        loss="mse",
+        ridge=lam,
+        solver="cg",
+        tol=1e-12,
+    )
+    assert rel(flat(res.model), flat(target)) <= 1e-6
+    assert res.info["matvecs"] > 0 and res.info["solves"][0]["converged"]
+
+
+def _min_norm(theta0, X, Y):
+    with torch.no_grad():
+        phi = torch.tanh(theta0[0](X))
+        Phi = torch.cat([phi, torch.ones(len(X), 1, dtype=phi.dtype)], 1)
+        e = torch.nn.functional.one_hot(Y, 3).double() - theta0(X)
+        Wb = (torch.linalg.pinv(Phi) @ e).T
+        out = copy.deepcopy(theta0)
+        out[2].weight.add_(Wb[:, :-1])
+        out[2].bias.add_(Wb[:, -1])
+    return out
+
+
+# --------------------------------------------------------------------------- cg = dense
+@pytest.fixture(scope="module")
+def cnn_problem():
+    init = make_cnn(seed=0)
+    trained = copy.deepcopy(init)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    X, Y = make_data("cnn", 16)
+    return trained, init, (X[:12], Y[:12]), (X[12:], Y[12:])
+
+
+@pytest.mark.parametrize("linearize_at", ["init", "trained"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_cg_matches_dense(cnn_problem, linearize_at, loss):
+    trained, init, retain, forget = cnn_problem
+    kw = dict(init=init, linearize_at=linearize_at, loss=loss, ridge=0.05)
+    dense = scrub(trained, retain, forget, solver="dense", **kw)
+    cg = scrub(trained, retain, forget, solver="cg", tol=1e-12, **kw)
+    block = scrub(trained, retain, forget, solver="cg", tol=1e-12, form="block", **kw)
+    dense_block = scrub(trained, retain, forget, solver="dense", form="block", **kw)
+    assert rel(cg.shift, dense.shift) <= 1e-6
+    assert rel(block.shift, dense.shift) <= 1e-6
+    assert rel(dense_block.shift, dense.shift) <= 1e-9
+    assert float(dense.shift.norm()) > 0
+
+
+def test_weight_decay_convention(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    a = scrub(trained, retain, forget, init=init, solver="dense", weight_decay=0.01)
+    assert a.info["ridge_r"] == pytest.approx(12 * 0.01)
+    assert a.info["ridge_d"] == pytest.approx(16 * 0.01)
+    b = scrub(trained, retain, forget, init=init, solver="cg", weight_decay=0.01, tol=1e-12)
+    assert rel(b.shift, a.shift) <= 1e-6
+    with pytest.raises(ValueError, match="form"):
+        scrub(trained, retain, forget, init=init, weight_decay=0.01, form="block")
+
+
+def test_trapezium(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    plain = scrub(trained, retain, forget, init=init, solver="dense", ridge=0.05)
+    res = scrub(trained, retain, forget, init=init, solver="dense", ridge=0.05, rescale="trapezium")
+    s = res.info["rescale_factor"]
+    assert s >= 1.0
+    assert rel(res.shift, s * plain.shift) <= 1e-12
+    d = torch.tensor([1.0, 0.0])
+    s2, cos = trapezium_scale(d, torch.tensor([0.0, 1.0]), torch.zeros(2), torch.zeros(2))
+    assert cos == 0.0 and s2 == 1.0
+    s3, cos3 = trapezium_scale(d, torch.tensor([2.0, 0.0]), torch.zeros(2), torch.zeros(2))
+    assert cos3 == pytest.approx(1.0) and s3 == pytest.approx(5.0)  # (1 + 2·1·2) / 1
+
+
+# --------------------------------------------------------------------------- noise
+def test_noise_seeded(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    kw = dict(init=init, solver="dense", ridge=0.05, noise=1e-4)
+    a = scrub(trained, retain, forget, seed=3, **kw)
+    b = scrub(trained, retain, forget, seed=3, **kw)
+    c = scrub(trained, retain, forget, seed=4, **kw)
+    assert torch.equal(flat(a.model), flat(b.model))
+    assert not torch.equal(flat(a.model), flat(c.model))
+    assert torch.equal(a.shift, c.shift)  # the shift is deterministic, before noise
+    det = scrub(trained, retain, forget, init=init, solver="dense", ridge=0.05)
+    assert not torch.equal(flat(a.model), flat(det.model))
+
+
+def test_noise_variance_conventions():
+    F = {"w": torch.tensor([[1e-9, 1.0], [4.0, 1e6]]), "b": torch.tensor([0.5, 2.0])}
+    v = fisher_noise_variance(F, 2.0, num_classes=3, average_inputs=False)
+    assert v["w"][0, 0] == pytest.approx(2.0 * 1e3)  # clamped at 1e3
+    assert v["w"][1, 1] == pytest.approx(2.0 / (1e6 + 1e-8))
+    assert v["b"][0] == pytest.approx(10 * 2.0 / 0.5)  # 1-D tensors ×10
+    head = fisher_noise_variance({"h": torch.full((3, 2), 1e-9)}, 1.0, num_classes=3)
+    assert torch.allclose(head["h"], torch.full((3, 2), 1e3))  # clamp 1e2, ×10
+    with pytest.raises(ValueError, match="noise"):
+        fisher_noise_variance(F, -1.0, 3)
+
+
+def test_diagonal_fisher_matches_explicit():
+    model = make_cnn()
+    X, Y = make_data("cnn", 5)
+    fisher = diagonal_fisher(model, (X, Y), reduction="sum")
+    ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x in X:
+        logp = torch.log_softmax(model(x[None]), 1)[0]
+        for k in range(3):
+            model.zero_grad()
+            logp[k].backward(retain_graph=True)
+            for n, p in model.named_parameters():
+                ref[n] += logp[k].exp().detach() * p.grad**2
+    for n in ref:
+        assert rel(fisher[n], ref[n]) <= 1e-10, n
+
+
+# --------------------------------------------------------------------------- contract
+def test_inputs_unchanged_and_result(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    before = copy.deepcopy(trained.state_dict()), copy.deepcopy(init.state_dict())
+    Xr = retain[0].clone()
+    res = scrub(trained, retain, forget, init=init.state_dict(), ridge=0.1, noise=1e-5, seed=0)
+    for sd, m in zip(before, (trained, init)):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, sd[k])
+    assert torch.equal(retain[0], Xr)
+    assert res.model is not trained and not res.model.training
+    assert res.shift.shape == (sum(p.numel() for p in trained.parameters()),)
+    for key in ("matvecs", "solves", "seconds", "peak_memory_mib", "rescale_factor"):
+        assert key in res.info
+
+
+def test_bad_input(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    X, Y = retain
+    cases = [
+        (dict(forget=(forget[0][:0], forget[1][:0])), ValueError, "forget"),
+        (dict(retain=(X, Y + 7)), ValueError, "retain: labels"),
+        (dict(retain=(X, Y[:-1])), ValueError, "retain"),
+        (dict(ridge=-1.0), ValueError, "ridge"),
+        (dict(noise=-1e-3), ValueError, "noise"),
+        (dict(solver="lu"), ValueError, "solver"),
+        (dict(linearize_at="middle"), ValueError, "linearize_at"),
+        (dict(loss="hinge"), ValueError, "loss"),
+        (dict(rescale="triangle"), ValueError, "rescale"),
+        (dict(frobnicate=1), TypeError, "frobnicate"),
+        (dict(init=nn.Linear(3, 3).double()), ValueError, "init"),
+        (dict(model=copy.deepcopy(trained).train()), ValueError, "model"),
+    ]
+    for kw, err, msg in cases:
+        args = dict(model=trained, retain=retain, forget=forget, init=init)
+        args.update(kw)
+        with pytest.raises(err, match=msg):
+            scrub(args.pop("model"), args.pop("retain"), args.pop("forget"), **args)
+    Xn = X.clone()
+    Xn[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="retain"):
+        scrub(trained, (Xn, Y), forget, init=init)
+
+
+def test_overlap_reported(cnn_problem):
+    trained, init, _, _ = cnn_problem
+    X, Y = make_data("cnn", 10)
+    ds = TensorDataset(X, Y)
+    with pytest.raises(ValueError, match="also in retain"):
+        scrub(trained, Subset(ds, range(0, 8)), Subset(ds, [7, 8, 9]), init=init)
+
+
+def test_cg_not_converging_raises(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    from ntkscrub.solvers import CGNotConverged
+
+    with pytest.raises(CGNotConverged):
+        scrub(trained, retain, forget, init=init, solver="cg", tol=1e-14, max_iter=1, precond=None)
