@@ -1,0 +1,630 @@
+"""Training utilities shared by the baselines and the experiments.
+
+:func:`train` runs SGD with momentum on
+
+    L(w) = mean_i ℓ(f_w(x_i), y_i) + (λ/2)·‖w − w_anchor‖²
+
+where ℓ is cross-entropy (``'ce'``) or ½‖f(x) − onehot(y)‖² (``'mse'``), λ = ``weight_decay``
+and ``w_anchor`` is 0 (plain weight decay) or given weights of the same architecture (the paper's
+fine-tuning decays toward the pre-trained weights with λ = 0.1). The penalty is applied as the
+gradient term λ(w − w_anchor) added before the optimiser step — *not* through SGD's own
+``weight_decay``, which always decays toward 0.
+
+Paper recipe (REFERENCE.md §1): pre-training SGD lr 0.1, momentum 0.9, wd 5e-4, 30 epochs, BN in
+train mode; fine-tuning lr 0.01, momentum 0.9, λ = 0.1 toward θ0, batch 128, BN frozen, until
+zero training error. On a full-width All-CNN the constant-lr fine-tuning was observed to be
+unstable (error dips then climbs back) while a decaying lr converges, so every run records its
+recipe and per-epoch training error in :class:`TrainLog` — look at the curve.
+
+Also: :func:`evaluate` (error and loss over a data set), checkpoints written atomically and read
+with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ntkscrub.batches import Batches, as_batches
+
+__all__ = [
+    "TrainLog",
+    "train",
+    "evaluate",
+    "lr_at",
+    "save_checkpoint",
+    "load_checkpoint",
+    "atomic_torch_save",
+    "check_json_like",
+    "LOSSES",
+    "SCHEDULES",
+]
+
+LOSSES = ("ce", "mse")
+SCHEDULES = ("constant", "cosine", "step")
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class TrainLog:
+    """What a :func:`train` run did.
+
+    Attributes:
+        epochs: epochs actually run.
+        train_error, train_loss: per epoch, measured after the epoch in eval mode over the whole
+            training data (error as a fraction in [0, 1]; loss = mean per-sample loss without
+            the weight penalty).
+        lr: learning rate used in each epoch.
+        seconds: wall-clock time of the run (training and per-epoch evaluation).
+        recipe: every setting of the run (JSON-like), for result files.
+        penalty: (λ/2)‖w − w_anchor‖² after each epoch.
+        epoch_seconds: wall-clock time of each epoch (including its evaluation).
+        reached_zero_error: whether the last measured training error is 0.
+        stopped_by_callback: whether ``callback`` ended the run.
+    """
+
+    epochs: int
+    train_error: list[float]
+    train_loss: list[float]
+    lr: list[float]
+    seconds: float
+    recipe: dict
+    penalty: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    reached_zero_error: bool = False
+    stopped_by_callback: bool = False
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------- validation
+def check_json_like(obj: Any, name: str, *, allow_tensors: bool = False, _depth: int = 0) -> None:
+    """Raise ``TypeError`` unless ``obj`` is built from str/int/float/bool/None/list/tuple/dict
+    (string keys) — the types ``torch.load(weights_only=True)`` reads back (plus tensors when
+    ``allow_tensors``)."""
+    if _depth > 50:
+        raise TypeError(f"{name}: nested too deeply")
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return
+    if allow_tensors and isinstance(obj, Tensor):
+        return
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            check_json_like(v, name, allow_tensors=allow_tensors, _depth=_depth + 1)
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{name}: dict keys must be str, got {k!r}")
+            check_json_like(v, name, allow_tensors=allow_tensors, _depth=_depth + 1)
+        return
+    raise TypeError(
+        f"{name}: values must be str/int/float/bool/None/list/dict"
+        + ("/Tensor" if allow_tensors else "")
+        + f" so that weights_only loading works, got {type(obj).__name__}"
+    )
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the target folder, fsync, then ``os.replace``: a reader
+    never sees a half-written file, and a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _num(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def _anchor_tensors(
+    anchor: nn.Module | Mapping[str, Tensor] | None,
+    params: dict[str, nn.Parameter],
+) -> dict[str, Tensor] | None:
+    """Detached copies of the anchor's values for every trained parameter (None: anchor 0)."""
+    if anchor is None:
+        return None
+    if isinstance(anchor, nn.Module):
+        src: Mapping[str, Any] = dict(anchor.named_parameters())
+    elif isinstance(anchor, Mapping):
+        src = anchor
+    else:
+        raise TypeError(
+            f"anchor: expected an nn.Module, a state_dict or None, got {type(anchor).__name__}"
+        )
+    out = {}
+    for n, p in params.items():
+        if n not in src:
+            raise ValueError(f"anchor: has no parameter '{n}'; is it the same architecture?")
+        a = src[n]
+        if not isinstance(a, Tensor):
+            raise TypeError(f"anchor: entry '{n}' is a {type(a).__name__}, not a tensor")
+        if a.shape != p.shape:
+            raise ValueError(
+                f"anchor: parameter '{n}' has shape {tuple(a.shape)}, the model's is "
+                f"{tuple(p.shape)}; is it the same architecture?"
+            )
+        out[n] = a.detach().to(device=p.device, dtype=p.dtype).clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------- losses
+def _per_sample_loss(logits: Tensor, y: Tensor, loss: str) -> Tensor:
+    """``(B, c)`` logits, ``(B,)`` labels → ``(B,)`` per-sample losses."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return 0.5 * (logits - onehot).pow(2).sum(dim=1)
+
+
+def lr_at(epoch: int, *, lr: float, epochs: int, schedule: str) -> float:
+    """Learning rate of epoch ``epoch`` (0-based) for a schedule over ``epochs`` epochs.
+
+    ``constant``: ``lr``. ``cosine``: ``lr·½(1 + cos(π·e/epochs))`` (e < epochs, so never 0).
+    ``step``: ``lr``, ×0.1 from ``e ≥ 0.5·epochs``, ×0.01 from ``e ≥ 0.75·epochs``.
+    Epochs past ``epochs`` (``until_zero_error``) keep the rate of the last scheduled epoch.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if epochs <= 0 or schedule == "constant":
+        return lr
+    e = min(epoch, epochs - 1)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * e / epochs))
+    factor = 1.0
+    if e >= 0.5 * epochs:
+        factor = 0.1
+    if e >= 0.75 * epochs:
+        factor = 0.01
+    return lr * factor
+
+
+# ----------------------------------------------------------------------------------- evaluate
+class _ModeGuard:
+    """Put a module in eval mode and restore every submodule's own mode afterwards (so a
+    mixed state — train mode with frozen BatchNorm — survives)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        b = next(model.buffers(), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Any, batch_size: int = 512, loss: str = "ce", device=None
+) -> dict[str, float]:
+    """Error and mean loss of ``model`` over ``data`` (eval mode; the model's modes restored).
+
+    Args:
+        data: an ``(X, Y)`` pair, Dataset, non-shuffling DataLoader or :class:`Batches`.
+        loss: ``'ce'`` or ``'mse'`` (see :func:`train`).
+
+    Returns:
+        ``{'error': fraction misclassified, 'loss': mean per-sample loss, 'n': |data|}``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    device = torch.device(device) if device is not None else _device_of(model)
+    batches = as_batches(data, batch_size=batch_size, name="data", device=device)
+    return _eval_pass(model, batches, loss)
+
+
+@torch.no_grad()
+def _eval_pass(model: nn.Module, batches: Batches, loss: str) -> dict[str, float]:
+    # the loop of evaluate() on an already checked stream (train() calls it every epoch)
+    wrong, total_loss, n = 0, 0.0, 0
+    with _ModeGuard(model):
+        for x, y in batches:
+            if y is None:
+                raise ValueError("data: labels are required to evaluate")
+            out = model(x)
+            wrong += int((out.argmax(dim=1) != y).sum())
+            total_loss += float(_per_sample_loss(out.float(), y, loss).sum())
+            n += y.shape[0]
+    return {"error": wrong / n, "loss": total_loss / n, "n": n}
+
+
+# -------------------------------------------------------------------------------------- train
+def _epoch_batches(
+    data: Batches, batch_size: int, shuffle: bool, gen: torch.Generator
+) -> Callable[[], Any]:
+    """A function that yields one epoch of ``(x, y)`` batches in a (seeded) random order."""
+    src = data.source
+    if isinstance(src, (tuple, list)) and len(src) == 2 and isinstance(src[0], Tensor):
+        X, Y = src
+
+        def tensor_epoch():
+            n = X.shape[0]
+            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                yield X[idx.to(X.device)], Y[idx.to(Y.device)]
+
+        return tensor_epoch
+    if isinstance(src, Dataset):
+        loader = DataLoader(
+            src, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None
+        )
+
+        def loader_epoch():
+            for item in loader:
+                if not isinstance(item, (tuple, list)) or len(item) < 2:
+                    raise ValueError("data: Dataset items must be (x, y) pairs for training")
+                yield item[0], torch.as_tensor(item[1])
+
+        return loader_epoch
+    raise TypeError("data: training needs an (X, Y) pair, a Dataset or a DataLoader")
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    anchor: nn.Module | Mapping[str, Tensor] | None = None,
+    loss: str = "ce",
+    batch_size: int = 128,
+    schedule: str = "constant",
+    seed: int | None = 0,
+    freeze_bn: bool = True,
+    until_zero_error: bool = False,
+    max_epochs: int | None = None,
+    shuffle: bool = True,
+    callback: Callable[[int, nn.Module, TrainLog], bool | None] | None = None,
+    progress: bool = False,
+    device=None,
+) -> tuple[nn.Module, TrainLog]:
+    """Train a deep copy of ``model`` with SGD + momentum; ``model`` itself is never modified.
+
+    Objective: ``mean_i ℓ(f(x_i), y_i) + (weight_decay/2)·‖w − anchor‖²`` over the parameters
+    with ``requires_grad`` (others stay fixed), ℓ = ``'ce'`` cross-entropy or ``'mse'``
+    ½‖f(x) − onehot(y)‖² summed over classes.
+
+    Args:
+        model: the network; logits ``(B, c)`` for inputs ``(B, ...)``.
+        data: ``(X, Y)`` tensors (``X (N, ...)``, ``Y (N,)`` int64), a Dataset of ``(x, y)`` or a
+            DataLoader (its dataset is re-batched with ``batch_size`` and the seeded shuffle).
+        epochs: epochs to run (≥ 0).
+        lr: base learning rate (> 0); ``schedule`` ``'constant'``, ``'cosine'`` or ``'step'``
+            (×0.1 at 50 % and 75 % of ``epochs``), per epoch, see :func:`lr_at`.
+        weight_decay: λ ≥ 0 of the penalty toward ``anchor`` (default anchor: zeros). ``anchor``
+            is a module or state_dict of the same architecture, e.g. the pre-trained weights.
+        freeze_bn: BatchNorm in eval mode throughout (running statistics untouched: the
+            paper's fine-tuning); ``False``: BatchNorm trains normally (pre-training). A final
+            batch of one sample is skipped when BatchNorm trains (batch statistics undefined).
+        until_zero_error: after ``epochs``, continue until the training error is 0 or
+            ``max_epochs`` (default ``max(10·epochs, 100)``) epochs have run.
+        seed: seeds the shuffling generator and, inside a forked RNG scope, any randomness of
+            the model (dropout), so a fixed seed gives bit-identical results on CPU and the
+            global RNG state is left as it was. ``None``: unseeded. On CUDA, cuDNN kernels may
+            still differ run to run (seen for ResNet-18 on an H200; All-CNN was identical)
+            unless ``torch.use_deterministic_algorithms(True)`` is set by the caller.
+        callback: ``callback(epoch, model, log)`` after each epoch (``epoch`` counts completed
+            epochs from 1; ``model`` in eval mode — do not modify it); returning True stops.
+        progress: show a tqdm bar over epochs.
+        device: where to train (default: the model's device); data are moved per batch.
+
+    A non-finite training loss after an epoch ends the run (``recipe['diverged_at_epoch']``).
+
+    Returns:
+        ``(trained_copy, log)``; the copy is in eval mode.
+
+    Raises:
+        ValueError / TypeError naming the argument: ``epochs < 0``, ``lr ≤ 0``, unknown
+        ``loss`` / ``schedule``, negative ``weight_decay``, an ``anchor`` of another
+        architecture, labels out of range.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    epochs = _int(epochs, "epochs", 0)
+    lr = _num(lr, "lr")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    momentum = _num(momentum, "momentum")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    weight_decay = _num(weight_decay, "weight_decay")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    batch_size = _int(batch_size, "batch_size", 1)
+    if seed is not None:
+        seed = _int(seed, "seed", 0)
+    if max_epochs is not None:
+        max_epochs = _int(max_epochs, "max_epochs", 0)
+        if max_epochs < epochs:
+            raise ValueError(f"max_epochs ({max_epochs}) must be ≥ epochs ({epochs})")
+    elif until_zero_error:
+        max_epochs = max(10 * epochs, 100)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+
+    device = torch.device(device) if device is not None else _device_of(model)
+    net = copy.deepcopy(model).to(device)
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model: has no parameters with requires_grad=True to train")
+    anchor_t = _anchor_tensors(anchor, params)
+
+    data_desc = "DataLoader" if isinstance(data, DataLoader) else type(data).__name__
+    if isinstance(data, DataLoader):
+        # train() does its own seeded shuffling and batching, so only the dataset is used (a
+        # shuffling DataLoader would otherwise be refused by as_batches)
+        data = data.dataset
+    # Probe the number of logits once, to check labels before any step is taken.
+    probe = as_batches(data, batch_size=batch_size, name="data")
+    x0, y0 = probe.first()
+    if y0 is None:
+        raise ValueError("data: labels are required for training")
+    with torch.no_grad(), _ModeGuard(net):
+        c = net(x0[:1].to(device)).shape[1]
+    batches = as_batches(data, batch_size=batch_size, name="data", num_classes=c)
+    eval_batches = as_batches(
+        data, batch_size=max(batch_size, 512), name="data", num_classes=c, device=device
+    )
+    recipe: dict[str, Any] = {
+        "optimizer": "SGD",
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
+        "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
+        "loss": loss,
+        "batch_size": batch_size,
+        "schedule": schedule,
+        "epochs": epochs,
+        "until_zero_error": bool(until_zero_error),
+        "max_epochs": max_epochs,
+        "seed": seed,
+        "freeze_bn": bool(freeze_bn),
+        "shuffle": bool(shuffle),
+        "n_samples": len(batches),
+        "num_classes": c,
+        "trained_parameters": sum(p.numel() for p in params.values()),
+        "data": data_desc,
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
+
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    epoch_iter = _epoch_batches(batches, batch_size, shuffle, gen)
+    # SGD with heavy-ball momentum, written out (the update of torch.optim.SGD with dampening 0,
+    # no Nesterov): constructing torch.optim.SGD imports torch._dynamo, seconds per process.
+    momentum_buf: dict[str, Tensor] = {}
+    has_bn = any(isinstance(m, _BN) for m in net.modules())
+
+    def set_train_mode() -> None:
+        net.train()
+        if freeze_bn:
+            for m in net.modules():
+                if isinstance(m, _BN):
+                    m.eval()
+
+    def penalty() -> float:
+        if weight_decay == 0:
+            return 0.0
+        with torch.no_grad():
+            tot = 0.0
+            for n, p in params.items():
+                d = p if anchor_t is None else p - anchor_t[n]
+                tot += float(d.double().pow(2).sum())
+        return 0.5 * weight_decay * tot
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_epochs if until_zero_error else epochs, desc="train", unit="ep")
+
+    fork_devices = [device] if device.type == "cuda" else []
+    t_start = time.perf_counter()
+    last_error: float | None = None
+    with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
+        if seed is not None:
+            # model-side randomness (dropout) from a fixed seed; fork_rng restores the global
+            # state on exit, so the caller's RNG stream is unaffected. Only the generator of the
+            # training device is seeded (torch.manual_seed would also reseed every GPU).
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+        e = 0
+        while True:
+            if e >= epochs:
+                if not until_zero_error:
+                    break
+                if last_error is None:
+                    last_error = _eval_pass(net, eval_batches, loss)["error"]
+                if last_error == 0.0 or e >= max_epochs:
+                    break
+            t_ep = time.perf_counter()
+            cur_lr = lr_at(e, lr=lr, epochs=epochs, schedule=schedule)
+            set_train_mode()
+            for x, y in epoch_iter():
+                if not freeze_bn and has_bn and x.shape[0] == 1:
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                for p in params.values():
+                    p.grad = None
+                out = net(x)
+                _per_sample_loss(out, y, loss).mean().backward()
+                with torch.no_grad():
+                    for n, p in params.items():
+                        g = p.grad if p.grad is not None else torch.zeros_like(p)
+                        if weight_decay > 0:
+                            # gradient of (λ/2)‖w − anchor‖²: λ(w − anchor), added before the
+                            # momentum so it acts exactly like a term of the loss
+                            d = p if anchor_t is None else p - anchor_t[n]
+                            g = g.add(d, alpha=weight_decay)
+                        if momentum > 0:
+                            buf = momentum_buf.get(n)
+                            if buf is None:
+                                buf = momentum_buf[n] = g.clone()
+                            else:
+                                buf.mul_(momentum).add_(g)
+                            g = buf
+                        p.add_(g, alpha=-cur_lr)
+            net.eval()
+            ev = _eval_pass(net, eval_batches, loss)
+            last_error = ev["error"]
+            e += 1
+            log.epochs = e
+            log.train_error.append(ev["error"])
+            log.train_loss.append(ev["loss"])
+            log.lr.append(cur_lr)
+            log.penalty.append(penalty())
+            log.epoch_seconds.append(time.perf_counter() - t_ep)
+            log.seconds = time.perf_counter() - t_start
+            log.reached_zero_error = ev["error"] == 0.0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    error=f"{ev['error']:.4f}", loss=f"{ev['loss']:.4f}", lr=f"{cur_lr:.3g}"
+                )
+            if not math.isfinite(ev["loss"]):
+                log.recipe["diverged_at_epoch"] = e
+                break
+            if callback is not None and callback(e, net, log):
+                log.stopped_by_callback = True
+                break
+    if bar is not None:
+        bar.close()
+    net.eval()
+    log.seconds = time.perf_counter() - t_start
+    log.reached_zero_error = last_error == 0.0
+    return net, log
+
+
+# -------------------------------------------------------------------------------- checkpoints
+_CKPT_FORMAT = "ntkscrub-checkpoint-v1"
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model_or_state: nn.Module | Mapping[str, Tensor],
+    meta: dict | None = None,
+) -> None:
+    """Write ``{'state_dict', 'meta'}`` to ``path`` atomically (temp file + ``os.replace``).
+
+    Tensors are stored on the CPU. ``meta`` must be JSON-like (str/int/float/bool/None/list/
+    dict with str keys) so that :func:`load_checkpoint` can use ``weights_only=True``.
+    """
+    if isinstance(model_or_state, nn.Module):
+        state = model_or_state.state_dict()
+    elif isinstance(model_or_state, Mapping):
+        state = model_or_state
+    else:
+        raise TypeError(
+            f"model_or_state: expected an nn.Module or a state_dict, got "
+            f"{type(model_or_state).__name__}"
+        )
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise TypeError(f"model_or_state: entries must be str → Tensor, got {k!r}")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
+    check_json_like(meta, "meta")
+    payload = {
+        "format": _CKPT_FORMAT,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
+        "meta": meta,
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu"
+) -> tuple[dict[str, Tensor] | nn.Module, dict]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Returns:
+        ``(state_dict, meta)``; when ``model`` is given, ``(loaded_copy, meta)`` where
+        ``loaded_copy`` is a deep copy of ``model`` with the weights loaded (strictly; ``model``
+        itself is untouched). A bare state_dict file (no ``meta``) is accepted too.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"path: no checkpoint at {path}")
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(obj, dict) and obj.get("format") == _CKPT_FORMAT:
+        state, meta = obj["state_dict"], obj.get("meta", {})
+    elif isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values()):
+        state, meta = obj, {}
+    else:
+        raise ValueError(f"path: {path} is not a checkpoint written by save_checkpoint")
+    if model is None:
+        return state, meta
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    loaded = copy.deepcopy(model)
+    try:
+        loaded.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"model: checkpoint {path} does not fit this architecture: {err}") from err
+    return loaded, meta
