@@ -1,0 +1,46 @@
+"""Matrix-free solvers for the NTK systems of ntkscrub.
+
+* :func:`cg` — preconditioned CG with many right-hand sides, per-column stopping, converged columns
+  dropped from the operator calls, float64 scalars; :class:`CGInfo`, :class:`CGNotConverged`.
+* :class:`NystromPreconditioner`, :class:`RPCholeskyPreconditioner` — low-rank preconditioners for
+  ``(K + μI)`` built from a few block matvecs.
+* :func:`lanczos`, :func:`slq_logdet`, :func:`slq_trace` — block Lanczos runs and stochastic Lanczos
+  quadrature; :func:`dense_logdet` is the exact small-n reference.
+
+An operator ``A`` is a dense ``(n, n)`` tensor, a ``linear_operator.LinearOperator`` or a callable
+``(n, k) -> (n, k)``; :func:`as_matmul` turns any of them into a function.
+"""
+
+from ntkscrub.solvers.cg import CGInfo, CGNotConverged, as_matmul, as_precond, cg
+from ntkscrub.solvers.lanczos import (
+    LanczosResult,
+    LogdetEstimate,
+    TraceEstimate,
+    dense_logdet,
+    lanczos,
+    slq_logdet,
+    slq_trace,
+)
+from ntkscrub.solvers.preconditioners import (
+    LowRankPreconditioner,
+    NystromPreconditioner,
+    RPCholeskyPreconditioner,
+)
+
+__all__ = [
+    "as_matmul",
+    "as_precond",
+    "cg",
+    "CGInfo",
+    "CGNotConverged",
+    "LowRankPreconditioner",
+    "NystromPreconditioner",
+    "RPCholeskyPreconditioner",
+    "lanczos",
+    "LanczosResult",
+    "slq_logdet",
+    "slq_trace",
+    "LogdetEstimate",
+    "TraceEstimate",
+    "dense_logdet",
+]
