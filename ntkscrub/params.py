@@ -190,7 +190,7 @@ class ParameterSpace:
         return f
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
-        """``f_θ(x)`` for a flat ``θ`` of shape ``(p,)``; ``x`` of shape ``(b, ...)`` → ``(b, c)``."""
+        """``f_θ(x)`` for a flat ``θ`` ``(p,)`` and ``x`` ``(b, ...)``; returns ``(b, c)``."""
         return self.functional()(self.unflatten(theta), x)
 
     def load_into(self, module: nn.Module, theta: Tensor) -> nn.Module:

@@ -20,7 +20,6 @@ forms them (preconditioned CG on the lazy NTK). Both give the same shift.
 from __future__ import annotations
 
 import copy
-import math
 import resource
 import time
 from collections.abc import Mapping
@@ -30,8 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ntkscrub._validation import check_choice, check_number
 from ntkscrub.batches import subset_indices
-from ntkscrub.operators.ggn import ggn_diagonal
+from ntkscrub.noise import (  # noqa: F401 - re-exported: part of this module's API
+    add_fisher_noise,
+    diagonal_fisher,
+    fisher_noise_variance,
+)
 from ntkscrub.operators.jacobian import Jacobian, StackedJacobian
 from ntkscrub.operators.ntk import NTK
 from ntkscrub.params import ParameterSpace, check_eval_mode
@@ -60,6 +64,7 @@ _OPTIONS = {
     "max_dense_bytes",
     "autocast",
     "seed_precond",
+    "vector_chunk",
 }
 
 
@@ -164,20 +169,33 @@ class _Solver:
         self._dense_J: dict[int, Tensor] = {}
 
     def dense_jacobian(self, jac: Jacobian) -> Tensor:
+        """The explicit ``(c·N, p)`` Jacobian, cached; a stacked J_D is allocated once and its
+        parts are views of it, so J_r and J_f are never held twice."""
         key = id(jac)
-        if key not in self._dense_J:
-            if isinstance(jac, StackedJacobian):
-                self._dense_J[key] = torch.cat([self.dense_jacobian(j) for j in jac.parts])
-            else:
-                need = jac.c * jac.n * jac.p * torch.finfo(jac.dtype).bits / 8
-                if need > self.max_dense_bytes:
-                    raise DenseTooLarge(
-                        f"solver='dense': the explicit Jacobian of '{jac.name}' needs "
-                        f"{need / 2**30:.2f} GiB (c·N·p = {jac.c}·{jac.n}·{jac.p}), over "
-                        f"max_dense_bytes = {self.max_dense_bytes / 2**30:.2f} GiB; use solver='cg'"
-                    )
-                self._dense_J[key] = jac.dense()
-        return self._dense_J[key]
+        if key in self._dense_J:
+            return self._dense_J[key]
+        parts = jac.parts if isinstance(jac, StackedJacobian) else (jac,)
+        if any(id(j) in self._dense_J for j in parts) and len(parts) > 1:
+            self._dense_J[key] = torch.cat([self.dense_jacobian(j) for j in parts])
+            return self._dense_J[key]
+        need = jac.c * jac.n * jac.p * torch.finfo(jac.dtype).bits / 8
+        if need > self.max_dense_bytes:
+            raise DenseTooLarge(
+                f"solver='dense': the explicit Jacobian of '{jac.name}' needs "
+                f"{need / 2**20:,.1f} MiB (c·N·p = {jac.c}·{jac.n}·{jac.p}), over "
+                f"max_dense_bytes = {self.max_dense_bytes / 2**20:,.1f} MiB; use solver='cg'"
+            )
+        full = torch.empty(jac.c * jac.n, jac.p, dtype=jac.dtype, device=jac.device)
+        row = 0
+        for j in parts:
+            rows = j.c * j.n
+            view = full[row : row + rows]
+            for r0, r1, block in j.dense_rows():
+                view[r0:r1] = block
+            self._dense_J[id(j)] = view
+            row += rows
+        self._dense_J[key] = full
+        return full
 
     def solve(self, K: NTK, B: Tensor, label: str, x0: Tensor | None = None) -> Tensor:
         t0 = time.perf_counter()
@@ -211,11 +229,19 @@ class _Solver:
         n = K.shape[0]
         M = None
         build: dict[str, Any] = {}
-        rank = self.precond_rank if self.precond_rank is not None else min(100, n // 4)
+        # Default rank: none below 2000 rows (measured on CPU: building it costs more matvecs
+        # than it saves on small systems, benchmarks/README.md), else 50.
+        rank = self.precond_rank if self.precond_rank is not None else (0 if n < 2000 else 50)
         if self.precond == "nystrom" and rank > 0:
             before = K.matvecs
             M = NystromPreconditioner(
-                K, n, rank, shift=K.ridge, includes_shift=True, seed=self.seed, dtype=B.dtype,
+                K,
+                n,
+                rank,
+                shift=K.ridge,
+                includes_shift=True,
+                seed=self.seed,
+                dtype=B.dtype,
                 device=B.device,
             )
             build = {
@@ -313,83 +339,6 @@ def trapezium_scale(
     return (nd + 2.0 * abs(cos) * ne) / nd, cos
 
 
-# --------------------------------------------------------------------------- Fisher noise
-def diagonal_fisher(
-    model: nn.Module,
-    data: Any,
-    *,
-    params: Any = None,
-    batch_size: int = 64,
-    reduction: str = "mean",
-) -> dict[str, Tensor]:
-    """Diagonal Fisher of the predictive distribution on ``data``, per linearised tensor.
-
-    ``F_ii = Σ_x E_{y~p(y|x)} (∂ log p(y|x)/∂θ_i)²`` — the exact expectation over classes, as the
-    reference code; ``reduction="mean"`` divides by |data| (the reference convention),
-    ``"sum"`` does not.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-    space = ParameterSpace(model, params)
-    jac = Jacobian(space, data, batch_size=batch_size, name="data")
-    probs = torch.softmax(jac.outputs(), dim=1)
-    diag = ggn_diagonal(jac, probs)
-    if reduction == "mean":
-        diag = diag / jac.n
-    return space.unflatten(diag)
-
-
-def fisher_noise_variance(
-    fisher: Mapping[str, Tensor],
-    alpha: float,
-    num_classes: int,
-    *,
-    eps: float = 1e-8,
-    clamp: float = 1e3,
-    head_clamp: float = 1e2,
-    head_scale: float = 10.0,
-    vector_scale: float = 10.0,
-    average_inputs: bool = True,
-) -> dict[str, Tensor]:
-    """Per-parameter noise variance ``α·(F + eps)⁻¹`` with the reference code's conventions.
-
-    Documented defaults (REFERENCE.md §2): ``1/(F + 1e-8)`` clamped at ``clamp`` = 1e3 (at
-    ``head_clamp`` = 1e2 for tensors whose first dimension is ``num_classes`` — the head), times α,
-    averaged over the input dimension (dim 1) of each ≥2-D tensor, then ×``head_scale`` for the
-    head and ×``vector_scale`` for other 1-D tensors (BatchNorm affine).
-    """
-    if not (alpha >= 0.0 and math.isfinite(alpha)):
-        raise ValueError(f"noise: must be a finite number ≥ 0, got {alpha}")
-    out = {}
-    for n, F in fisher.items():
-        is_head = F.dim() >= 1 and F.shape[0] == num_classes
-        v = (1.0 / (F + eps)).clamp(max=head_clamp if is_head else clamp) * alpha
-        if average_inputs and F.dim() > 1:
-            v = v.mean(dim=1, keepdim=True).expand_as(F).clone()
-        if is_head:
-            v = v * head_scale
-        elif F.dim() == 1:
-            v = v * vector_scale
-        out[n] = v
-    return out
-
-
-# --------------------------------------------------------------------------- validation
-def _check_number(x: Any, name: str, *, positive: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x) or x < 0 or (positive and x == 0):
-        raise ValueError(f"{name}: must be a finite number {'>' if positive else '≥'} 0, got {x}")
-    return x
-
-
-def _choice(x: Any, name: str, allowed: tuple) -> Any:
-    if x not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {x!r}")
-    return x
-
-
 # --------------------------------------------------------------------------- public API
 def scrub(
     model: nn.Module,
@@ -437,11 +386,13 @@ def scrub(
             ``ridge``.
         params: which parameters are linearised (see :class:`~ntkscrub.params.ParameterSpace`).
         batch_size: samples per JVP/VJP batch (256).
-        precond: ``"nystrom"`` (default) or ``None``; precond_rank: its rank (default
-            ``min(100, n/4)``); strict: raise if CG does not converge (default True);
+        precond: ``"nystrom"`` (default) or ``None``; precond_rank: its rank (default 0 — none —
+            for systems under 2000 rows, else 50);
+            strict: raise if CG does not converge (default True);
         warm_start: start the D_r solve from the D solution (default True);
         max_dense_bytes: the dense path refuses explicit Jacobians larger than this (4 GiB).
-        autocast: a ``torch.autocast`` dtype for the Jacobian products (e.g. ``torch.bfloat16``).
+        autocast: a ``torch.autocast`` dtype for the Jacobian products (experimental, see
+            :class:`~ntkscrub.operators.Jacobian`); vector_chunk: vectors per vmap (32).
 
     Returns:
         :class:`ScrubResult` with ``.model``, ``.shift`` ``(p,)`` and ``.info``.
@@ -453,23 +404,23 @@ def scrub(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_eval_mode(model, "model")
-    _choice(linearize_at, "linearize_at", ("init", "trained"))
-    _choice(loss, "loss", ("mse", "ce"))
-    _choice(solver, "solver", ("cg", "dense"))
-    _choice(rescale, "rescale", (None, "trapezium"))
-    form = _choice(options.get("form", "solves"), "form", ("solves", "block"))
-    ridge = _check_number(ridge, "ridge")
-    noise = _check_number(noise, "noise")
+    check_choice(linearize_at, "linearize_at", ("init", "trained"))
+    check_choice(loss, "loss", ("mse", "ce"))
+    check_choice(solver, "solver", ("cg", "dense"))
+    check_choice(rescale, "rescale", (None, "trapezium"))
+    form = check_choice(options.get("form", "solves"), "form", ("solves", "block"))
+    ridge = check_number(ridge, "ridge")
+    noise = check_number(noise, "noise")
     weight_decay = options.get("weight_decay")
     if weight_decay is not None:
-        weight_decay = _check_number(weight_decay, "weight_decay")
+        weight_decay = check_number(weight_decay, "weight_decay")
         if ridge != 0.0:
             raise ValueError("weight_decay: give either ridge or weight_decay, not both")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    precond = _choice(options.get("precond", "nystrom"), "precond", ("nystrom", None))
+    precond = check_choice(options.get("precond", "nystrom"), "precond", ("nystrom", None))
     if tol is not None:
-        tol = _check_number(tol, "tol", positive=True)
+        tol = check_number(tol, "tol", positive=True)
     if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}")
     batch_size = options.get("batch_size", 256)
@@ -496,10 +447,13 @@ def scrub(
     lin_model = init_model if linearize_at == "init" else model
     space = ParameterSpace(lin_model, space_w.names)
     autocast = options.get("autocast")
-    J_r = Jacobian(space, retain, batch_size=batch_size, name="retain", autocast=autocast)
-    J_f = Jacobian(
-        space, forget, at=J_r.theta, batch_size=batch_size, name="forget", autocast=autocast
-    )
+    jkw = {
+        "batch_size": batch_size,
+        "autocast": autocast,
+        "vector_chunk": options.get("vector_chunk", 32),
+    }
+    J_r = Jacobian(space, retain, name="retain", **jkw)
+    J_f = Jacobian(space, forget, at=J_r.theta, name="forget", **jkw)
     e_r, e_f = _targets(J_r, loss), _targets(J_f, loss)
     if weight_decay is not None:
         ridge_r, ridge_d = J_r.n * weight_decay, (J_r.n + J_f.n) * weight_decay
@@ -539,21 +493,14 @@ def scrub(
     space_w.load_into(out, w_d + shift)
     noise_info: dict[str, Any] = {"alpha": noise}
     if noise > 0.0:
-        fopts = dict(options.get("fisher_options") or {})
-        reduction = fopts.pop("reduction", "mean")
-        fisher = diagonal_fisher(out, retain, params=space_w.names, reduction=reduction)
-        var = fisher_noise_variance(fisher, noise, J_r.c, **fopts)
-        gen = torch.Generator(device="cpu")
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        pdict = dict(out.named_parameters())
-        with torch.no_grad():
-            for n, v in var.items():
-                eps = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
-                pdict[n].add_(v.sqrt() * eps)
-        noise_info.update({"fisher_reduction": reduction, **fopts})
+        out, _, noise_info = add_fisher_noise(
+            out,
+            retain,
+            noise,
+            seed=seed,
+            params=space_w.names,
+            **dict(options.get("fisher_options") or {}),
+        )
     out.eval()
 
     info: dict[str, Any] = {

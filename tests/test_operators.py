@@ -129,6 +129,18 @@ class TestJacobian(OperatorContract):
         U = torch.randn(J.shape[0], 3, dtype=torch.float64)
         assert rel(J.rmatvec(U), ref.T @ U) <= TOL
 
+    def test_vector_chunks(self, case):
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=5, vector_chunk=2)
+        ref = explicit_jacobian(model, X)
+        V = torch.randn(J.p, 5, dtype=torch.float64)
+        U = torch.randn(J.shape[0], 5, dtype=torch.float64)
+        assert rel(J.matvec(V), ref @ V) <= TOL
+        assert rel(J.rmatvec(U), ref.T @ U) <= TOL
+        assert rel(J.matvec(V[:, :1]), ref @ V[:, :1]) <= TOL
+        with pytest.raises(ValueError, match="vector_chunk"):
+            Jacobian(ParameterSpace(model), (X, Y), vector_chunk=0)
+
     def test_outputs(self, case):
         model, X, Y = case
         J = Jacobian(ParameterSpace(model), (X, Y), batch_size=5)
@@ -152,13 +164,15 @@ class TestNTK(OperatorContract):
         K = op.dense()
         assert rel(K, dense) <= TOL
         assert float((K - K.T).abs().max()) == 0.0 or rel(K, K.T) <= 1e-14
-        assert float(torch.linalg.eigvalsh(K - self.ridge * torch.eye(K.shape[0],
-                     dtype=K.dtype)).min()) >= -1e-10 * float(K.diagonal().max())
+        assert float(
+            torch.linalg.eigvalsh(K - self.ridge * torch.eye(K.shape[0], dtype=K.dtype)).min()
+        ) >= -1e-10 * float(K.diagonal().max())
 
     def test_blocks(self, case):
         model, X, Y = case
-        part = PartitionedNTK(ParameterSpace(model), (X[:10], Y[:10]), (X[10:], Y[10:]),
-                              ridge=0.2, batch_size=3)
+        part = PartitionedNTK(
+            ParameterSpace(model), (X[:10], Y[:10]), (X[10:], Y[10:]), ridge=0.2, batch_size=3
+        )
         Jr, Jf = explicit_jacobian(model, X[:10]), explicit_jacobian(model, X[10:])
         refs = {
             "rr": Jr @ Jr.T + 0.2 * torch.eye(Jr.shape[0], dtype=torch.float64),
@@ -234,8 +248,12 @@ class TestProjection(OperatorContract):
     def test_cg_solver_matches_dense(self, case):
         pytest.importorskip("ntkscrub.solvers.cg")
         op, ref = self.make(case)
-        P = Projection(op.jac_r.theta, jac_r=op.jac_r, solver="cg",
-                       solver_options={"tol": 1e-12, "precond": None})
+        P = Projection(
+            op.jac_r.theta,
+            jac_r=op.jac_r,
+            solver="cg",
+            solver_options={"tol": 1e-12, "precond": None},
+        )
         V = torch.randn(op.shape[0], 2, dtype=torch.float64)
         assert rel(P.matmul(V), ref @ V) <= 1e-8
 

@@ -50,8 +50,13 @@ class Jacobian:
             buffers always come from the space's model.
         batch_size: samples per JVP/VJP batch (memory ∝ batch_size·(activations) · k vectors).
         name: argument name used in error messages.
-        autocast: optional ``torch.autocast`` dtype (e.g. ``torch.bfloat16``) for the products;
-            ``None`` (default) computes in the parameters' dtype.
+        autocast: optional ``torch.autocast`` dtype for the products; ``None`` (default) computes
+            in the parameters' dtype. Experimental: measured bf16 products have a normwise error
+            of 2–3 %, too coarse for a CG solve to 1e-4, and forward-mode AD through an eval-mode
+            BatchNorm under autocast fails in torch (benchmarks/README.md). TF32 (a global torch
+            flag) needs no option here.
+        vector_chunk: the most vectors pushed through one ``vmap`` per batch (memory grows with
+            batch_size · vector_chunk); ``None``: all at once.
 
     Shapes: ``matvec``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)``; ``rmatvec`` the reverse.
     """
@@ -65,6 +70,7 @@ class Jacobian:
         batch_size: int = 256,
         name: str = "data",
         autocast: torch.dtype | None = None,
+        vector_chunk: int | None = 32,
     ) -> None:
         if not isinstance(space, ParameterSpace):
             raise TypeError(f"space: expected a ParameterSpace, got {type(space).__name__}")
@@ -77,6 +83,9 @@ class Jacobian:
         )
         self.name = name
         self.autocast = autocast
+        if vector_chunk is not None and (not isinstance(vector_chunk, int) or vector_chunk < 1):
+            raise ValueError(f"vector_chunk: expected a positive int or None, got {vector_chunk!r}")
+        self.vector_chunk = vector_chunk
         self._params = space.unflatten(self.theta)
         self._f = space.functional()
         x0, _ = self.data.first()
@@ -117,42 +126,71 @@ class Jacobian:
             start += b
 
     # ------------------------------------------------------------------ products
+    def _column_chunks(self, k: int) -> list[slice]:
+        step = self.vector_chunk or k
+        return [slice(i, min(i + step, k)) for i in range(0, k, step)]
+
     def matvec(self, V: Tensor) -> Tensor:
-        """``J V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)`` — one JVP pass over S."""
+        """``J V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)`` — one JVP pass over S.
+
+        The k tangents of a batch go through one ``vmap`` (sharing the primal computation), at
+        most ``vector_chunk`` at a time so that memory stays ∝ batch_size · vector_chunk.
+        """
         check_vector(V, self.p, self.dtype, self.device, "V")
+        if V.dim() == 2 and V.shape[1] == 1:
+            return self.matvec(V[:, 0]).unsqueeze(1)
         single = V.dim() == 1
-        T = self.space.unflatten(V if single else V.contiguous())
+        V = V if single else V.contiguous()
         out = torch.empty(
             self.c * self.n, *([] if single else [V.shape[1]]), dtype=self.dtype, device=self.device
         )
+        chunks = (
+            []
+            if single
+            else [
+                (sl, self.space.unflatten(V[:, sl].contiguous()))
+                for sl in self._column_chunks(V.shape[1])
+            ]
+        )
+        T1 = self.space.unflatten(V) if single else None
         for r0, r1, x in self._row_batches():
             g = self._fn(x)
             with self._ctx():
                 if single:
-                    jv = jvp(g, (self._params,), (T,))[1]  # (b, c)
+                    jv = jvp(g, (self._params,), (T1,))[1]  # (b, c)
                     out[r0:r1] = jv.reshape(-1).to(self.dtype)
-                else:
+                    continue
+                for sl, T in chunks:
                     jv = vmap(lambda t, g=g: jvp(g, (self._params,), (t,))[1])(T)  # (k, b, c)
-                    out[r0:r1] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
+                    out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
         return out
 
     def rmatvec(self, U: Tensor) -> Tensor:
-        """``Jᵀ U``: ``(c·N,)``→``(p,)`` or ``(c·N, k)``→``(p, k)`` — one VJP pass over S."""
+        """``Jᵀ U``: ``(c·N,)``→``(p,)`` or ``(c·N, k)``→``(p, k)`` — one VJP pass over S.
+
+        One forward pass per batch is shared by the k cotangents (``vmap`` over the pullback, at
+        most ``vector_chunk`` at a time).
+        """
         check_vector(U, self.c * self.n, self.dtype, self.device, "U")
+        if U.dim() == 2 and U.shape[1] == 1:
+            return self.rmatvec(U[:, 0]).unsqueeze(1)
         single = U.dim() == 1
         acc = torch.zeros(
             self.p, *([] if single else [U.shape[1]]), dtype=self.dtype, device=self.device
         )
+        chunks = [] if single else self._column_chunks(U.shape[1])
         for r0, r1, x in self._row_batches():
             with self._ctx():
-                _, pullback = vjp(self._fn(x), self._params)
+                out, pullback = vjp(self._fn(x), self._params)
+                # Under autocast the output may be in lower precision; the cotangent must match.
                 if single:
-                    g = pullback(U[r0:r1].reshape(-1, self.c))[0]
+                    g = pullback(U[r0:r1].reshape(-1, self.c).to(out.dtype))[0]
                     acc += self.space.flatten(g)
-                else:
-                    u = U[r0:r1].T.reshape(U.shape[1], -1, self.c)  # (k, b, c)
-                    g = vmap(pullback)(u)[0]  # dict of (k, *shape)
-                    acc += self.space.flatten_batched(g).to(self.dtype)
+                    continue
+                for sl in chunks:
+                    u = U[r0:r1, sl].T.reshape(sl.stop - sl.start, -1, self.c)  # (k, b, c)
+                    g = vmap(pullback)(u.to(out.dtype))[0]  # dict of (k, *shape)
+                    acc[:, sl] += self.space.flatten_batched(g).to(self.dtype)
         return acc
 
     def outputs(self) -> Tensor:
@@ -215,6 +253,7 @@ class StackedJacobian(Jacobian):
         self.parts = parts
         self.space, self.theta, self.c, self.p = first.space, first.theta, first.c, first.p
         self.dtype, self.device, self.autocast = first.dtype, first.device, first.autocast
+        self.vector_chunk = first.vector_chunk
         self.name = "+".join(j.name for j in parts)
         self.n = sum(j.n for j in parts)
         self._bounds = []

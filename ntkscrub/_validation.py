@@ -1,0 +1,36 @@
+"""Argument checks shared by the public API: errors are ValueError/TypeError naming the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+
+def check_model(model: Any, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_number(x: Any, name: str, *, positive: bool = False) -> float:
+    """A finite float ≥ 0 (> 0 with ``positive``), else an error naming ``name``."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise ValueError(f"{name}: must be a finite number {'>' if positive else '≥'} 0, got {x}")
+    return x
+
+
+def check_seed(seed: Any) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    return seed
+
+
+def check_choice(x: Any, name: str, allowed: tuple) -> Any:
+    if x not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {x!r}")
+    return x

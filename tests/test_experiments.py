@@ -1,0 +1,83 @@
+"""The smoke preset of experiments/reproduce.py end to end (CI): JSON, four PNGs, results.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "reproduce.py"
+
+
+def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+            "--threads",
+            "1",  # tiny tensors: one thread avoids OpenMP overhead on a shared CI machine
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    meta = res["meta"]
+    assert meta["preset"] == "smoke"
+    assert "error" not in meta and "figure_error" not in meta, meta.get("figure_error")
+    assert meta["hardware"]["cpu_count"] >= 1 and meta["command"]
+    seed = res["seeds"]["0"]
+    assert seed["status"] == "complete"
+    # split indices are saved with the result, and the forget set lies inside train
+    idx = seed["split"]["indices"]
+    assert len(idx["forget_rows"]) == meta["config"]["n_forget"]
+    assert set(idx["forget_rows"]).isdisjoint(idx["retain_rows"])
+    # every method has every readout; the pre-training source is stated
+    for m in ("original", "finetune", "fisher", "ntk_paper", "ntk_ref_trap", "ntk_noise"):
+        r = seed["readouts"][m]
+        assert set(r["error"]) >= {"forget", "retain", "test"}
+        assert "relearn" in r and "attack" in r
+    assert "STAND-IN" in res["pretrain"]["source"] or "SYNTHETIC" in res["pretrain"]["source"]
+    assert seed["diagnostics"]["ntk_ref_trap"]["cos_vs_retrains"]
+    # the information sweep is exact in α for the diagonal-Fisher noise
+    chk = seed["information"]["alpha_scaling_check"]
+    assert abs(chk["white_box_direct"] - chk["white_box_scaled"]) <= 1e-4 * abs(
+        chk["white_box_direct"]
+    )
+    for name in ("fig1_pca.png", "fig2_readouts.png", "fig3_information.png", "fig4_line.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    assert (
+        "Reference code" in (out / "results.md").read_text()
+        or "reference code" in (out / "results.md").read_text()
+    )
+    # resumable: a second run reads the finished seed from the cache
+    proc2 = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--cache-dir"]
+        + [str(cache), "--no-progress", "--threads", "1", "--no-figures"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc2.returncode == 0, proc2.stderr[-4000:]
+    assert json.loads((out / "results.json").read_text())["seeds"]["0"].get("from_cache")
+    print(f"smoke preset: {wall:.1f}s")
