@@ -244,3 +244,17 @@ def test_cg_not_converging_raises(cnn_problem):
 
     with pytest.raises(CGNotConverged):
         scrub(trained, retain, forget, init=init, solver="cg", tol=1e-14, max_iter=1, precond=None)
+
+
+def test_tf32_guard_restores_flags():
+    from ntkscrub.scrub import full_fp32_precision
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_fp32_precision():
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -1,0 +1,1068 @@
+"""The scaling set in one budgeted run: matvec vs epoch, CG ± preconditioner, dense and CG scrubs
+over N against retraining, with peak memory throughout.
+
+Usage (GPU)::
+
+    python benchmarks/gpu_suite.py --out DIR --budget-seconds 300
+
+and on the CPU, the same code paths at toy sizes (< 60 s)::
+
+    python benchmarks/gpu_suite.py --out DIR --device cpu --tiny
+
+Stages, in order (each gets a share of the budget; time a stage leaves unused passes on):
+
+1. ``engine``: for All-CNN f=1 c=5, ResNet-18 ×0.4 c=5, ResNet-18 ×1 c=10 at N=5000, in TF32,
+   strict fp32 and bf16 autocast: one training epoch (forward + backward + SGD step, BN eval), one
+   Θ matvec with 1 vector and with 8 (vmap), peak memory of each, and the accuracy of the
+   precision against float64 (Θv error and the true residual of a CG solve).
+2. ``cg``: ResNet-18 ×0.4 c=5 on N=500 (the small-CIFAR size), θ0 briefly pre-trained on other
+   random data and w(D) fine-tuned with the recipe: CG iterations to 1e-4 at both linearisation
+   points without and with the Nyström preconditioner (matvecs include its build).
+3. ``dense``: scrub with ``solver='dense'`` (and ``'cg'`` at the same N) for N = 25, 50, 100, ...
+   until the library refuses with ``DenseTooLarge`` (recorded with its message) or memory ends.
+4. ``scrub:<model>``: scrub (CG) for All-CNN and ResNet-18 ×1 over N = 500 … 50,000 against the
+   retrain time (measured epoch of the recipe on D_r × 25 epochs); points the budget cannot hold
+   are recorded as skipped, and the largest N gets an *estimated* record (matvecs of the largest
+   measured N × the measured matvec time at that N), marked ``status='estimated'``.
+5. ``engine_large``: matvec (1 vector) vs epoch at N=50,000 for the three models.
+6. ``variants``: speed knobs of one scrub (All-CNN, N=5000): preconditioner on/off, batch size,
+   warm start — on whatever time the stages above left.
+7. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
+   training step, All-CNN at N=5000.
+
+Budget: before every measurement its cost is estimated from per-sample costs probed on one batch
+(or from the previous point) and the measurement is skipped (recorded as such) when it would not
+fit. CG iteration caps are derived from the time left, so no solve can run away. Results are
+written after every record, atomically, to ``DIR/results.json``; ``DIR/report.md`` and the plots
+are written at the end (``python benchmarks/report.py DIR/results.json --out DIR`` renders a
+partial file at any time). A run killed half-way leaves everything measured so far.
+
+Data: random CIFAR-shaped tensors (N(0,1) pixels, uniform labels) created on the device from
+seeded generators. Works with torch ≥ 2.4 (only long-standing APIs; TF32 through the legacy
+flags, with a fallback to the ``fp32_precision`` API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Run as a script: make the sibling modules importable wherever the command is started from.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+import torch  # noqa: E402
+from benchlib import PRECISIONS, MemoryMeter, ModelSpec  # noqa: E402
+
+SAFETY = 1.3  # estimates are multiplied by this before comparing with the time left
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class SuiteConfig:
+    """Sizes of one suite run (``FULL`` on a GPU, ``TINY`` for a quick check anywhere)."""
+
+    engine_models: tuple[str, ...]
+    engine_n: int
+    engine_large_n: int
+    engine_batch: int
+    engine_vectors: int
+    precisions: tuple[str, ...]
+    large_precisions: tuple[str, ...]
+    accuracy_n: int
+    cg_model: str
+    cg_n: int
+    cg_ranks: tuple[int, ...]
+    cg_max_iter: int
+    cg_pretrain_epochs: int
+    cg_finetune_epochs: int
+    dense_model: str
+    dense_n: tuple[int, ...]
+    dense_max_bytes: float | None  # None: a quarter of the device's memory
+    scrub_models: tuple[str, ...]
+    scrub_n: tuple[int, ...]
+    scrub_tol: float
+    scrub_max_iter: int
+    variant_n: int  # N of the speed-knob comparison (first scrub model)
+    default_rank: int
+    memory_fraction: float  # of free device memory a vmap block may use (sets the batch)
+    cpu_memory_bytes: float  # what "free memory" means on the CPU
+    compile_model: str
+    compile_estimate_s: float = 150.0  # compiling the VJP, JVP and training step (no probe)
+    image_size: int = 32
+    default_budget: float = 300.0
+    shares: dict[str, float] = field(default_factory=dict)
+
+
+SHARES = {
+    "engine": 0.22,
+    "cg": 0.16,
+    "dense": 0.08,
+    "scrub": 0.36,  # split evenly between the scrub models
+    "engine_large": 0.18,
+    "variants": 0.0,  # only what the others leave
+    "compile": 0.0,  # likewise
+}
+
+# Models and precisions in priority order: when the budget runs short, the tail is skipped.
+FULL = SuiteConfig(
+    engine_models=("resnet18-w1-c10", "allcnn-w1-c5", "resnet18-w0.4-c5"),
+    engine_n=5000,
+    engine_large_n=50000,
+    engine_batch=512,
+    engine_vectors=8,
+    precisions=("tf32", "bf16", "fp32"),
+    large_precisions=("tf32", "bf16", "fp32"),
+    accuracy_n=64,
+    cg_model="resnet18-w0.4-c5",
+    cg_n=500,
+    cg_ranks=(0, 25, 100),
+    cg_max_iter=300,
+    cg_pretrain_epochs=3,
+    cg_finetune_epochs=10,
+    dense_model="allcnn-w1-c5",
+    dense_n=(25, 50, 100, 200, 400, 800, 1600),
+    dense_max_bytes=None,
+    scrub_models=("allcnn-w1-c5", "resnet18-w1-c10"),
+    scrub_n=(500, 2000, 5000, 20000, 50000),
+    scrub_tol=1e-4,
+    scrub_max_iter=300,
+    variant_n=5000,
+    default_rank=16,
+    memory_fraction=0.35,
+    cpu_memory_bytes=2 * 2**30,
+    compile_model="allcnn-w1-c5",
+    shares=dict(SHARES),
+)
+
+# Toy sizes: every stage and code path of FULL (ResNet and All-CNN engines, bf16 work-arounds,
+# both CG points, DenseTooLarge reached at N=32, budget skips, estimates) in well under a minute
+# on two CPU cores.
+TINY = SuiteConfig(
+    engine_models=("resnet18-w0.05-c10", "allcnn-w0.05-c5"),
+    engine_n=16,
+    engine_large_n=32,
+    engine_batch=8,
+    engine_vectors=8,
+    precisions=("tf32", "bf16", "fp32"),
+    large_precisions=("tf32", "bf16", "fp32"),
+    accuracy_n=8,
+    cg_model="smallcnn-w1-c5",
+    cg_n=16,
+    cg_ranks=(0, 8),
+    cg_max_iter=60,
+    cg_pretrain_epochs=1,
+    cg_finetune_epochs=2,
+    dense_model="allcnn-w0.05-c5",
+    dense_n=(8, 16, 32, 64),
+    dense_max_bytes=1 * 2**20,  # J_r at N=16 needs 1.07 MiB: DenseTooLarge there
+    scrub_models=("allcnn-w0.05-c5", "smallcnn-w1-c10"),
+    scrub_n=(8, 16, 32),
+    scrub_tol=1e-4,
+    scrub_max_iter=60,
+    variant_n=16,
+    default_rank=4,
+    memory_fraction=0.35,
+    cpu_memory_bytes=1 * 2**30,
+    compile_model="allcnn-w0.05-c5",
+    compile_estimate_s=60.0,
+    image_size=16,  # 3×16×16: a quarter of the convolution work of CIFAR's 32×32
+    default_budget=50.0,  # a guaranteed bound: the toy run must stay under a minute
+    shares=dict(SHARES),
+)
+
+
+# ------------------------------------------------------------------------------------ budget
+class Budget:
+    """Wall-clock budget with per-stage allowances; unused allowance passes to later stages."""
+
+    def __init__(self, total: float, reserve: float) -> None:
+        self.t0 = time.perf_counter()
+        self.total, self.reserve = total, reserve
+        self.deadline = self.t0 + total - reserve  # the whole run
+        self.stage_deadline = self.deadline
+        self.carry = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.now() - self.t0
+
+    def left(self) -> float:
+        """Seconds left in the current stage (never more than in the run)."""
+        return max(0.0, min(self.stage_deadline, self.deadline) - self.now())
+
+    def start_stage(self, share: float) -> float:
+        """Open a stage: ``share`` of the total plus what earlier stages left; a share of 0
+        means "everything that is left" (the optional tail stages)."""
+        if share <= 0:
+            self.stage_deadline = self.deadline
+        else:
+            self.stage_deadline = min(self.deadline, self.now() + share * self.total + self.carry)
+        return self.left()
+
+    def end_stage(self) -> None:
+        self.carry = max(0.0, self.stage_deadline - self.now())
+
+    def fits(self, estimate: float) -> bool:
+        return SAFETY * estimate <= self.left()
+
+
+# ------------------------------------------------------------------------------------- suite
+class Suite:
+    """Runs the stages, keeps the results document and writes it after every change."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = benchlib.resolve_device(args.device)
+        self.cfg = TINY if args.tiny else FULL
+        if args.budget_seconds is None:
+            args.budget_seconds = self.cfg.default_budget
+        if args.reserve_seconds is None:
+            args.reserve_seconds = max(3.0, 0.05 * args.budget_seconds)
+        benchlib.set_image_size(self.cfg.image_size)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "results.json"
+        self.budget = Budget(args.budget_seconds, reserve=args.reserve_seconds)
+        self.costs: dict[tuple[str, str], dict[str, float]] = {}  # probe results per (model, prec)
+        self.accuracy: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.warm: dict = {}  # (model, solver, device) pairs already warmed up
+        self._problem_key: tuple[str, int] | None = None  # the one cached scrub problem
+        self._problem: benchlib.ScrubProblem | None = None
+        self._retrain: dict[str, Any] = {}
+        self.doc: dict[str, Any] = {
+            "schema": benchlib.SCHEMA,
+            "suite": "gpu_suite",
+            "command": " ".join(sys.argv),
+            "budget_seconds": args.budget_seconds,
+            "tiny": bool(args.tiny),
+            "hardware": benchlib.hardware_info(self.device),
+            "config": asdict(self.cfg),
+            "conventions": {
+                "data": f"random N(0,1) images {'x'.join(map(str, benchlib.IMAGE_SHAPE))}, "
+                "uniform random labels, seeded, created on the device",
+                "retrain": f"measured epoch of ntkscrub.training.train on D_r with "
+                f"{benchlib.RECIPE} x {benchlib.RETRAIN_EPOCHS} epochs",
+                "scrub": "linearize_at=init, loss=ce, weight_decay=0.1 (ridge N*0.1), "
+                "form=solves, tol 1e-4 per column, strict=False",
+                "memory": "delta_mib = peak above the allocation at call start; "
+                "peak_mib absolute (cuda max_memory_allocated / cpu sampled RSS)",
+            },
+            "stages": {},
+            "records": [],
+        }
+        self.save()
+
+    # -------------------------------------------------------------------------- bookkeeping
+    def save(self) -> None:
+        self.doc["elapsed_seconds"] = self.budget.elapsed()
+        benchlib.atomic_write_json(self.path, self.doc)
+
+    def add(self, **rec: Any) -> dict[str, Any]:
+        rec.setdefault("status", "ok")
+        rec.setdefault("device", str(self.device))
+        rec["t_elapsed"] = round(self.budget.elapsed(), 2)
+        self.doc["records"].append(benchlib.jsonable(rec))
+        self.save()
+        return rec
+
+    def skip(self, why: str, **rec: Any) -> None:
+        self.add(status="skipped", reason=why, **rec)
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.budget.elapsed():7.1f}s] {msg}", flush=True)
+
+    def run_stage(self, name: str, share: float, fn: Callable[[], None]) -> None:
+        """Run a stage within its allowance; errors are recorded, never propagated."""
+        if self.args.stages and not any(name.startswith(s) for s in self.args.stages):
+            return
+        allowance = self.budget.start_stage(share)
+        entry: dict[str, Any] = {"allowance_seconds": round(allowance, 1), "status": "running"}
+        self.doc["stages"][name] = entry
+        self.save()
+        t0 = time.perf_counter()
+        if allowance < 1.0:
+            entry["status"] = "skipped (no time left)"
+        else:
+            self.log(f"stage {name}: {allowance:.0f} s allowed")
+            try:
+                fn()
+                entry["status"] = "done"
+            except Exception as err:  # noqa: BLE001 - one stage failing must not end the run
+                entry["status"] = "oom" if benchlib.is_oom(err) else "error"
+                entry["error"] = f"{type(err).__name__}: {err}"[:500]
+                entry["traceback"] = traceback.format_exc()[-3000:]
+                self.log(f"stage {name} failed: {entry['error']}")
+                benchlib.free_memory(self.device)
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        self.budget.end_stage()
+        self.save()  # the JSON is always current; report.py renders it at any time
+
+    def write_report(self) -> None:
+        try:
+            import report
+
+            report.write_report([self.path], self.out, title=f"gpu_suite ({self.device.type})")
+        except Exception as err:  # noqa: BLE001 - the JSON is the result; the report is a view
+            self.log(f"report failed: {type(err).__name__}: {err}")
+
+    # ------------------------------------------------------------------------------ memory
+    def free_bytes(self) -> float:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return float(free)
+        return self.cfg.cpu_memory_bytes
+
+    def batch_for(self, label: str, vectors: int, cap: int) -> int:
+        """Largest power-of-two batch whose ``vectors``-column vmap block fits the memory share."""
+        mps = self.costs.get((label, "tf32"), {}).get("mib_per_sample_vector") or 8.0
+        budget = self.cfg.memory_fraction * self.free_bytes() / 2**20
+        b = max(1, int(budget / (mps * max(1, vectors))))
+        return max(1, min(cap, 2 ** int(math.log2(b))))
+
+    # ------------------------------------------------------------------------------- probes
+    def probe(self, label: str, prec_name: str) -> dict[str, float]:
+        """Per-sample seconds of a training step, a 1-vector and a k-vector matvec, and MiB per
+        (sample × vector), measured on one batch after a warm-up call. Cached."""
+        key = (label, prec_name)
+        if key in self.costs:
+            return self.costs[key]
+        spec = ModelSpec.parse(label)
+        prec = PRECISIONS[prec_name]
+        bs, k = self.cfg.engine_batch, self.cfg.engine_vectors
+        X, Y = benchlib.random_cifar(bs, spec.num_classes, self.device, prec.dtype, seed=5)
+        model = benchlib.calibrate_bn(benchlib.make_model(spec, self.device, prec.dtype), X)
+        step = benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec)
+        step()
+        t_step, _ = benchlib.timed(step, self.device)
+        K = benchlib.make_ntk(model, X, Y, batch_size=bs, prec=prec)
+        mv1 = benchlib.make_matvec(K, 1, prec, self.device)
+        mv1()
+        t1, _ = benchlib.timed(mv1, self.device)
+        mvk = benchlib.make_matvec(K, k, prec, self.device)
+        with MemoryMeter(self.device) as mem:
+            tk, _ = benchlib.timed(mvk, self.device)
+        mps = mem.delta_mib / (bs * k) if mem.delta_mib > 0 else None
+        out = {
+            "train_s_per_sample": t_step / bs,
+            "mv1_s_per_sample": t1 / bs,
+            "mvk_s_per_sample": tk / bs,
+            "mib_per_sample_vector": mps,
+        }
+        self.costs[key] = out
+        self.add(kind="probe", model=label, precision=prec_name, batch_size=bs, vectors=k, **out)
+        del model, K, X, Y
+        benchlib.free_memory(self.device)
+        return out
+
+    # ------------------------------------------------------------------------------- engine
+    def engine_case(
+        self,
+        label: str,
+        n: int,
+        precs: tuple[str, ...],
+        vectors: tuple[int, ...],
+        compare_1d: bool = True,
+    ) -> None:
+        """Epoch and matvecs for one model at one N in several precisions."""
+        spec = ModelSpec.parse(label)
+        cfg, dev = self.cfg, self.device
+        bs = cfg.engine_batch
+        for prec_name in precs:
+            prec = PRECISIONS[prec_name]
+            base = {"model": label, "n": n, "precision": prec_name, "batch_size": bs}
+            try:
+                c = self.probe(label, prec_name)
+            except Exception as err:  # noqa: BLE001 - e.g. the bf16 path failing: record, go on
+                self.skip(
+                    f"probe failed: {type(err).__name__}: {str(err)[:300]}",
+                    kind="matvec",
+                    vectors=1,
+                    **base,
+                )
+                benchlib.free_memory(dev)
+                continue
+            est = n * (c["train_s_per_sample"] + (3 if compare_1d else 1) * c["mv1_s_per_sample"])
+            est += n * c["mvk_s_per_sample"] if self.cfg.engine_vectors in vectors else 0.0
+            if not self.budget.fits(est):
+                self.skip(
+                    f"budget: est {est:.1f} s > {self.budget.left():.1f} s left",
+                    kind="matvec",
+                    vectors=1,
+                    **base,
+                )
+                continue
+            X, Y = benchlib.random_cifar(n, spec.num_classes, dev, prec.dtype, seed=1)
+            model = benchlib.calibrate_bn(benchlib.make_model(spec, dev, prec.dtype), X)
+            p = benchlib.count_parameters(model)
+            epoch = benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec)
+            with MemoryMeter(dev) as tm:
+                t_ep, _ = benchlib.timed(epoch, dev)
+            del epoch
+            self.add(kind="train_epoch", params=p, seconds=t_ep, **base, **tm.to_dict("train_"))
+            self.log(f"{label} N={n} {prec_name}: epoch {t_ep:.3f} s")
+            for k in vectors:
+                est_k = n * (
+                    c["mv1_s_per_sample"]
+                    if k == 1
+                    else c["mvk_s_per_sample"] * k / cfg.engine_vectors
+                )
+                if not self.budget.fits(est_k):
+                    self.skip(f"budget: est {est_k:.1f} s", kind="matvec", vectors=k, **base)
+                    continue
+                try:
+                    K = benchlib.make_ntk(model, X, Y, batch_size=bs, prec=prec)
+                    mv = benchlib.make_matvec(K, k, prec, dev)
+                    with MemoryMeter(dev) as mm:
+                        t_mv, _ = benchlib.timed(mv, dev)
+                    extra: dict[str, Any] = {}
+                    if k == 1 and compare_1d:
+                        # The library path (linear_operator hands _matmul an (n, 1) block, so
+                        # vmap over one column) against the plain 1-D JVP/VJP path; the library
+                        # path is timed again afterwards so that order favours neither.
+                        J = K.jac_a
+                        v = benchlib.random_block(K.shape[0], 1, dev, J.dtype, seed=3)
+                        with benchlib.precision_flags(prec, dev):
+                            t_plain, _ = benchlib.timed(
+                                lambda J=J, v=v: J.matvec(J.rmatvec(v)), dev
+                            )
+                        t_again, _ = benchlib.timed(mv, dev)
+                        extra["seconds_plain_1d"] = t_plain
+                        extra["seconds_first_call"] = t_mv
+                        t_mv = min(t_mv, t_again)
+                    del K, mv
+                except Exception as err:  # noqa: BLE001
+                    benchlib.free_memory(dev)
+                    st = "oom" if benchlib.is_oom(err) else "error"
+                    self.add(
+                        status=st,
+                        reason=f"{type(err).__name__}: {str(err)[:300]}",
+                        kind="matvec",
+                        vectors=k,
+                        **base,
+                    )
+                    continue
+                self.add(
+                    kind="matvec",
+                    params=p,
+                    vectors=k,
+                    seconds=t_mv,
+                    seconds_per_vector=t_mv / k,
+                    epoch_seconds=t_ep,
+                    ratio_matvec_to_epoch=t_mv / t_ep,
+                    ratio_per_vector_to_epoch=t_mv / k / t_ep,
+                    train_peak_mib=tm.peak_mib,
+                    train_delta_mib=tm.delta_mib,
+                    memory_ratio_to_train=benchlib.memory_ratio(mm.delta_mib, tm.delta_mib),
+                    autocast_workaround=prec.autocast is not None,
+                    **base,
+                    **mm.to_dict(),
+                    **extra,
+                )
+                self.log(
+                    f"{label} N={n} {prec_name}: matvec k={k} {t_mv:.3f} s "
+                    f"({t_mv / k / t_ep:.2f} epochs per vector)"
+                )
+            # accuracy against float64 on a subset (cheap), once per (model, precision)
+            na = min(cfg.accuracy_n, n)
+            est_acc = na * c["mv1_s_per_sample"] * 60
+            akey = ("acc", label, prec_name)
+            if akey not in self.accuracy and self.budget.fits(est_acc):
+                try:
+                    acc = benchlib.precision_accuracy(
+                        model,
+                        X[:na],
+                        Y[:na],
+                        prec=prec,
+                        batch_size=min(bs, na),
+                        power_iterations=10,
+                    )
+                    self.accuracy[akey] = acc
+                    self.add(kind="accuracy", model=label, precision=prec_name, **acc)
+                except Exception as err:  # noqa: BLE001
+                    self.add(
+                        status="error",
+                        kind="accuracy",
+                        model=label,
+                        precision=prec_name,
+                        reason=f"{type(err).__name__}: {str(err)[:300]}",
+                    )
+            if akey in self.accuracy:  # attach to every matvec record of this model/precision
+                for r in self.doc["records"]:
+                    if (
+                        r.get("kind") == "matvec"
+                        and r.get("model") == label
+                        and r.get("precision") == prec_name
+                        and r.get("status") == "ok"
+                    ):
+                        r.update(benchlib.jsonable(self.accuracy[akey]))
+                self.save()
+            del model, X, Y
+            benchlib.free_memory(dev)
+
+    def stage_engine(self) -> None:
+        for label in self.cfg.engine_models:
+            self.engine_case(
+                label, self.cfg.engine_n, self.cfg.precisions, (1, self.cfg.engine_vectors)
+            )
+
+    def stage_engine_large(self) -> None:
+        for label in self.cfg.engine_models:  # priority order: the headline model first
+            self.engine_case(
+                label, self.cfg.engine_large_n, self.cfg.large_precisions, (1,), compare_1d=False
+            )
+
+    # ----------------------------------------------------------------------------------- cg
+    def stage_cg(self) -> None:
+        cfg, dev = self.cfg, self.device
+        c = self.probe(cfg.cg_model, "tf32")
+        spec = ModelSpec.parse(cfg.cg_model)
+        prob = benchlib.make_scrub_problem(
+            spec,
+            cfg.cg_n,
+            dev,
+            pretrain_epochs=cfg.cg_pretrain_epochs,
+            finetune_epochs=cfg.cg_finetune_epochs,
+        )
+        X, Y = prob.data
+        n = X.shape[0]
+        ridge = n * benchlib.RECIPE["weight_decay"]
+        bs = min(n, cfg.engine_batch)
+        mv_s = n * c["mv1_s_per_sample"]
+        # rank-major: if time runs short the largest rank goes, at both points alike
+        solves = [(pt, r) for r in cfg.cg_ranks for pt in ("init", "trained")]
+        base_its: dict[str, dict[str, Any]] = {}
+        for i, (point, rank) in enumerate(solves):
+            model = prob.init if point == "init" else prob.model
+            prec = PRECISIONS["tf32"]
+            build_s = n * c["mvk_s_per_sample"] * rank / cfg.engine_vectors
+            # iteration cap: this solve's share of what is left, at one matvec per iteration
+            share = self.budget.left() / (len(solves) - i)
+            cap = int(min(cfg.cg_max_iter, max(5, (share / SAFETY - build_s) / max(mv_s, 1e-9))))
+            if not self.budget.fits(build_s + 5 * mv_s):
+                self.skip(
+                    "budget", kind="cg", model=cfg.cg_model, n=n, point=point, precond_rank=rank
+                )
+                continue
+            with benchlib.precision_flags(prec, dev):
+                K = benchlib.make_ntk(model, X, Y, batch_size=bs, prec=prec, ridge=ridge)
+                Kb = None
+                if rank:
+                    bb = self.batch_for(cfg.cg_model, rank, bs)
+                    Kb = benchlib.make_ntk(model, X, Y, batch_size=bb, prec=prec, ridge=ridge)
+                e = benchlib.ce_residual(K)
+                with MemoryMeter(dev) as mem:
+                    rec = benchlib.cg_solve_record(
+                        K, e, rank=rank, tol=1e-4, max_iter=cap, seed=0, K_build=Kb
+                    )
+            if rank == 0:
+                base_its[point] = rec
+            b = base_its.get(point)
+            self.add(
+                kind="cg",
+                model=cfg.cg_model,
+                params=prob.p,
+                n=n,
+                point=point,
+                precision="tf32",
+                notes=prob.notes,
+                iterations_ratio_unpreconditioned=(
+                    b["iterations"] / rec["iterations"] if b and rec["iterations"] else None
+                ),
+                matvecs_ratio_unpreconditioned=(
+                    b["matvecs_total"] / rec["matvecs_total"]
+                    if b and rec["matvecs_total"]
+                    else None
+                ),
+                **rec,
+                **mem.to_dict(),
+            )
+            self.log(
+                f"cg {point} rank {rank}: {rec['iterations']} its, "
+                f"{rec['matvecs_total']} matvecs, converged={rec['converged']}"
+            )
+            del K, Kb
+        benchlib.free_memory(dev)
+
+    def chosen_rank(self) -> tuple[int, str]:
+        """Preconditioner rank for the scrubs: the rank of the ``cg`` stage with the fewest total
+        matvecs (build included) at the init point among converged solves; default otherwise."""
+        cands = [
+            r
+            for r in self.doc["records"]
+            if r.get("kind") == "cg"
+            and r.get("status") == "ok"
+            and r.get("point") == "init"
+            and r.get("converged")
+        ]
+        if not cands:
+            return self.cfg.default_rank, "default (no converged cg-stage result)"
+        best = min(cands, key=lambda r: r["matvecs_total"])
+        return int(best["precond_rank"]), (
+            f"fewest matvecs incl. build in the cg stage ({best['matvecs_total']} at rank "
+            f"{best['precond_rank']})"
+        )
+
+    # -------------------------------------------------------------------------------- scrub
+    def scrub_point(
+        self,
+        label: str,
+        n: int,
+        solver: str,
+        rank: int,
+        batch: int,
+        max_iter: int,
+        max_dense: float,
+        kind: str = "scaling",
+        note: str = "",
+        variant: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Problem, retrain measurement and one scrub at (model, N); records and returns it.
+        ``options`` go to :func:`benchlib.run_scrub` (``warm_start``, ``form``, ...)."""
+        dev = self.device
+        spec = ModelSpec.parse(label)
+        benchlib.warm_up_scrub(spec, dev, solver, batch, self.warm)
+        key = (label, n)
+        if self._problem_key != key:  # consecutive points at the same (model, N) share it
+            self._problem = None
+            benchlib.free_memory(dev)
+            self._problem = benchlib.make_scrub_problem(spec, n, dev)
+            self._retrain = benchlib.measure_retrain(self._problem, dev)
+            self._problem_key = key
+        prob, rt = self._problem, self._retrain
+        rec = benchlib.run_scrub(
+            prob,
+            dev,
+            solver=solver,
+            batch_size=batch,
+            precond_rank=rank,
+            tol=self.cfg.scrub_tol,
+            max_iter=max_iter,
+            max_dense_bytes=max_dense,
+            **options,
+        )
+        if variant is not None:
+            rec["variant"] = variant
+        ok = rec["status"] == "ok"
+        out = self.add(
+            kind=kind,
+            model=label,
+            params=prob.p,
+            n=n,
+            n_retain=prob.retain[0].shape[0],
+            n_forget=prob.forget[0].shape[0],
+            ratio_scrub_to_retrain=rec["seconds"] / rt["retrain_seconds"] if ok else None,
+            note=note,
+            **rt,
+            **rec,
+        )
+        msg = (
+            f"{rec['seconds']:.2f} s, {rec.get('matvecs')} matvecs" if ok else rec.get("reason", "")
+        )
+        self.log(f"scrub {solver} {label} N={n}: {rec['status']} {msg[:160]}")
+        benchlib.free_memory(dev)
+        return out
+
+    def stage_dense(self) -> None:
+        cfg = self.cfg
+        label = cfg.dense_model
+        c = self.probe(label, "tf32")
+        total = (
+            torch.cuda.get_device_properties(self.device).total_memory
+            if self.device.type == "cuda"
+            else cfg.cpu_memory_bytes
+        )
+        max_dense = cfg.dense_max_bytes if cfg.dense_max_bytes is not None else 0.25 * total
+        nc = ModelSpec.parse(label).num_classes
+        last: tuple[int, float] | None = None
+        done: list[int] = []
+        # Dense points first, ascending, until the library refuses (the point of the stage);
+        # the CG scrubs at the same N come after, as far as the time allows.
+        for n in cfg.dense_n:
+            # jacrev: one backward per (sample, class), ~10× a batched step per sample, plus
+            # J Jᵀ (quadratic) — scaled from the previous point when there is one
+            est = last[1] * (n / last[0]) ** 2 if last else 10 * n * nc * c["train_s_per_sample"]
+            est += 4 * n * c["train_s_per_sample"]  # problem and retrain epochs
+            if not self.budget.fits(est):
+                self.skip(
+                    f"budget: est {est:.1f} s", kind="scaling", model=label, n=n, solver="dense"
+                )
+                break
+            rec = self.scrub_point(
+                label, n, "dense", 0, cfg.engine_batch, cfg.scrub_max_iter, max_dense
+            )
+            if rec["status"] != "ok":
+                break  # DenseTooLarge / OOM: every larger N would be refused as well
+            last = (n, rec["seconds"])
+            done.append(n)
+        rank, why = self.chosen_rank()
+        bcg = self.batch_for(label, rank, cfg.engine_batch) if rank else cfg.engine_batch
+        for n in done:
+            est = (
+                n * (2 * (rank + 25) + 6) * c["mv1_s_per_sample"] + 4 * n * c["train_s_per_sample"]
+            )
+            if not self.budget.fits(est):
+                self.skip(f"budget: est {est:.1f} s", kind="scaling", model=label, n=n, solver="cg")
+                continue
+            self.scrub_point(
+                label, n, "cg", rank, bcg, cfg.scrub_max_iter, max_dense, note=f"rank: {why}"
+            )
+
+    def stage_scrub(self, label: str) -> None:
+        cfg = self.cfg
+        c = self.probe(label, "tf32")
+        rank, why = self.chosen_rank()
+        batch = self.batch_for(label, rank, cfg.engine_batch) if rank else cfg.engine_batch
+        mv_ps = c["mv1_s_per_sample"] * (cfg.engine_batch / batch) ** 0.5  # smaller batch: slower
+        matvecs_est = 2 * (rank + 25) + 6
+        for n in cfg.scrub_n:
+            est_mv = n * mv_ps
+            overhead = n * c["train_s_per_sample"] * 6  # fine-tune + retrain epochs (batch 128)
+            est = overhead + matvecs_est * est_mv
+            if not self.budget.fits(est):
+                self.skip(
+                    f"budget: est {est:.0f} s ({matvecs_est} matvecs) > {self.budget.left():.0f} s",
+                    kind="scaling",
+                    model=label,
+                    n=n,
+                    solver="cg",
+                    precond_rank=rank,
+                )
+                continue  # later N are larger: they are skipped the same way (and recorded)
+            cap = int(
+                min(
+                    cfg.scrub_max_iter,
+                    max(5, (self.budget.left() / SAFETY - overhead) / (2 * est_mv) - rank),
+                )
+            )
+            rec = self.scrub_point(
+                label,
+                n,
+                "cg",
+                rank,
+                batch,
+                cap,
+                0.0,
+                note=f"rank: {why}; batch {batch}; iteration cap {cap}",
+            )
+            if rec.get("status") == "ok" and rec.get("seconds"):
+                matvecs_est = rec["matvecs"]
+                mv_ps = max(mv_ps, 0.7 * rec["seconds"] / max(1, rec["matvecs"]) / n)
+
+    def stage_variants(self) -> None:
+        """Speed knobs of one scrub (first scrub model at ``variant_n``): preconditioner on/off,
+        batch size, warm start. Runs on what the other stages left."""
+        cfg = self.cfg
+        label, n = cfg.scrub_models[0], cfg.variant_n
+        c = self.probe(label, "tf32")
+        rank, why = self.chosen_rank()
+        batch = self.batch_for(label, rank, cfg.engine_batch) if rank else cfg.engine_batch
+        variants: list[tuple[str, int, int, dict[str, Any]]] = [
+            ("baseline", rank, batch, {}),
+            ("no-precond", 0, cfg.engine_batch, {}),
+            ("no-precond batch/2", 0, max(1, cfg.engine_batch // 2), {}),
+            ("no-precond batch*2", 0, cfg.engine_batch * 2, {}),
+            ("no-warm-start", rank, batch, {"warm_start": False}),
+        ]
+        if rank == 0:
+            variants.insert(
+                1,
+                (
+                    f"rank {cfg.default_rank}",
+                    cfg.default_rank,
+                    self.batch_for(label, cfg.default_rank, cfg.engine_batch),
+                    {},
+                ),
+            )
+        last = None
+        for name, r, b, opts in variants:
+            mv = last["seconds"] / max(1, last["matvecs"]) if last else n * c["mv1_s_per_sample"]
+            est = (last["matvecs"] if last else 2 * (r + 25) + 6) * mv + 6 * n * c[
+                "train_s_per_sample"
+            ]
+            if not self.budget.fits(est):
+                self.skip(
+                    f"budget: est {est:.0f} s",
+                    kind="variant",
+                    model=label,
+                    n=n,
+                    solver="cg",
+                    variant=name,
+                )
+                continue
+            rec = self.scrub_point(
+                label,
+                n,
+                "cg",
+                r,
+                b,
+                cfg.scrub_max_iter,
+                0.0,
+                kind="variant",
+                note=f"rank chosen: {why}",
+                variant=name,
+                **opts,
+            )
+            if rec.get("status") == "ok":
+                last = rec
+
+    # ------------------------------------------------------------------------------ compile
+    def stage_compile(self) -> None:
+        """torch.compile of the per-batch VJP/JVP and of the training step (eager vs compiled)."""
+        from torch.func import functional_call, jvp, vjp
+
+        cfg, dev = self.cfg, self.device
+        label = cfg.compile_model
+        if not self.budget.fits(cfg.compile_estimate_s):
+            self.skip(
+                f"budget: compiling takes ~{cfg.compile_estimate_s:.0f} s",
+                kind="compile",
+                model=label,
+            )
+            return
+        spec = ModelSpec.parse(label)
+        bs = cfg.engine_batch
+        n = (cfg.engine_n // bs) * bs or bs  # whole batches only: one compiled shape
+        X, Y = benchlib.random_cifar(n, spec.num_classes, dev, seed=1)
+        model = benchlib.calibrate_bn(benchlib.make_model(spec, dev), X)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        bufs = dict(model.named_buffers())
+
+        def f(p: dict, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, (p, bufs), (x,))
+
+        def vjp_batch(p: dict, x: torch.Tensor, u: torch.Tensor) -> dict:
+            return vjp(lambda q: f(q, x), p)[1](u)[0]
+
+        def jvp_batch(p: dict, t: dict, x: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda q: f(q, x), (p,), (t,))[1]
+
+        def matvec(vb: Callable, jb: Callable, v: torch.Tensor) -> torch.Tensor:
+            g = {k: torch.zeros_like(w) for k, w in params.items()}
+            for s in range(0, n, bs):
+                gb = vb(params, X[s : s + bs], v[s : s + bs])
+                for k in g:
+                    g[k] += gb[k]
+            return torch.cat([jb(params, g, X[s : s + bs]).reshape(-1) for s in range(0, n, bs)])
+
+        v = torch.randn(n, spec.num_classes, device=dev)
+        prec = PRECISIONS["tf32"]
+        with benchlib.precision_flags(prec, dev):
+            matvec(vjp_batch, jvp_batch, v)  # warm-up: the eager path's first call is slow too
+            eager_s, _ = benchlib.timed(lambda: matvec(vjp_batch, jvp_batch, v), dev)
+        epoch = benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec)
+        epoch()
+        ep_s, _ = benchlib.timed(epoch, dev)
+        cv, cj = torch.compile(vjp_batch), torch.compile(jvp_batch)
+        t0 = time.perf_counter()
+        with benchlib.precision_flags(prec, dev):
+            ref = matvec(vjp_batch, jvp_batch, v)
+            got = matvec(cv, cj, v)  # first call compiles
+            benchlib.sync(dev)
+            compile_s = time.perf_counter() - t0
+            comp_s, _ = benchlib.timed(lambda: matvec(cv, cj, v), dev)
+        err = float((got - ref).norm() / ref.norm())
+        cmodel = torch.compile(copy.deepcopy(model))
+        cepoch = benchlib.make_train_epoch(cmodel, X, Y, batch_size=bs, prec=prec)
+        t0 = time.perf_counter()
+        cepoch()
+        benchlib.sync(dev)
+        compile_train_s = time.perf_counter() - t0
+        cep_s, _ = benchlib.timed(cepoch, dev)
+        self.add(
+            kind="compile",
+            model=label,
+            n=n,
+            batch_size=bs,
+            precision="tf32",
+            matvec_eager_s=eager_s,
+            matvec_compiled_s=comp_s,
+            matvec_compile_s=compile_s,
+            epoch_eager_s=ep_s,
+            epoch_compiled_s=cep_s,
+            epoch_compile_s=compile_train_s,
+            ratio_eager=eager_s / ep_s,
+            ratio_compiled=comp_s / cep_s,
+            compiled_rel_error=err,
+            note="per-batch vjp/jvp compiled as functions (not the library's Jacobian)",
+        )
+
+    # ----------------------------------------------------------------------------- finalize
+    def estimate_largest(self) -> None:
+        """For each scrub model whose largest N was not measured: an *estimated* record from the
+        matvecs of the largest measured N and the measured (or per-sample) matvec time."""
+        for label in self.cfg.scrub_models:
+            target = max(self.cfg.scrub_n)
+            recs = [
+                r
+                for r in self.doc["records"]
+                if r.get("kind") == "scaling"
+                and r.get("model") == label
+                and r.get("solver") == "cg"
+                and r.get("status") == "ok"
+            ]
+            if not recs or any(r["n"] == target for r in recs):
+                continue
+            top = max(recs, key=lambda r: r["n"])
+            mv = [
+                r
+                for r in self.doc["records"]
+                if r.get("kind") == "matvec"
+                and r.get("model") == label
+                and r.get("n") == target
+                and r.get("precision") == "tf32"
+                and r.get("vectors") == 1
+                and r.get("status") == "ok"
+            ]
+            if mv:
+                mv_s, src = mv[0]["seconds"], f"measured matvec at N={target}"
+            else:
+                mv_s = top["seconds"] / max(1, top["matvecs"]) * target / top["n"]
+                src = f"matvec time of N={top['n']} scaled linearly"
+            ep_s = top["retrain_epoch_seconds"] * target / top["n"]
+            sec = top["matvecs"] * mv_s
+            self.add(
+                kind="scaling",
+                model=label,
+                n=target,
+                solver="cg",
+                status="estimated",
+                seconds=sec,
+                matvecs=top["matvecs"],
+                precond_rank=top.get("precond_rank"),
+                retrain_seconds=ep_s * benchlib.RETRAIN_EPOCHS,
+                ratio_scrub_to_retrain=sec / (ep_s * benchlib.RETRAIN_EPOCHS),
+                reason=(
+                    f"estimated: {top['matvecs']} matvecs (as at N={top['n']}) × {src}; "
+                    f"retrain epoch scaled linearly from N={top['n']}"
+                ),
+            )
+
+    def summary(self) -> str:
+        hw = self.doc["hardware"]
+        nan = float("nan")
+        rows = []
+        for name, st in self.doc["stages"].items():
+            rows.append(f"  {name:<28} {st.get('status'):<24} {st.get('seconds', 0):7.1f} s")
+        lines = [
+            "",
+            "=== gpu_suite summary ===",
+            f"device: {hw.get('gpu_name', hw.get('cpu_model'))}",
+            f"elapsed {self.budget.elapsed():.1f} s of {self.budget.total:.0f} s budget",
+            *rows,
+            "",
+        ]
+        recs = self.doc["records"]
+        mv = [r for r in recs if r.get("kind") == "matvec" and r.get("status") == "ok"]
+        if mv:
+            lines.append("matvec vs epoch (per vector ÷ epoch):")
+            for r in mv:
+                lines.append(
+                    f"  {r['model']:<20} N={r['n']:<6} {r['precision']:<5} k={r['vectors']:<2} "
+                    f"epoch {r['epoch_seconds']:.3f}s matvec {r['seconds']:.3f}s "
+                    f"ratio {r['ratio_per_vector_to_epoch']:.2f}  "
+                    f"mem×{r.get('memory_ratio_to_train') or nan:.2f}  "
+                    f"err {r.get('rel_error_vs_fp64') or nan:.1e}"
+                )
+        cg = [r for r in recs if r.get("kind") == "cg" and r.get("status") == "ok"]
+        if cg:
+            lines.append("CG to 1e-4:")
+            for r in cg:
+                lines.append(
+                    f"  {r['point']:<8} rank {r['precond_rank']:<4} its {r['iterations']:<4} "
+                    f"matvecs {r['matvecs_total']:<5} converged {r['converged']}"
+                )
+        sc = [r for r in recs if r.get("kind") == "scaling"]
+        if sc:
+            lines.append("scrub vs retrain:")
+            for r in sc:
+                if r.get("status") in ("ok", "estimated"):
+                    lines.append(
+                        f"  {r['model']:<20} {r['solver']:<5} N={r['n']:<6} {r['status']:<9} "
+                        f"scrub {r['seconds']:.2f}s retrain {r.get('retrain_seconds') or 0:.2f}s "
+                        f"ratio {r.get('ratio_scrub_to_retrain') or float('nan'):.2f} "
+                        f"matvecs {r.get('matvecs')}"
+                    )
+                else:
+                    lines.append(
+                        f"  {r['model']:<20} {r.get('solver')} N={r['n']:<6} "
+                        f"{r['status']}: {(r.get('reason') or '')[:90]}"
+                    )
+        return "\n".join(lines)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.log(f"device {self.device}, budget {self.budget.total:.0f} s, out {self.out}")
+        self.run_stage("engine", cfg.shares["engine"], self.stage_engine)
+        self.run_stage("cg", cfg.shares["cg"], self.stage_cg)
+        self.run_stage("dense", cfg.shares["dense"], self.stage_dense)
+        per = cfg.shares["scrub"] / max(1, len(cfg.scrub_models))
+        for label in cfg.scrub_models:
+            self.run_stage(f"scrub:{label}", per, lambda label=label: self.stage_scrub(label))
+        self.run_stage("engine_large", cfg.shares["engine_large"], self.stage_engine_large)
+        self.run_stage("variants", cfg.shares["variants"], self.stage_variants)
+        if self.args.compile:
+            self.run_stage("compile", cfg.shares["compile"], self.stage_compile)
+        self.estimate_largest()
+        self.doc["finished"] = True
+        self.save()
+        self.write_report()
+        print(self.summary(), flush=True)
+        print(f"\nresults: {self.path}\nreport:  {self.out / 'report.md'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for results.json, report.md, PNGs")
+    ap.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="wall-clock budget (default 300 s; 50 s with --tiny)",
+    )
+    ap.add_argument(
+        "--reserve-seconds",
+        type=float,
+        default=None,
+        help="kept free at the end for the report (default 5%% of the budget, ≥ 3 s)",
+    )
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (same code paths)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 on cpu; unchanged on cuda)",
+    )
+    ap.add_argument(
+        "--stages",
+        nargs="*",
+        default=None,
+        help="only stages whose names start with these (engine cg dense scrub "
+        "engine_large compile)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run the torch.compile stage (compilation takes minutes)",
+    )
+    args = ap.parse_args(argv)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
+    benchlib.set_threads(threads)
+    Suite(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
