@@ -1,7 +1,30 @@
-"""ntkscrub: matrix-free NTK forgetting (Golatkar, Achille, Soatto, ECCV 2020) at scale."""
+"""ntkscrub: matrix-free NTK forgetting (Golatkar, Achille, Soatto, ECCV 2020) at scale.
 
+The public API: :func:`scrub` (Proposition 2 + eq. 11), the baselines :func:`retrain`,
+:func:`finetune` and :func:`fisher_forget`, the :mod:`~ntkscrub.readouts` and the information
+:mod:`~ntkscrub.bounds` (Proposition 1). Operators and solvers live in
+:mod:`ntkscrub.operators` and :mod:`ntkscrub.solvers`.
+"""
+
+from ntkscrub import bounds, readouts
+from ntkscrub.baselines import ForgetResult, finetune, fisher_forget, retrain
 from ntkscrub.batches import Batches, as_batches
 from ntkscrub.params import ParameterSpace, check_eval_mode
+from ntkscrub.scrub import DenseTooLarge, ScrubResult, scrub
 
-__all__ = ["Batches", "as_batches", "ParameterSpace", "check_eval_mode"]
+__all__ = [
+    "Batches",
+    "DenseTooLarge",
+    "ForgetResult",
+    "ParameterSpace",
+    "ScrubResult",
+    "as_batches",
+    "bounds",
+    "check_eval_mode",
+    "finetune",
+    "fisher_forget",
+    "readouts",
+    "retrain",
+    "scrub",
+]
 __version__ = "0.1.0"

@@ -24,6 +24,15 @@ def check_number(x: Any, name: str, *, positive: bool = False) -> float:
     return x
 
 
+def check_int(x: Any, name: str, minimum: int = 1) -> int:
+    """An int ≥ ``minimum`` (bools refused), else an error naming ``name``."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name}: expected an integer, got {type(x).__name__}")
+    if x < minimum:
+        raise ValueError(f"{name}: must be ≥ {minimum}, got {x}")
+    return x
+
+
 def check_seed(seed: Any) -> int | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ntkscrub._validation import check_model, check_number, check_seed
+from ntkscrub._validation import check_int, check_model, check_number, check_seed
 from ntkscrub.batches import as_batches
 from ntkscrub.noise import FISHER_OPTIONS, add_fisher_noise
 from ntkscrub.params import check_eval_mode
@@ -89,14 +89,6 @@ class ForgetResult:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_int(x: Any, name: str, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name}: expected an integer, got {type(x).__name__}")
-    if x < minimum:
-        raise ValueError(f"{name}: must be ≥ {minimum}, got {x}")
-    return x
 
 
 def _check_data(data: Any, name: str) -> int:
@@ -164,7 +156,7 @@ def fisher_forget(
     check_eval_mode(model, "model")
     alpha = check_number(alpha, "alpha")
     seed = check_seed(seed)
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     n_r = _check_data(retain, "retain")
     out, noise, info = add_fisher_noise(
         model, retain, alpha, seed=seed, params=params, batch_size=batch_size, **fisher_options
@@ -294,7 +286,7 @@ def _train_baseline(
 
     t0 = time.perf_counter()
     check_model(model)
-    epochs = _check_int(epochs, "epochs", 0)
+    epochs = check_int(epochs, "epochs", 0)
     weight_decay = check_number(weight_decay, "weight_decay")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"lr: expected a number, got {type(lr).__name__}")

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ntkscrub._validation import check_choice, check_int, check_number
 from ntkscrub.batches import as_batches
 from ntkscrub.operators.ggn import GGN, ggn_diagonal, output_hessian_apply
 from ntkscrub.operators.jacobian import Jacobian
@@ -210,7 +211,7 @@ def gaussian_kl(
     mu1, Sigma1 = _check_mean_cov(mu1, Sigma1, "mu1", "Sigma1")
     if mu1.shape != mu0.shape:
         raise ValueError(f"mu1: shape {tuple(mu1.shape)} does not match mu0 {tuple(mu0.shape)}")
-    jitter = _check_nonneg(jitter, "jitter")
+    jitter = check_number(jitter, "jitter")
     t, tau = _kl_terms(mu0, Sigma0, mu1, Sigma1, jitter, ("Sigma0", "Sigma1"))
     r, _ = _kl_terms(
         mu1, Sigma1, mu0, Sigma0, tau / _diag_scale(Sigma0, Sigma1), ("Sigma1", "Sigma0")
@@ -303,25 +304,6 @@ def hessian_sqrt_apply(root: Tensor | None, U: Tensor, c: int) -> Tensor:
 
 
 # =========================================================================== validation helpers
-def _check_nonneg(x: Any, name: str, *, positive: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x) or x < 0 or (positive and x == 0):
-        raise ValueError(f"{name}: must be a finite number {'>' if positive else '≥'} 0, got {x}")
-    return x
-
-
-def _check_int(x: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
-        raise ValueError(f"{name}: must be an integer ≥ {minimum}, got {x!r}")
-    return x
-
-
-def _choice(x: Any, name: str, allowed: tuple) -> Any:
-    if x not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {x!r}")
-    return x
 
 
 class _Options:
@@ -348,22 +330,22 @@ class _Options:
         jitter: Any,
         params: Any,
     ) -> None:
-        self.alpha = _check_nonneg(alpha, "alpha", positive=True)
-        self.delta = _check_nonneg(delta, "delta")
-        self.kind = _choice(kind, "kind", ("diag", "full"))
+        self.alpha = check_number(alpha, "alpha", positive=True)
+        self.delta = check_number(delta, "delta")
+        self.kind = check_choice(kind, "kind", ("diag", "full"))
         if self.kind == "full" and self.delta == 0.0:
             raise ValueError(
                 "delta: must be > 0 for kind='full' (F is singular when p > c·|D_r|, and SLQ "
                 "needs A = δI + PSD with δ > 0)"
             )
-        self.reduction = _choice(reduction, "reduction", ("mean", "sum"))
-        self.loss = _choice(loss, "loss", ("ce", "mse"))
-        self.solver = _choice(solver, "solver", ("cg", "dense"))
-        self.form = _choice(form, "form", ("dual", "primal"))
-        self.batch_size = _check_int(batch_size, "batch_size")
-        self.query_batch = _check_int(query_batch, "query_batch")
-        self.probes = _check_int(probes, "probes", 2)
-        self.steps = _check_int(steps, "steps")
+        self.reduction = check_choice(reduction, "reduction", ("mean", "sum"))
+        self.loss = check_choice(loss, "loss", ("ce", "mse"))
+        self.solver = check_choice(solver, "solver", ("cg", "dense"))
+        self.form = check_choice(form, "form", ("dual", "primal"))
+        self.batch_size = check_int(batch_size, "batch_size")
+        self.query_batch = check_int(query_batch, "query_batch")
+        self.probes = check_int(probes, "probes", 2)
+        self.steps = check_int(steps, "steps")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
         self.seed = seed
@@ -373,11 +355,11 @@ class _Options:
         unknown = set(self.cg_options) - {"tol", "max_iter", "strict", "scalar_dtype"}
         if unknown:
             raise ValueError(f"cg_options: unknown keys {sorted(unknown)}")
-        self.precond_rank = _check_int(precond_rank, "precond_rank", 0)
+        self.precond_rank = check_int(precond_rank, "precond_rank", 0)
         if fisher_options is not None and not isinstance(fisher_options, Mapping):
             raise TypeError("fisher_options: expected a dict (see scrub.fisher_noise_variance)")
         self.fisher_options = dict(fisher_options or {})
-        self.jitter = _check_nonneg(jitter, "jitter")
+        self.jitter = check_number(jitter, "jitter")
         self.params = params
 
     def describe(self) -> dict[str, Any]:
