@@ -99,7 +99,8 @@ def check_json_like(obj: Any, name: str, *, allow_tensors: bool = False, _depth:
     ``allow_tensors``)."""
     if _depth > 50:
         raise TypeError(f"{name}: nested too deeply")
-    if obj is None or isinstance(obj, (str, bool, int, float)):
+    # Exact types: subclasses (e.g. torch.TorchVersion, numpy floats) are refused on loading.
+    if obj is None or type(obj) in (str, bool, int, float):
         return
     if allow_tensors and isinstance(obj, Tensor):
         return
@@ -444,7 +445,7 @@ def train(
         "trained_parameters": sum(p.numel() for p in params.values()),
         "data": data_desc,
         "device": str(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
     }
     log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
 
