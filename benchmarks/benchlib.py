@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -1092,3 +1093,10 @@ def cg_solve_record(
         "ridge": K.ridge,
         "history": [float(h) for h in info.history],
     }
+
+
+def size_params(config: pytest.Config, values: list[Any], ids: list[str] | None = None) -> list:
+    """Wrap parameter values in ``pytest.param``, marked ``smoke`` at the smoke size."""
+    marks = [pytest.mark.smoke] if config.getoption("--bench-size") == "smoke" else []
+    ids = ids or [str(v) for v in values]
+    return [pytest.param(v, marks=marks, id=i) for v, i in zip(values, ids)]

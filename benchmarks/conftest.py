@@ -22,6 +22,7 @@ from typing import Any
 import benchlib
 import pytest
 import torch
+from benchlib import size_params  # noqa: F401 - re-exported for old imports
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
@@ -51,13 +52,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if threads is None and config.getoption("--bench-device", default="cpu") == "cpu":
         threads = 1  # shared two-core host: one thread per process keeps timings comparable
     benchlib.set_threads(threads)
-
-
-def size_params(config: pytest.Config, values: list[Any], ids: list[str] | None = None) -> list:
-    """Wrap parameter values in ``pytest.param``, marked ``smoke`` at the smoke size."""
-    marks = [pytest.mark.smoke] if config.getoption("--bench-size") == "smoke" else []
-    ids = ids or [str(v) for v in values]
-    return [pytest.param(v, marks=marks, id=i) for v, i in zip(values, ids)]
 
 
 @pytest.fixture(scope="session")

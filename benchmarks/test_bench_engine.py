@@ -19,8 +19,7 @@ from typing import Any
 import benchlib
 import pytest
 import torch
-from benchlib import PRECISIONS, MemoryMeter, ModelSpec
-from conftest import size_params
+from benchlib import PRECISIONS, MemoryMeter, ModelSpec, size_params
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

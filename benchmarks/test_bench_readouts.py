@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import size_params
+from benchlib import size_params
 
 from ntkscrub import bounds, readouts
 from ntkscrub.models import build_model

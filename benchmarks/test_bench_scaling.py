@@ -23,8 +23,7 @@ from typing import Any
 import benchlib
 import pytest
 import torch
-from benchlib import ModelSpec
-from conftest import size_params
+from benchlib import ModelSpec, size_params
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_cnn, make_data, make_mlp
+from model_zoo import make_cnn, make_data, make_mlp
 from torch import nn
 from torch.utils.data import Dataset
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_cnn, make_data
+from model_zoo import make_cnn, make_data
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 

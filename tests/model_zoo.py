@@ -1,0 +1,43 @@
+"""Small float64 models and data shared by the tests (imported by name, not through conftest,
+so that the benchmarks' conftest cannot shadow them when both folders are collected)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_mlp(in_dim: int = 6, hidden: int = 8, c: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, c)).double().eval()
+
+
+def make_cnn(c: int = 3, seed: int = 0) -> nn.Module:
+    """A small CNN with BatchNorm (random running statistics) in eval mode, 1×6×6 inputs."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, c),
+    ).double()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+    return m.eval()
+
+
+def make_data(kind: str, n: int, c: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 6) if kind == "mlp" else (n, 1, 6, 6)
+    X = torch.randn(shape, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, c, (n,), generator=g)
+    return X, Y
