@@ -6,7 +6,15 @@ The public API: :func:`scrub` (Proposition 2 + eq. 11), the baselines :func:`ret
 :mod:`ntkscrub.operators` and :mod:`ntkscrub.solvers`.
 """
 
-from ntkscrub import bounds, readouts
+import warnings
+
+with warnings.catch_warnings():
+    # linear_operator's import calls torch.jit.script, which torch ≥ 2.10 deprecates with a
+    # FutureWarning about linear_operator's internals — nothing a user of ntkscrub can act on.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import linear_operator  # noqa: F401
+
+from ntkscrub import bounds, readouts  # noqa: E402
 from ntkscrub.baselines import ForgetResult, finetune, fisher_forget, retrain
 from ntkscrub.batches import Batches, as_batches
 from ntkscrub.params import ParameterSpace, check_eval_mode
