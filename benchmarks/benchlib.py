@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import platform
 import resource
 import subprocess
-import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ntkscrub.io import atomic_write_json as io_atomic_write_json
 from ntkscrub.models import build_model, count_parameters  # noqa: F401 - re-exported
 from ntkscrub.operators import NTK, Jacobian
 from ntkscrub.params import ParameterSpace
@@ -442,47 +440,20 @@ def make_train_epoch(
     return epoch
 
 
-# ------------------------------------------------------------- autocast work-arounds (bf16)
-# Two defects of the library's ``autocast`` path, found by these benchmarks (see the report):
-#  1. ``Jacobian.rmatvec`` passes float32 cotangents to a pullback whose output is bfloat16;
-#     outside vmap autograd casts them, under ``vmap`` (the path every ``NTK.matmul`` takes,
-#     since linear_operator hands ``_matmul`` an (n, 1) block) it raises "expected scalar type
-#     BFloat16 but found Float". Fix: cast ``u`` to the primal output's dtype.
-#  2. Forward-mode AD through an eval-mode BatchNorm under autocast yields a float32 tangent with
-#     a bfloat16 primal, and the next convolution's JVP fails ("Input type (FloatTensor) and
-#     weight type (BFloat16Type) should be the same"). Running BatchNorm in float32 (input cast
-#     up, output cast back) avoids it without changing the parameters or Θ.
-# The benchmarks measure bf16 through both work-arounds and say so (``autocast_workaround``).
-class BenchJacobian(Jacobian):
-    """:class:`ntkscrub.operators.Jacobian` with defect 1 fixed (cotangents cast to the dtype
-    of the primal output); otherwise the library's loop unchanged."""
-
-    def rmatvec(self, U: Tensor) -> Tensor:
-        from torch.func import vjp, vmap
-
-        single = U.dim() == 1
-        acc = torch.zeros(
-            self.p, *([] if single else [U.shape[1]]), dtype=self.dtype, device=self.device
-        )
-        for r0, r1, x in self._row_batches():
-            with self._ctx():
-                out, pullback = vjp(self._fn(x), self._params)
-                if single:
-                    g = pullback(U[r0:r1].reshape(-1, self.c).to(out.dtype))[0]
-                    acc += self.space.flatten(g)
-                else:
-                    u = U[r0:r1].T.reshape(U.shape[1], -1, self.c).to(out.dtype)
-                    g = vmap(pullback)(u)[0]
-                    acc += self.space.flatten_batched(g).to(self.dtype)
-        return acc
-
-
+# ------------------------------------------------------------- autocast work-around (bf16)
+# The library's ``autocast`` path has one defect the benchmarks work around (a second one — fp32
+# cotangents passed to a bf16 pullback under ``vmap`` — is fixed in ``Jacobian.rmatvec``):
+# forward-mode AD through an eval-mode BatchNorm under autocast yields a float32 tangent with a
+# bfloat16 primal, and the next convolution's JVP fails ("Input type (FloatTensor) and weight
+# type (BFloat16Type) should be the same"). Running BatchNorm in float32 (input cast up, output
+# cast back) avoids it without changing the parameters or Θ. The benchmarks measure bf16 through
+# this work-around and say so (``autocast_workaround``).
 _FP32_BN: dict[type, type] = {}
 
 
 def _fp32_bn_class(cls: type) -> type:
     """A subclass of a BatchNorm class whose forward runs in float32 and returns the input's
-    dtype (defect 2). Same parameters and buffers, so the same parameter space and Θ."""
+    dtype (see above). Same parameters and buffers, so the same parameter space and Θ."""
     if cls not in _FP32_BN:
 
         def forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -493,7 +464,7 @@ def _fp32_bn_class(cls: type) -> type:
 
 
 def autocast_safe(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose BatchNorm layers compute in float32 (defect 2)."""
+    """A deep copy of ``model`` whose BatchNorm layers compute in float32 (see above)."""
     out = copy.deepcopy(model)
     for mod in out.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -512,14 +483,12 @@ def make_ntk(
 ) -> NTK:
     """The library's lazy ``Θ + ridge·I`` over ``(X, Y)`` at the model's weights.
 
-    With an autocast precision the two work-arounds above are applied (the library's own path
-    raises); without, this is exactly the library's ``Jacobian`` and ``NTK``.
+    With an autocast precision the BatchNorm work-around above is applied (the library's own path
+    raises on BatchNorm models); otherwise this is exactly the library's ``Jacobian`` and ``NTK``.
     """
     if prec.autocast is not None:
         space = ParameterSpace(autocast_safe(model))
-        J: Jacobian = BenchJacobian(
-            space, (X, Y), batch_size=batch_size, name="data", autocast=prec.autocast
-        )
+        J = Jacobian(space, (X, Y), batch_size=batch_size, name="data", autocast=prec.autocast)
     else:
         space = ParameterSpace(model)
         J = Jacobian(space, (X, Y), batch_size=batch_size, name="data")
@@ -878,22 +847,8 @@ def jsonable(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename over ``path``: a reader
-    (or a run killed mid-write) sees either the old or the new file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(jsonable(obj), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write results as JSON atomically (:func:`ntkscrub.io.atomic_write_json`)."""
+    io_atomic_write_json(path, jsonable(obj), indent=1)
 
 
 # ------------------------------------------------------------------------------ size presets

@@ -70,6 +70,7 @@ import figures  # noqa: E402
 
 from ntkscrub import bounds, readouts  # noqa: E402
 from ntkscrub.datasets import SplitData, pretrain_cifar, small_cifar  # noqa: E402
+from ntkscrub.io import atomic_write_json  # noqa: E402
 from ntkscrub.models import build_model, count_parameters, reset_head  # noqa: E402
 from ntkscrub.scrub import scrub  # noqa: E402
 from ntkscrub.training import (  # noqa: E402
@@ -322,14 +323,8 @@ def sanitize(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(sanitize(obj), fh, indent=1, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomic JSON write (:func:`ntkscrub.io.atomic_write_json`)."""
+    atomic_write_json(path, sanitize(obj), indent=1, allow_nan=False)
 
 
 def hardware(device: torch.device) -> dict[str, Any]:

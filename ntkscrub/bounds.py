@@ -69,6 +69,7 @@ from ntkscrub.operators.ggn import GGN, ggn_diagonal, output_hessian_apply
 from ntkscrub.operators.jacobian import Jacobian
 from ntkscrub.params import ParameterSpace, check_eval_mode
 from ntkscrub.scrub import fisher_noise_variance
+from ntkscrub.solvers.lanczos import rademacher
 
 __all__ = [
     "CONVENTION",
@@ -650,16 +651,6 @@ def _cg_summary(ss: _Side, sr: _Side) -> dict[str, Any] | None:
 
 
 # =========================================================================== white box
-def _rademacher(n: int, m: int, seed: int | None, dtype: torch.dtype, device: Any) -> Tensor:
-    g = torch.Generator(device="cpu")
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    z = torch.randint(0, 2, (n, m), generator=g, dtype=torch.int8)
-    return (2 * z - 1).to(device=device, dtype=dtype)
-
-
 def _white(ss: _Side, sr: _Side, opts: _Options) -> dict[str, Any]:
     t0 = time.perf_counter()
     dw = ss.theta - sr.theta  # Δw = h(w_D) − w_Dr over the linearised parameters
@@ -693,7 +684,7 @@ def _white(ss: _Side, sr: _Side, opts: _Options) -> dict[str, Any]:
         quad = float(dw.to(_F64) @ A0dw.to(_F64)) / opts.alpha
         # tr(A0 A⁻¹) − p = tr((A0 − A) A⁻¹), Hutchinson with Rademacher probes (seed).
         t1 = time.perf_counter()
-        Z = _rademacher(p, opts.probes, seed, ss.space.dtype, ss.space.device)
+        Z = rademacher(p, opts.probes, seed, ss.space.dtype, ss.space.device)
         X = ss.solve_precision(Z)  # A⁻¹ Z
         D = sr.ggn(X) - ss.ggn(X)  # (A0 − A) X: δI cancels exactly
         per_tr = (Z.to(_F64) * D.to(_F64)).sum(0)  # (probes,)

@@ -53,7 +53,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +60,8 @@ from typing import Any, TextIO
 
 import torch
 from torch import nn
+
+from ntkscrub.io import atomic_write_json
 
 __all__ = [
     "SIZES",
@@ -136,27 +137,8 @@ NTK_NOISE_ALPHA = 1e-9
 
 # --------------------------------------------------------------------------- small utilities
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and ``os.replace``,
-    so a reader never sees a half-written report and a crash leaves any old one intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give the report the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``obj`` as JSON to ``path`` atomically (tensors, dtypes, paths made JSON-able)."""
+    return atomic_write_json(path, obj, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ntkscrub.batches import Batches, as_batches
+from ntkscrub.io import atomic_write
 
 __all__ = [
     "TrainLog",
@@ -122,21 +122,8 @@ def check_json_like(obj: Any, name: str, *, allow_tensors: bool = False, _depth:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the target folder, fsync, then ``os.replace``: a reader
-    never sees a half-written file, and a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` to ``path`` atomically (:func:`ntkscrub.io.atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
 
 
 def _num(value: Any, name: str) -> float:

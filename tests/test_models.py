@@ -18,15 +18,6 @@ from ntkscrub.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two shared cores: one intra-op thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_allcnn_parameter_count_matches_reference():
     # REFERENCE.md §2: All-CNN f=1, c=5 has 1,619,045 parameters
     assert count_parameters(AllCNN(num_classes=5, width=1.0)) == 1_619_045

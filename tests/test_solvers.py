@@ -29,16 +29,6 @@ from ntkscrub.solvers import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These matrices are tiny: with several threads on a shared 2-core machine, OpenMP spinning
-    # makes a 300×300 matmul ~40× slower than single-threaded. Restored for other modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -23,15 +23,6 @@ from ntkscrub.training import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two shared cores: one intra-op thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blobs(n_per: int = 20, c: int = 3, d: int = 4, sep: float = 4.0, seed: int = 0):
     """Linearly separable Gaussian blobs: X (n_per·c, d) float32, Y (n_per·c,) int64."""
     g = torch.Generator().manual_seed(seed)

@@ -18,6 +18,7 @@ from ntkscrub.solvers.lanczos import (
     TraceEstimate,
     dense_logdet,
     lanczos,
+    rademacher,
     slq_logdet,
     slq_trace,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "NystromPreconditioner",
     "RPCholeskyPreconditioner",
     "lanczos",
+    "rademacher",
     "LanczosResult",
     "slq_logdet",
     "slq_trace",

@@ -121,6 +121,22 @@ def as_matmul(A: Operator, n: int | None = None, *, name: str = "A") -> Callable
     )
 
 
+def resolve_dtype_device(
+    A: Any, dtype: torch.dtype | None, device: torch.device | str | None
+) -> tuple[torch.dtype, torch.device]:
+    """dtype/device of the blocks passed to ``A``: given, else those of a Tensor/LinearOperator,
+    else the default dtype on the CPU (pass ``device`` for a CUDA callable)."""
+    if isinstance(A, Tensor) or _is_linear_operator(A):
+        dt, dev = A.dtype, A.device
+    else:
+        dt, dev = torch.get_default_dtype(), torch.device("cpu")
+    dt = dtype if dtype is not None else dt
+    dev = torch.device(device) if device is not None else dev
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dt!r}")
+    return dt, dev
+
+
 def _check_input(X: Tensor, n: int, name: str) -> None:
     if X.dim() != 2 or X.shape[0] != n:
         raise ValueError(

@@ -47,7 +47,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ntkscrub.solvers.cg import Operator, _is_linear_operator, as_matmul, coldot, colnorm
+from ntkscrub.solvers.cg import (
+    Operator,
+    _is_linear_operator,
+    as_matmul,
+    coldot,
+    colnorm,
+    resolve_dtype_device,
+)
 
 __all__ = [
     "LanczosResult",
@@ -321,27 +328,17 @@ class LogdetEstimate(TraceEstimate):
     quadrature_halfwidth: float | None = None
 
 
-def _rademacher(
+def rademacher(
     n: int, m: int, seed: int | None, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
+    """An ``(n, m)`` block of ±1 probes, drawn on the CPU (same draws on every device) from
+    ``seed``, or from torch's global generator when ``seed`` is None."""
     g = None
     if seed is not None:
         g = torch.Generator(device="cpu")
         g.manual_seed(int(seed))
     z = torch.randint(0, 2, (n, m), generator=g, dtype=torch.int8)  # (n, m) on CPU: reproducible
     return (2 * z - 1).to(device=device, dtype=dtype)
-
-
-def _resolve(A: Any, dtype: torch.dtype | None, device: Any) -> tuple[torch.dtype, torch.device]:
-    if isinstance(A, Tensor) or _is_linear_operator(A):
-        dt, dev = A.dtype, A.device
-    else:
-        dt, dev = torch.get_default_dtype(), torch.device("cpu")
-    dt = dtype if dtype is not None else dt
-    dev = torch.device(device) if device is not None else dev
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise TypeError(f"dtype: expected a floating torch.dtype, got {dt!r}")
-    return dt, dev
 
 
 def _probe_runs(
@@ -359,8 +356,8 @@ def _probe_runs(
             raise ValueError(f"{name}: must be a positive integer, got {val!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    dt, dev = _resolve(A, dtype, device)
-    Z = _rademacher(n, probes, seed, dt, dev)  # (n, probes)
+    dt, dev = resolve_dtype_device(A, dtype, device)
+    Z = rademacher(n, probes, seed, dt, dev)  # (n, probes)
     return lanczos(A, Z, steps, reorthogonalize=True)
 
 

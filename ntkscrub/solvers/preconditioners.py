@@ -43,25 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ntkscrub.solvers.cg import Operator, _is_linear_operator, as_matmul
+from ntkscrub.solvers.cg import Operator, as_matmul, resolve_dtype_device
 
 __all__ = ["LowRankPreconditioner", "NystromPreconditioner", "RPCholeskyPreconditioner"]
-
-
-def _resolve_dtype_device(
-    A: Any, dtype: torch.dtype | None, device: torch.device | str | None
-) -> tuple[torch.dtype, torch.device]:
-    """dtype/device of the blocks passed to ``A``: given, else those of a Tensor/LinearOperator,
-    else the default dtype on the CPU (pass ``device`` for a CUDA callable)."""
-    if isinstance(A, Tensor) or _is_linear_operator(A):
-        dt, dev = A.dtype, A.device
-    else:
-        dt, dev = torch.get_default_dtype(), torch.device("cpu")
-    dt = dtype if dtype is not None else dt
-    dev = torch.device(device) if device is not None else dev
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise TypeError(f"dtype: expected a floating torch.dtype, got {dt!r}")
-    return dt, dev
 
 
 def _check_common(n: Any, rank: Any, shift: Any) -> tuple[int, int, float]:
@@ -209,7 +193,7 @@ class NystromPreconditioner(LowRankPreconditioner):
         n, rank, shift = _check_common(n, rank, shift)
         if not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0:
             raise ValueError(f"oversample: must be an integer ≥ 0, got {oversample!r}")
-        op_dtype, op_device = _resolve_dtype_device(A, dtype, device)
+        op_dtype, op_device = resolve_dtype_device(A, dtype, device)
         matmul = as_matmul(A, n, name="A")
         ell = min(rank + oversample, n)
         f64 = torch.float64
@@ -305,7 +289,7 @@ class RPCholeskyPreconditioner(LowRankPreconditioner):
             raise ValueError(f"diagonal: expected a tensor of shape ({n},), got {got}")
         if not bool(torch.isfinite(diagonal).all()):
             raise ValueError("diagonal: contains NaN or infinite values")
-        op_dtype, op_device = _resolve_dtype_device(A, dtype, device)
+        op_dtype, op_device = resolve_dtype_device(A, dtype, device)
         matmul = as_matmul(A, n, name="A")
         f64 = torch.float64
         gen = _generator(seed)
