@@ -15,7 +15,8 @@ Stages, in order (each gets a share of the budget; time a stage leaves unused pa
    strict fp32 and bf16 autocast: one training epoch (forward + backward + SGD step, BN eval), one
    Θ matvec with 1 vector and with 8 (vmap), peak memory of each, and the accuracy of the
    precision against float64 (Θv error and the true residual of a CG solve).
-2. ``cg``: ResNet-18 ×0.4 c=5 on N=500 (the small-CIFAR size), θ0 briefly pre-trained on other
+2. ``cg``: ResNet-18 ×0.4 c=5 on N=500 (the small-CIFAR size), in strict fp32 (what ``scrub``
+   runs: TF32 stalls CG near 4e-2), θ0 briefly pre-trained on other
    random data and w(D) fine-tuned with the recipe: CG iterations to 1e-4 at both linearisation
    points without and with the Nyström preconditioner (matvecs include its build).
 3. ``dense``: scrub with ``solver='dense'`` (and ``'cg'`` at the same N) for N = 25, 50, 100, ...
@@ -27,7 +28,10 @@ Stages, in order (each gets a share of the budget; time a stage leaves unused pa
 5. ``engine_large``: matvec (1 vector) vs epoch at N=50,000 for the three models.
 6. ``variants``: speed knobs of one scrub (All-CNN, N=5000): preconditioner on/off, batch size,
    warm start — on whatever time the stages above left.
-7. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
+7. ``scrub_large:<model>``: one scrub of ResNet-18 ×1 c=10 at N=50,000 with the CG iteration cap
+   the remaining time allows (``kind='capped'``: peak memory against a training step at the same
+   batch size, seconds per iteration, the residual reached; not a converged scrub).
+8. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
    training step, All-CNN at N=5000.
 
 Budget: before every measurement its cost is estimated from per-sample costs probed on one batch
@@ -79,6 +83,7 @@ class SuiteConfig:
     large_precisions: tuple[str, ...]
     accuracy_n: int
     cg_model: str
+    cg_precision: str  # of the CG-stage operator; "fp32" = what scrub() runs (TF32 off)
     cg_n: int
     cg_ranks: tuple[int, ...]
     cg_max_iter: int
@@ -88,6 +93,8 @@ class SuiteConfig:
     dense_n: tuple[int, ...]
     dense_max_bytes: float | None  # None: a quarter of the device's memory
     scrub_models: tuple[str, ...]
+    scrub_precision: str  # what scrub() runs in (TF32 guard: "fp32"); sets the cost probes
+    large_scrub_models: tuple[str, ...]  # scrubbed once at engine_large_n with a time-capped CG
     scrub_n: tuple[int, ...]
     scrub_tol: float
     scrub_max_iter: int
@@ -108,6 +115,7 @@ SHARES = {
     "dense": 0.08,
     "scrub": 0.36,  # split evenly between the scrub models
     "engine_large": 0.18,
+    "scrub_large": 0.0,  # what the others leave (the whole budget with --stages scrub_large)
     "variants": 0.0,  # only what the others leave
     "compile": 0.0,  # likewise
 }
@@ -123,6 +131,7 @@ FULL = SuiteConfig(
     large_precisions=("tf32", "bf16", "fp32"),
     accuracy_n=64,
     cg_model="resnet18-w0.4-c5",
+    cg_precision="fp32",
     cg_n=500,
     cg_ranks=(0, 25, 100),
     cg_max_iter=300,
@@ -132,6 +141,8 @@ FULL = SuiteConfig(
     dense_n=(25, 50, 100, 200, 400, 800, 1600),
     dense_max_bytes=None,
     scrub_models=("allcnn-w1-c5", "resnet18-w1-c10"),
+    scrub_precision="fp32",
+    large_scrub_models=("resnet18-w1-c10",),
     scrub_n=(500, 2000, 5000, 20000, 50000),
     scrub_tol=1e-4,
     scrub_max_iter=300,
@@ -156,6 +167,7 @@ TINY = SuiteConfig(
     large_precisions=("tf32", "bf16", "fp32"),
     accuracy_n=8,
     cg_model="smallcnn-w1-c5",
+    cg_precision="fp32",
     cg_n=16,
     cg_ranks=(0, 8),
     cg_max_iter=60,
@@ -165,6 +177,8 @@ TINY = SuiteConfig(
     dense_n=(8, 16, 32, 64),
     dense_max_bytes=1 * 2**20,  # J_r at N=16 needs 1.07 MiB: DenseTooLarge there
     scrub_models=("allcnn-w0.05-c5", "smallcnn-w1-c10"),
+    scrub_precision="fp32",
+    large_scrub_models=("smallcnn-w1-c10",),
     scrub_n=(8, 16, 32),
     scrub_tol=1e-4,
     scrub_max_iter=60,
@@ -272,9 +286,10 @@ class Suite:
         rec.setdefault("status", "ok")
         rec.setdefault("device", str(self.device))
         rec["t_elapsed"] = round(self.budget.elapsed(), 2)
-        self.doc["records"].append(benchlib.jsonable(rec))
+        stored = benchlib.jsonable(rec)
+        self.doc["records"].append(stored)
         self.save()
-        return rec
+        return stored  # the document's own copy: a caller may add fields, then save()
 
     def skip(self, why: str, **rec: Any) -> None:
         self.add(status="skipped", reason=why, **rec)
@@ -325,7 +340,8 @@ class Suite:
 
     def batch_for(self, label: str, vectors: int, cap: int) -> int:
         """Largest power-of-two batch whose ``vectors``-column vmap block fits the memory share."""
-        mps = self.costs.get((label, "tf32"), {}).get("mib_per_sample_vector") or 8.0
+        probed = [c.get("mib_per_sample_vector") for (m, _), c in self.costs.items() if m == label]
+        mps = max([m for m in probed if m] or [8.0])
         budget = self.cfg.memory_fraction * self.free_bytes() / 2**20
         b = max(1, int(budget / (mps * max(1, vectors))))
         return max(1, min(cap, 2 ** int(math.log2(b))))
@@ -525,7 +541,7 @@ class Suite:
     # ----------------------------------------------------------------------------------- cg
     def stage_cg(self) -> None:
         cfg, dev = self.cfg, self.device
-        c = self.probe(cfg.cg_model, "tf32")
+        c = self.probe(cfg.cg_model, cfg.cg_precision)
         spec = ModelSpec.parse(cfg.cg_model)
         prob = benchlib.make_scrub_problem(
             spec,
@@ -544,7 +560,7 @@ class Suite:
         base_its: dict[str, dict[str, Any]] = {}
         for i, (point, rank) in enumerate(solves):
             model = prob.init if point == "init" else prob.model
-            prec = PRECISIONS["tf32"]
+            prec = PRECISIONS[cfg.cg_precision]
             build_s = n * c["mvk_s_per_sample"] * rank / cfg.engine_vectors
             # iteration cap: this solve's share of what is left, at one matvec per iteration
             share = self.budget.left() / (len(solves) - i)
@@ -574,7 +590,7 @@ class Suite:
                 params=prob.p,
                 n=n,
                 point=point,
-                precision="tf32",
+                precision=cfg.cg_precision,
                 notes=prob.notes,
                 iterations_ratio_unpreconditioned=(
                     b["iterations"] / rec["iterations"] if b and rec["iterations"] else None
@@ -677,7 +693,7 @@ class Suite:
     def stage_dense(self) -> None:
         cfg = self.cfg
         label = cfg.dense_model
-        c = self.probe(label, "tf32")
+        c = self.probe(label, cfg.scrub_precision)
         total = (
             torch.cuda.get_device_properties(self.device).total_memory
             if self.device.type == "cuda"
@@ -721,7 +737,7 @@ class Suite:
 
     def stage_scrub(self, label: str) -> None:
         cfg = self.cfg
-        c = self.probe(label, "tf32")
+        c = self.probe(label, cfg.scrub_precision)
         rank, why = self.chosen_rank()
         batch = self.batch_for(label, rank, cfg.engine_batch) if rank else cfg.engine_batch
         mv_ps = c["mv1_s_per_sample"] * (cfg.engine_batch / batch) ** 0.5  # smaller batch: slower
@@ -760,12 +776,70 @@ class Suite:
                 matvecs_est = rec["matvecs"]
                 mv_ps = max(mv_ps, 0.7 * rec["seconds"] / max(1, rec["matvecs"]) / n)
 
+    def stage_scrub_large(self, label: str) -> None:
+        """One scrub at ``engine_large_n`` (50,000 on the GPU) with the CG iteration cap that the
+        stage's time allows: peak memory against a training step at the same batch size, and
+        the cost of an iteration at scale. Recorded as ``kind='capped'`` (never as a converged
+        scaling point: the residual it reached is in the record)."""
+        cfg, dev = self.cfg, self.device
+        n = cfg.engine_large_n
+        c = self.probe(label, cfg.scrub_precision)
+        batch = cfg.engine_batch
+        mv_est = n * c["mv1_s_per_sample"]
+        overhead = n * c["train_s_per_sample"] * 6  # problem (fine-tune epoch) + retrain epoch
+        # matvecs ≈ 2·cap (two solves) + 4 (residuals, warm start, final products)
+        cap = int((self.budget.left() / SAFETY - overhead - 4 * mv_est) / (2 * mv_est))
+        if cap < 1:
+            self.skip(
+                f"budget: one CG iteration per solve needs ~{overhead + 6 * mv_est:.0f} s",
+                kind="capped",
+                model=label,
+                n=n,
+                solver="cg",
+            )
+            return
+        rec = self.scrub_point(
+            label,
+            n,
+            "cg",
+            0,
+            batch,
+            cap,
+            0.0,
+            kind="capped",
+            note=f"time-capped at {cap} CG iterations per solve; no preconditioner",
+        )
+        if rec.get("status") != "ok":
+            return
+        # a training step's peak at the scrub's batch size (a few batches are enough)
+        prob = self._problem
+        prec = PRECISIONS[cfg.scrub_precision]
+        X, Y = prob.data
+        step = benchlib.make_train_epoch(
+            prob.model, X, Y, batch_size=batch, prec=prec, max_samples=3 * batch
+        )
+        benchlib.free_memory(dev)
+        with MemoryMeter(dev) as mem:
+            step()
+        rec["train_step_delta_mib"] = mem.delta_mib
+        rec["memory_ratio_to_train_step"] = benchlib.memory_ratio(rec["delta_mib"], mem.delta_mib)
+        nc = prob.spec.num_classes
+        rec["dense_jacobian_bytes"] = float(n) * nc * prob.p * 4  # float32 J_D
+        self.save()
+        self.log(
+            f"capped scrub {label} N={n}: memory {rec['delta_mib']:.0f} MiB vs train step "
+            f"{mem.delta_mib:.0f} MiB"
+        )
+        del step
+        self._problem, self._problem_key = None, None
+        benchlib.free_memory(dev)
+
     def stage_variants(self) -> None:
         """Speed knobs of one scrub (first scrub model at ``variant_n``): preconditioner on/off,
         batch size, warm start. Runs on what the other stages left."""
         cfg = self.cfg
         label, n = cfg.scrub_models[0], cfg.variant_n
-        c = self.probe(label, "tf32")
+        c = self.probe(label, cfg.scrub_precision)
         rank, why = self.chosen_rank()
         batch = self.batch_for(label, rank, cfg.engine_batch) if rank else cfg.engine_batch
         variants: list[tuple[str, int, int, dict[str, Any]]] = [
@@ -921,7 +995,7 @@ class Suite:
                 if r.get("kind") == "matvec"
                 and r.get("model") == label
                 and r.get("n") == target
-                and r.get("precision") == "tf32"
+                and r.get("precision") == self.cfg.scrub_precision
                 and r.get("vectors") == 1
                 and r.get("status") == "ok"
             ]
@@ -1011,6 +1085,11 @@ class Suite:
         for label in cfg.scrub_models:
             self.run_stage(f"scrub:{label}", per, lambda label=label: self.stage_scrub(label))
         self.run_stage("engine_large", cfg.shares["engine_large"], self.stage_engine_large)
+        per = cfg.shares["scrub_large"] / max(1, len(cfg.large_scrub_models))
+        for label in cfg.large_scrub_models:
+            self.run_stage(
+                f"scrub_large:{label}", per, lambda label=label: self.stage_scrub_large(label)
+            )
         self.run_stage("variants", cfg.shares["variants"], self.stage_variants)
         if self.args.compile:
             self.run_stage("compile", cfg.shares["compile"], self.stage_compile)
@@ -1049,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stages",
         nargs="*",
         default=None,
-        help="only stages whose names start with these (engine cg dense scrub "
+        help="only stages whose names start with these (engine cg dense scrub scrub_large "
         "engine_large compile)",
     )
     ap.add_argument(

@@ -1,0 +1,31 @@
+"""The budgeted GPU script at toy size on the CPU: the stages a device session runs (fp32 CG
+stage, time-capped large scrub) must work end to end before any device time is spent on them."""
+
+from __future__ import annotations
+
+import json
+
+import gpu_suite
+import pytest
+
+
+@pytest.mark.smoke
+def test_gpu_suite_tiny_cg_and_capped_scrub(tmp_path):
+    out = tmp_path / "suite"
+    argv = ["--out", str(out), "--device", "cpu", "--tiny", "--budget-seconds", "40"]
+    assert gpu_suite.main([*argv, "--stages", "cg", "scrub_large"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["finished"] is True
+    assert {s["status"] for s in doc["stages"].values()} == {"done"}, doc["stages"]
+
+    cg = [r for r in doc["records"] if r["kind"] == "cg" and r["status"] == "ok"]
+    assert cg and {r["precision"] for r in cg} == {"fp32"}
+    assert {r["point"] for r in cg} == {"init", "trained"}
+
+    (capped,) = [r for r in doc["records"] if r["kind"] == "capped"]
+    assert capped["status"] == "ok"
+    assert capped["n"] == gpu_suite.TINY.engine_large_n
+    assert 1 <= max(capped["cg_iterations"]) <= capped["max_iter"]
+    assert capped["dense_jacobian_bytes"] == 4.0 * capped["n"] * 10 * capped["params"]
+    assert "train_step_delta_mib" in capped
+    assert "time-capped CG" in (out / "report.md").read_text()
