@@ -56,6 +56,14 @@ READOUTS = [
 GREEN = "#2ca02c"
 
 
+def _excluded(retrains: list[dict[str, Any]]) -> str:
+    """ "retrains 1, 3 diverged and are left out of the band; " (or nothing)."""
+    out = [str(k) for k, r in enumerate(retrains) if r.get("excluded")]
+    if not out:
+        return ""
+    return f"retrains {', '.join(out)} diverged (non-finite loss) and are left out of the band; "
+
+
 def _seeds(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in results.get("seeds", {}).values() if "readouts" in s]
 
@@ -354,6 +362,8 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     if meta.get("error"):
         status = "FAILED (see results.json meta.error)"
     L.append(f"- **Status**: {status}; seeds finished: {summ.get('seeds', [])}")
+    for s_name, f in (meta.get("failed_seeds") or {}).items():
+        L.append(f"- **Seed {s_name} FAILED**: {f.get('reason')}")
     L.append(f"- **Command**: `{meta.get('command')}`")
     gpu = f", GPU {hw.get('gpu')} ({hw.get('gpu_memory_gib')} GiB)" if hw.get("gpu") else ""
     L.append(
@@ -402,6 +412,7 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
             f"{_pct(o.get('final_train_error'))}; retrains epochs "
             f"{[r.get('epochs') for r in rts]}, final errors "
             f"{[_pct(r.get('final_train_error')) for r in rts]}; "
+            + _excluded(rts)
             + (s.get("fit_check", {}).get("statement", ""))
         )
     L.append("- Split indices: `results.json` → `seeds.<seed>.split.indices` (and pre-training).")

@@ -8,6 +8,7 @@
 #
 # Each part runs under `timeout` (its budget + a margin for the final report), so the session
 # ends in about PAPER_BUDGET_S + SUITE_BUDGET_S + 90 seconds whatever happens inside.
+# SUITE_BUDGET_S = 0 runs the reproduction alone.
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR [PAPER_BUDGET_S] [SUITE_BUDGET_S]}
 PAPER_BUDGET=${2:-260}
@@ -29,10 +30,11 @@ timeout $((PAPER_BUDGET + 60)) "$PY" experiments/reproduce.py --preset paper --d
   --out "$WORK/paper" --cache-dir "$WORK/paper-cache" --no-progress >"$OUT_DIR/paper.log" 2>&1
 echo "reproduce.py exit $?" >>"$OUT_DIR/paper.log"
 
-timeout $((SUITE_BUDGET + 30)) "$PY" benchmarks/gpu_suite.py --out "$WORK/suite" \
-  --budget-seconds "$SUITE_BUDGET" --stages cg scrub_large >"$OUT_DIR/suite.log" 2>&1
-echo "gpu_suite.py exit $?" >>"$OUT_DIR/suite.log"
-
 tar czf "$OUT_DIR/paper.tgz" -C "$WORK" paper
-tar czf "$OUT_DIR/suite.tgz" -C "$WORK" suite
+if [ "$SUITE_BUDGET" -gt 0 ]; then  # 0: the reproduction alone
+  timeout $((SUITE_BUDGET + 30)) "$PY" benchmarks/gpu_suite.py --out "$WORK/suite" \
+    --budget-seconds "$SUITE_BUDGET" --stages cg scrub_large >"$OUT_DIR/suite.log" 2>&1
+  echo "gpu_suite.py exit $?" >>"$OUT_DIR/suite.log"
+  tar czf "$OUT_DIR/suite.tgz" -C "$WORK" suite
+fi
 ls -la "$OUT_DIR"

@@ -235,10 +235,12 @@ PRESETS: dict[str, Config] = {
         pre_n_val=500,
         pre_epochs=15,
         head_probe_epochs=30,
-        # 500 images at batch 128 are 4 SGD steps an epoch: the quick run's training error was
-        # still falling when its 25-epoch cosine ended, so the GPU preset schedules 100 epochs
-        ft_epochs=100,
-        ft_max_epochs=100,
+        # lr 0.01 (the paper's) collapsed or diverged 4 of 7 full-width runs with frozen BN on
+        # the H200 (results/paper/README.md); 0.005 over 150 cosine epochs (500 images at batch
+        # 128 are only 4 SGD steps an epoch)
+        ft_lr=0.005,
+        ft_epochs=150,
+        ft_max_epochs=150,
         ft_schedule="cosine",
         finetune_epochs=10,
         retrains=5,
@@ -610,6 +612,24 @@ def log_summary(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def diverged_at(meta: dict[str, Any]) -> int | None:
+    """Epoch at which a training run's loss became non-finite (``ntkscrub.training.train`` stops
+    there and records it), else None."""
+    return (meta.get("log", {}).get("recipe") or {}).get("diverged_at_epoch")
+
+
+class TrainingDiverged(RuntimeError):
+    """A run the pipeline cannot do without (w(D), the seed-matched run, a baseline) diverged."""
+
+
+def require_finite(meta: dict[str, Any], what: str) -> None:
+    e = diverged_at(meta)
+    if e is not None:
+        raise TrainingDiverged(
+            f"{what} diverged (non-finite loss at epoch {e}); lower ft_lr (--set ft_lr=...)"
+        )
+
+
 # =============================================================================== readouts
 def flat(model: nn.Module) -> Tensor:
     return adapters.flat_params(model).double()
@@ -854,6 +874,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
         )
     training: dict[str, Any] = {"original": log_summary(meta)}
     res["training"] = training
+    require_finite(meta, "w(D)")
     fit = {k: readouts.error(w_d, data_sets(split)[k]) for k in ("retain", "forget", "test", "val")}
     fits_forget = fit["forget"] == 0.0
     res["fit_check"] = {
@@ -881,12 +902,23 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
                 anchor=init,
                 device=dev,
                 progress=ctx.progress,
-                snapshots=(k == 0),
+                snapshots=path_r is None,  # Fig. 1's path: the first retrain that converges
             )
-        if k == 0:
+        entry = log_summary(meta)
+        training["retrains"].append(entry)
+        if diverged_at(meta) is not None:
+            # a diverged retrain is no sample of "trained without D_f": left out of the band,
+            # and said so (results.md counts them)
+            entry["excluded"] = "diverged"
+            log(f"retrain {k} diverged at epoch {diverged_at(meta)}: left out of the band")
+            continue
+        if path_r is None:
             path_r = snaps
         retrains.append(m)
-        training["retrains"].append(log_summary(meta))
+    if len(retrains) < 2:
+        raise TrainingDiverged(
+            f"only {len(retrains)} of {cfg.retrains} retrains trained without diverging: no band"
+        )
     with stage(T, f"seed{seed}/train_seed_matched", B):
         d_sm, replaced = seed_matched_data(split, seed)
         w_sm, meta, _ = train_cached(
@@ -900,6 +932,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
             progress=ctx.progress,
         )
         training["seed_matched"] = {**log_summary(meta), "replaced_rows": replaced}
+        require_finite(meta, "the seed-matched run")
     with stage(T, f"seed{seed}/train_finetune", B):
         ft_base = {**ft, "epochs": cfg.finetune_epochs, "until_zero_error": False}
         ft_base.pop("max_epochs")
@@ -914,6 +947,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
             progress=ctx.progress,
         )
         training["finetune"] = log_summary(meta)
+        require_finite(meta, "the Fine-tune baseline")
 
     # ---------------------------------------------------------------- scrubbing
     models: dict[str, nn.Module] = {"original": w_d, "finetune": w_ft, "seed_matched": w_sm}
@@ -1525,7 +1559,17 @@ def run_all(ctx: Context, results: dict[str, Any]) -> None:
         res: dict[str, Any] = {}
         results["seeds"][str(seed)] = res
         t = time.perf_counter()
-        run_seed(ctx, seed, res)
+        try:
+            run_seed(ctx, seed, res)
+        except TrainingDiverged as err:
+            # one seed's failed training must not cost the other seeds (nor hide the failure)
+            del results["seeds"][str(seed)]
+            results["meta"].setdefault("failed_seeds", {})[str(seed)] = {
+                "reason": str(err),
+                "training": res.get("training"),
+            }
+            log(f"seed {seed} FAILED: {err}")
+            continue
         res["seconds"] = time.perf_counter() - t
         seed_times.append(res["seconds"])
         write_json(done, res)
