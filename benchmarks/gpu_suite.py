@@ -55,7 +55,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +239,16 @@ class Suite:
         self.args = args
         self.device = benchlib.resolve_device(args.device)
         self.cfg = TINY if args.tiny else FULL
+        if args.share:
+            shares = dict(self.cfg.shares)
+            for item in args.share:
+                name, _, frac = item.partition("=")
+                if name not in shares or not frac:
+                    raise SystemExit(
+                        f"--share {item!r}: expected STAGE=FRACTION, STAGE one of {list(SHARES)}"
+                    )
+                shares[name] = float(frac)
+            self.cfg = replace(self.cfg, shares=shares)
         if args.budget_seconds is None:
             args.budget_seconds = self.cfg.default_budget
         if args.reserve_seconds is None:
@@ -1130,6 +1140,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="only stages whose names start with these (engine cg dense scrub scrub_large "
         "engine_large compile)",
+    )
+    ap.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="STAGE=FRACTION",
+        help="override a stage's share of the budget (0 = whatever is left), e.g. cg=0.3 "
+        f"scrub=0; defaults {SHARES}",
     )
     ap.add_argument(
         "--compile",

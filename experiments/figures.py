@@ -58,10 +58,10 @@ GREEN = "#2ca02c"
 
 def _excluded(retrains: list[dict[str, Any]]) -> str:
     """ "retrains 1, 3 diverged and are left out of the band; " (or nothing)."""
-    out = [str(k) for k, r in enumerate(retrains) if r.get("excluded")]
+    out = [f"retrain {k} {r['excluded']}" for k, r in enumerate(retrains) if r.get("excluded")]
     if not out:
         return ""
-    return f"retrains {', '.join(out)} diverged (non-finite loss) and are left out of the band; "
+    return f"{'; '.join(out)}: left out of the band; "
 
 
 def _seeds(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -612,22 +612,36 @@ def log_summary(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def diverged_at(meta: dict[str, Any]) -> int | None:
-    """Epoch at which a training run's loss became non-finite (``ntkscrub.training.train`` stops
-    there and records it), else None."""
-    return (meta.get("log", {}).get("recipe") or {}).get("diverged_at_epoch")
+# A fine-tuning run whose final training error exceeds this fraction of chance level (1 − 1/c)
+# has collapsed: on the H200 (paper preset, lr 0.005) 2 of 21 runs jumped from ~5 % to 78–80 %
+# training error (one class predicted everywhere) and never recovered, while every other run
+# ended at 0 %; the quick preset's runs that did not collapse ended at ≤ 31 % (chance 80 %).
+COLLAPSE_FRACTION = 0.5
 
 
-class TrainingDiverged(RuntimeError):
-    """A run the pipeline cannot do without (w(D), the seed-matched run, a baseline) diverged."""
-
-
-def require_finite(meta: dict[str, Any], what: str) -> None:
-    e = diverged_at(meta)
+def training_failure(entry: dict[str, Any], num_classes: int) -> str | None:
+    """Why a training run (a :func:`log_summary` entry) is no sample of the recipe, or None:
+    ``diverged`` (non-finite loss; ``ntkscrub.training.train`` stops and records the epoch) or
+    ``collapsed`` (final training error above ``COLLAPSE_FRACTION`` of chance level)."""
+    e = (entry.get("recipe") or {}).get("diverged_at_epoch")
     if e is not None:
-        raise TrainingDiverged(
-            f"{what} diverged (non-finite loss at epoch {e}); lower ft_lr (--set ft_lr=...)"
-        )
+        return f"diverged (non-finite loss at epoch {e})"
+    err = entry.get("final_train_error")
+    chance = 1.0 - 1.0 / num_classes
+    if err is not None and err > COLLAPSE_FRACTION * chance:
+        return f"collapsed (final training error {err:.1%}; chance {chance:.0%})"
+    return None
+
+
+class TrainingFailed(RuntimeError):
+    """A run the pipeline cannot do without (w(D), the seed-matched run, a baseline) diverged
+    or collapsed."""
+
+
+def require_trained(entry: dict[str, Any], num_classes: int, what: str) -> None:
+    why = training_failure(entry, num_classes)
+    if why is not None:
+        raise TrainingFailed(f"{what} {why}; lower ft_lr (--set ft_lr=...)")
 
 
 # =============================================================================== readouts
@@ -874,7 +888,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
         )
     training: dict[str, Any] = {"original": log_summary(meta)}
     res["training"] = training
-    require_finite(meta, "w(D)")
+    require_trained(training["original"], c, "w(D)")
     fit = {k: readouts.error(w_d, data_sets(split)[k]) for k in ("retain", "forget", "test", "val")}
     fits_forget = fit["forget"] == 0.0
     res["fit_check"] = {
@@ -906,18 +920,19 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
             )
         entry = log_summary(meta)
         training["retrains"].append(entry)
-        if diverged_at(meta) is not None:
-            # a diverged retrain is no sample of "trained without D_f": left out of the band,
-            # and said so (results.md counts them)
-            entry["excluded"] = "diverged"
-            log(f"retrain {k} diverged at epoch {diverged_at(meta)}: left out of the band")
+        why = training_failure(entry, c)
+        if why is not None:
+            # a failed retrain is no sample of "trained without D_f": left out of the band (and
+            # of every distance to the retrains), and said so in results.md
+            entry["excluded"] = why
+            log(f"retrain {k} {why}: left out of the band")
             continue
         if path_r is None:
             path_r = snaps
         retrains.append(m)
     if len(retrains) < 2:
-        raise TrainingDiverged(
-            f"only {len(retrains)} of {cfg.retrains} retrains trained without diverging: no band"
+        raise TrainingFailed(
+            f"only {len(retrains)} of {cfg.retrains} retrains trained without failing: no band"
         )
     with stage(T, f"seed{seed}/train_seed_matched", B):
         d_sm, replaced = seed_matched_data(split, seed)
@@ -932,7 +947,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
             progress=ctx.progress,
         )
         training["seed_matched"] = {**log_summary(meta), "replaced_rows": replaced}
-        require_finite(meta, "the seed-matched run")
+        require_trained(training["seed_matched"], c, "the seed-matched run")
     with stage(T, f"seed{seed}/train_finetune", B):
         ft_base = {**ft, "epochs": cfg.finetune_epochs, "until_zero_error": False}
         ft_base.pop("max_epochs")
@@ -947,7 +962,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
             progress=ctx.progress,
         )
         training["finetune"] = log_summary(meta)
-        require_finite(meta, "the Fine-tune baseline")
+        require_trained(training["finetune"], c, "the Fine-tune baseline")
 
     # ---------------------------------------------------------------- scrubbing
     models: dict[str, nn.Module] = {"original": w_d, "finetune": w_ft, "seed_matched": w_sm}
@@ -1402,6 +1417,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument(
+        "--resummarize",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="apply the failed-training rule to a finished results.json and redo summary, "
+        "figures and report (into --out, default: beside it); nothing is retrained",
+    )
     return p.parse_args(argv)
 
 
@@ -1439,8 +1462,61 @@ def build_config(args: argparse.Namespace) -> Config:
     return replace(cfg, **over)
 
 
+def drop_failed_seeds(results: dict[str, Any], when: str) -> list[str]:
+    """Move every seed with a failed training run (:func:`training_failure`) from ``seeds`` to
+    ``meta.failed_seeds``; returns the seeds moved. For results written before the run itself
+    applied the rule: their per-seed distances average over all K retrains, a failed one
+    included, so the whole seed goes (a run applying the rule drops only the failed retrain)."""
+    c = len(results["meta"]["config"]["classes"])
+    moved = []
+    for name, seed in list(results["seeds"].items()):
+        tr = seed.get("training") or {}
+        runs = [("w(D)", tr.get("original"))]
+        runs += [(f"retrain {k}", r) for k, r in enumerate(tr.get("retrains") or [])]
+        runs += [("the seed-matched run", tr.get("seed_matched"))]
+        runs += [("the Fine-tune baseline", tr.get("finetune"))]
+        why = [f"{what} {w}" for what, r in runs if r and (w := training_failure(r, c))]
+        if why:
+            moved.append(name)
+            results["meta"].setdefault("failed_seeds", {})[name] = {
+                "reason": "; ".join(why) + f" (rule applied {when})",
+                "training": tr,
+            }
+            del results["seeds"][name]
+    return moved
+
+
+def resummarize(path: Path, out: Path | None, no_figures: bool) -> dict[str, Any]:
+    """Apply the failed-training rule to a finished results.json, then redo the summary, the
+    figures and the report (``--resummarize``); the original measurements are not touched."""
+    results = json.loads(path.read_text())
+    when = "after the run, by --resummarize"
+    moved = drop_failed_seeds(results, when)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    results["meta"].setdefault("resummarized", []).append(
+        {
+            "command": command,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seeds_dropped": moved,
+            "rule": f"a training run diverged or its final training error > {COLLAPSE_FRACTION} "
+            "x chance level (collapsed)",
+        }
+    )
+    results["summary"] = summarize(results)
+    out = out or path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    if not no_figures:
+        results["meta"]["figures"] = [p.name for p in figures.draw_all(results, out)]
+    figures.write_report(results, out / "results.md")
+    write_json(out / RESULTS_NAME, results)
+    log(f"re-summarised {path} → {out} (seeds dropped: {moved or 'none'})")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.resummarize is not None:
+        return resummarize(args.resummarize, args.out, args.no_figures)
     cfg = build_config(args)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1561,7 +1637,7 @@ def run_all(ctx: Context, results: dict[str, Any]) -> None:
         t = time.perf_counter()
         try:
             run_seed(ctx, seed, res)
-        except TrainingDiverged as err:
+        except TrainingFailed as err:
             # one seed's failed training must not cost the other seeds (nor hide the failure)
             del results["seeds"][str(seed)]
             results["meta"].setdefault("failed_seeds", {})[str(seed)] = {
