@@ -75,8 +75,9 @@ def _value(r: dict[str, Any], readout: str) -> float | None:
         return r["l1_to_retrain"][readout[3:]]["mean"]
     if readout == "attack":
         return (r.get("attack") or {}).get("forget_member_fraction")
-    if readout == "relearn":
-        return (r.get("relearn") or {}).get("epochs")
+    if readout == "relearn":  # a diverged relearn run has no relearn time
+        rl = r.get("relearn") or {}
+        return None if rl.get("diverged_at_epoch") is not None else rl.get("epochs")
     return None
 
 

@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "reproduce.py"
 
 
+def _script(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+
+
 def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -69,15 +80,40 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         or "reference code" in (out / "results.md").read_text()
     )
     # resumable: a second run reads the finished seed from the cache
-    proc2 = subprocess.run(
-        [sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(out), "--cache-dir"]
-        + [str(cache), "--no-progress", "--threads", "1", "--no-figures"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=REPO,
+    proc2 = _script(
+        ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
+        + ["--threads", "1", "--no-figures"],
+        env,
     )
     assert proc2.returncode == 0, proc2.stderr[-4000:]
     assert json.loads((out / "results.json").read_text())["seeds"]["0"].get("from_cache")
     print(f"smoke preset: {wall:.1f}s")
+
+    # --resummarize: a collapsed w(D) fails its seed; the measurements themselves are kept
+    doc = json.loads((out / "results.json").read_text())
+    curve = doc["seeds"]["0"]["training"]["original"]["train_error"]
+    doc["seeds"]["0"]["training"]["original"]["train_error"] = [*curve, 0.0, 0.49]
+    doc["seeds"]["0"]["training"]["original"]["final_train_error"] = 0.49
+    src = tmp_path / "collapsed.json"
+    src.write_text(json.dumps(doc))
+    proc3 = _script(["--resummarize", str(src), "--out", str(tmp_path / "rs"), "--no-figures"], env)
+    assert proc3.returncode == 0, proc3.stderr[-4000:]
+    rs = json.loads((tmp_path / "rs" / "results.json").read_text())
+    assert rs["seeds"] == {} and "collapsed" in rs["meta"]["failed_seeds"]["0"]["reason"]
+    assert rs["meta"]["resummarized"][0]["seeds_dropped"] == ["0"]
+    assert "Seed 0 FAILED" in (tmp_path / "rs" / "results.md").read_text()
+
+
+def test_training_failure_rule() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import reproduce
+
+    ok = {"train_error": [0.6, 0.3, 0.0], "final_train_error": 0.0}
+    slow = {"train_error": [0.8, 0.75, 0.7], "final_train_error": 0.7}  # never learned: not failed
+    collapsed = {"train_error": [0.5, 0.05, 0.78], "final_train_error": 0.78}
+    diverged = {"train_error": [0.5, float("nan")], "recipe": {"diverged_at_epoch": 2}}
+    assert reproduce.training_failure(ok, 5) is None
+    assert reproduce.training_failure(slow, 5) is None
+    assert reproduce.training_failure(collapsed, 5).startswith("collapsed")
+    assert reproduce.training_failure(diverged, 5).startswith("diverged")
+    assert reproduce.training_failure({}, 5) is None

@@ -238,12 +238,30 @@ def test_relearn_perturbed_head_takes_longer(relearn_setup):
     # Never reached: epochs = max_epochs + 1, flagged.
     never = R.relearn_time(perturbed, D, forget, target_loss=target, lr=1e-4, max_epochs=2)
     assert not never.reached and never.epochs == 3 and len(never.forget_losses) == 3
+    assert never.diverged_at_epoch is None
 
     # A longer "epoch" (samples_per_epoch = 2|D|: two draws of D per epoch) takes fewer epochs.
     long = R.relearn_time(
         perturbed, D, forget, target_loss=target, lr=0.5, samples_per_epoch=300, max_epochs=60
     )
     assert long.samples_per_epoch == 300 and long.reached and 1 < long.epochs < res.epochs
+
+
+@pytest.mark.parametrize("samples_per_epoch", [None, 150])
+def test_relearn_divergence_is_reported_not_called_slow(relearn_setup, samples_per_epoch):
+    original, D, forget = relearn_setup
+    start = copy.deepcopy(original)
+    with torch.no_grad():  # large gradients, so that an absurd rate overflows float32 at once
+        start[2].bias[0] -= 8.0
+    target = R.loss(original, forget) - 1.0  # unreachable: only divergence can end the run early
+    res = R.relearn_time(
+        start, D, forget, target_loss=target, lr=1e38, max_epochs=20,
+        samples_per_epoch=samples_per_epoch,
+    )  # fmt: skip
+    assert res.diverged_at_epoch is not None and res.diverged_at_epoch <= 3
+    assert not res.reached and res.epochs == 21
+    assert len(res.forget_losses) == res.diverged_at_epoch + 1  # stopped there, not at 20
+    assert "diverged_at_epoch" in res.convention
 
 
 # --------------------------------------------------------------------------- membership attack
