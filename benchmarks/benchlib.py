@@ -729,6 +729,7 @@ def run_scrub(
     max_dense_bytes: float = 4 * 2**30,
     ridge: float | None = None,
     warm_start: bool = True,
+    share_precond: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One :func:`ntkscrub.scrub.scrub` call, timed and metered; never raises for lack of memory.
@@ -754,6 +755,7 @@ def run_scrub(
         "ridge": ridge,
         "weight_decay": None if ridge is not None else RECIPE["weight_decay"],
         "warm_start": warm_start,
+        "share_precond": share_precond,
     }
     kwargs: dict[str, Any] = {
         "init": problem.init,
@@ -768,6 +770,7 @@ def run_scrub(
         "form": form,
         "max_dense_bytes": max_dense_bytes,
         "warm_start": warm_start,
+        "share_precond": share_precond,
         "seed": seed,
     }
     if ridge is not None:

@@ -858,6 +858,7 @@ class Suite:
             ("no-precond batch/2", 0, max(1, cfg.engine_batch // 2), {}),
             ("no-precond batch*2", 0, cfg.engine_batch * 2, {}),
             ("no-warm-start", rank, batch, {"warm_start": False}),
+            ("own D_r preconditioner", rank, batch, {"share_precond": False}),
         ]
         if rank == 0:
             variants.insert(

@@ -133,6 +133,7 @@ def _variants(cfg: benchlib.BenchConfig) -> dict[str, dict[str, Any]]:
         return {
             "baseline": {},
             "no-precond": {"precond_rank": 0},
+            "own-Dr-precond": {"share_precond": False},
             "block-form": {"form": "block", "ridge": "N*0.1"},
             "trained-point": {"linearize_at": "trained"},
         }
@@ -143,6 +144,7 @@ def _variants(cfg: benchlib.BenchConfig) -> dict[str, dict[str, Any]]:
         "batch/2": {"batch_size": max(1, cfg.scrub_batch // 2)},
         "batch*2": {"batch_size": cfg.scrub_batch * 2},
         "no-warm-start": {"warm_start": False},
+        "own-Dr-precond": {"share_precond": False},
         # the block form needs one ridge for both systems: λ = N·0.1 (the Θ_DD value) for both
         "solves-fixed-ridge": {"ridge": "N*0.1"},
         "block-form": {"form": "block", "ridge": "N*0.1"},

@@ -67,6 +67,7 @@ _OPTIONS = {
     "seed_precond",
     "vector_chunk",
     "allow_tf32",
+    "share_precond",
 }
 
 
@@ -191,6 +192,7 @@ class _Solver:
         self.max_dense_bytes = max_dense_bytes
         self.records: list[dict] = []
         self._dense_J: dict[int, Tensor] = {}
+        self.last_precond: Any = None  # the preconditioner of the latest CG solve (or None)
 
     def dense_jacobian(self, jac: Jacobian) -> Tensor:
         """The explicit ``(c·N, p)`` Jacobian, cached; a stacked J_D is allocated once and its
@@ -221,7 +223,16 @@ class _Solver:
         self._dense_J[key] = full
         return full
 
-    def solve(self, K: NTK, B: Tensor, label: str, x0: Tensor | None = None) -> Tensor:
+    def solve(
+        self,
+        K: NTK,
+        B: Tensor,
+        label: str,
+        x0: Tensor | None = None,
+        precond_from: tuple[Any, slice] | None = None,
+    ) -> Tensor:
+        """``precond_from = (M, rows)``: precondition with ``M.restrict(rows, K.ridge)`` (K is the
+        principal submatrix ``rows`` of the system M was built for) instead of a new build."""
         t0 = time.perf_counter()
         if self.kind == "dense":
             J = self.dense_jacobian(K.jac_a)
@@ -256,7 +267,15 @@ class _Solver:
         # Default rank: none below 2000 rows (measured on CPU: building it costs more matvecs
         # than it saves on small systems, benchmarks/README.md), else 50.
         rank = self.precond_rank if self.precond_rank is not None else (0 if n < 2000 else 50)
-        if self.precond == "nystrom" and rank > 0:
+        if precond_from is not None and precond_from[0] is not None:
+            M = precond_from[0].restrict(precond_from[1], K.ridge)
+            build = {
+                "precond": "nystrom (restricted from the previous system)",
+                "precond_rank": M.rank,
+                "precond_matvecs": 0,
+                "precond_seconds": time.perf_counter() - t0,
+            }
+        elif self.precond == "nystrom" and rank > 0:
             before = K.matvecs
             M = NystromPreconditioner(
                 K,
@@ -274,6 +293,7 @@ class _Solver:
                 "precond_matvecs": K.matvecs - before,
                 "precond_seconds": M.seconds,
             }
+        self.last_precond = M
         X, info = cg(
             K, B, precond=M, x0=x0, tol=self.tol, max_iter=self.max_iter, strict=self.strict
         )
@@ -295,6 +315,7 @@ def ntk_shift(
     form: str,
     solver: _Solver,
     warm_start: bool = True,
+    share_precond: bool = True,
 ) -> tuple[Tensor, Tensor, int]:
     """Δ = w_lin(D_r) − w_lin(D) and w_lin(D_r), both ``(p,)``; also the matvec count.
 
@@ -309,7 +330,11 @@ def ntk_shift(
         J_d = StackedJacobian(J_r, J_f)
         K_dd = NTK(J_r.theta, jac_a=J_d, ridge=ridge_d, counter=counter)
         x_d = solver.solve(K_dd, torch.cat([e_r, e_f]), "D")  # (c·N_D,)
-        x_r = solver.solve(K_rr, e_r, "r", x0=x_d[:cr].clone() if warm_start else None)
+        # Θ_rr is the leading principal submatrix of Θ_DD: its preconditioner comes for free
+        shared = (solver.last_precond, slice(0, cr)) if share_precond else None
+        x_r = solver.solve(
+            K_rr, e_r, "r", x0=x_d[:cr].clone() if warm_start else None, precond_from=shared
+        )
         # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_rᵀ (x_r − x_D[r]) − J_fᵀ x_D[f]
         delta = J_d.rmatvec(torch.cat([x_r - x_d[:cr], -x_d[cr:]]))
         w_lin_r = J_r.rmatvec(x_r)
@@ -414,6 +439,9 @@ def scrub(
             for systems under 2000 rows, else 50);
             strict: raise if CG does not converge (default True);
         warm_start: start the D_r solve from the D solution (default True);
+        share_precond: precondition the D_r solve with the D system's Nyström factor restricted
+            to the retain rows (default True: no second build; see
+            :meth:`~ntkscrub.solvers.LowRankPreconditioner.restrict`);
         max_dense_bytes: the dense path refuses explicit Jacobians larger than this (4 GiB).
         autocast: a ``torch.autocast`` dtype for the Jacobian products (experimental, see
             :class:`~ntkscrub.operators.Jacobian`); vector_chunk: vectors per vmap (32).
@@ -512,6 +540,7 @@ def scrub(
             form=form,
             solver=slv,
             warm_start=options.get("warm_start", True),
+            share_precond=options.get("share_precond", True),
         )
     scale, cos = 1.0, None
     if rescale == "trapezium":

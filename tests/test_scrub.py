@@ -119,6 +119,20 @@ def test_cg_matches_dense(cnn_problem, linearize_at, loss):
     assert float(dense.shift.norm()) > 0
 
 
+def test_shared_preconditioner_saves_a_build(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    kw = dict(init=init, weight_decay=0.01, solver="cg", tol=1e-10, precond_rank=8)
+    own = scrub(trained, retain, forget, share_precond=False, **kw)
+    shared = scrub(trained, retain, forget, **kw)
+    assert rel(shared.shift, own.shift) <= 1e-7
+    d_own, r_own = own.info["solves"]
+    d_sh, r_sh = shared.info["solves"]
+    assert d_own["precond_matvecs"] == d_sh["precond_matvecs"] == 8
+    assert r_own["precond_matvecs"] == 8 and r_sh["precond_matvecs"] == 0
+    assert "restricted" in r_sh["precond"] and r_sh["converged"]
+    assert shared.info["matvecs"] <= own.info["matvecs"] - 8 + 2  # the build, ± an iteration
+
+
 def test_weight_decay_convention(cnn_problem):
     trained, init, retain, forget = cnn_problem
     a = scrub(trained, retain, forget, init=init, solver="dense", weight_decay=0.01)

@@ -326,6 +326,37 @@ def test_nystrom_matches_dense_formula():
     assert R32.dtype == torch.float32 and torch.allclose(R32.double(), dense @ R, atol=1e-5)
 
 
+def test_restrict_is_the_principal_submatrix_of_the_approximation():
+    n, r, mu, m = 200, 40, 1e-3, 150
+    K = decaying_kernel(n, seed=31)
+    P = NystromPreconditioner(K, n, r, shift=mu, seed=2)
+    K_hat = (P.U * P.eigenvalues) @ P.U.T  # (n, n)
+    for rows in (slice(0, m), torch.randperm(n, generator=_gen(32))[:m]):
+        Pr = P.restrict(rows, 5e-3)
+        idx = torch.arange(n)[rows]
+        sub = K_hat[idx][:, idx]
+        assert torch.allclose((Pr.U * Pr.eigenvalues) @ Pr.U.T, sub, atol=1e-10)
+        assert torch.allclose(Pr.U.T @ Pr.U, torch.eye(Pr.rank, dtype=F64), atol=1e-10)
+        assert Pr.shift == 5e-3 and Pr.n == m and Pr.rank <= r and P.matvecs == r
+        # the restricted error K_rr − K̂_rr stays PSD (a Nyström property) and no larger
+        err = K[idx][:, idx] - sub
+        assert float(torch.linalg.eigvalsh(err).min()) >= -1e-10
+        assert torch.linalg.matrix_norm(err, 2) <= torch.linalg.matrix_norm(K - K_hat, 2) + 1e-10
+    # and it preconditions the subsystem about as well as a fresh sketch of the same rank
+    A_r = K[:m, :m] + mu * torch.eye(m, dtype=F64)
+    B = torch.randn(m, 3, dtype=F64, generator=_gen(33))
+    _, plain = cg(A_r, B, tol=1e-8, max_iter=3000)
+    _, shared = cg(A_r, B, tol=1e-8, precond=P.restrict(slice(0, m), mu), max_iter=3000)
+    fresh = NystromPreconditioner(K[:m, :m], m, r, shift=mu, seed=2)
+    _, own = cg(A_r, B, tol=1e-8, precond=fresh, max_iter=3000)
+    assert plain.iterations >= 3 * shared.iterations
+    assert shared.iterations <= 1.5 * own.iterations
+    with pytest.raises(TypeError, match="rows"):
+        P.restrict([0, 1], mu)
+    with pytest.raises(ValueError, match="shift"):
+        P.restrict(slice(0, 3), -1.0)
+
+
 def test_nystrom_shift_conventions_agree_and_seed_is_deterministic():
     n, r, lam = 120, 20, 1e-2
     K = decaying_kernel(n, seed=25)

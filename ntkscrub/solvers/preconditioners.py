@@ -128,6 +128,31 @@ class LowRankPreconditioner:
 
     __call__ = solve
 
+    def restrict(self, rows: slice | Tensor, shift: float) -> LowRankPreconditioner:
+        """The preconditioner of a principal submatrix ``(K[rows, rows] + shift·I)`` from this
+        one's factor, with no matvec: ``K ≈ Û Λ̂ Ûᵀ`` gives ``K[rows, rows] ≈ Û_r Λ̂ Û_rᵀ`` (Û_r the
+        rows of Û), re-orthonormalised by a thin SVD of ``Û_r Λ̂^½`` (O(n_r r²) flops).
+
+        Why it is as good as a fresh sketch of the submatrix: a Nyström approximation satisfies
+        ``0 ⪯ K − Û Λ̂ Ûᵀ`` and the error of the restriction is the principal submatrix of that
+        error, so its spectral norm is no larger. ``scrub`` solves with Θ_DD and then with its
+        principal submatrix Θ_rr (the retain rows come first), so one sketch serves both solves
+        and the second build (``rank`` column-matvecs) is saved.
+        """
+        if isinstance(rows, Tensor):
+            U_r = self.U[rows.to(self.U.device)]
+        elif isinstance(rows, slice):
+            U_r = self.U[rows]
+        else:
+            raise TypeError(f"rows: expected a slice or an index Tensor, got {type(rows).__name__}")
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or shift < 0:
+            raise ValueError(f"shift: must be a number ≥ 0, got {shift!r}")
+        if self.rank == 0 or U_r.shape[0] == 0:
+            return LowRankPreconditioner(U_r[:, :0], U_r.new_zeros(0), float(shift))
+        F = U_r * self.eigenvalues.sqrt()  # (n_r, r): K[rows, rows] ≈ F Fᵀ
+        U2, S2, _ = torch.linalg.svd(F, full_matrices=False)
+        return LowRankPreconditioner(U2, S2**2, float(shift))
+
     def dense_inverse(self) -> Tensor:
         """The dense ``(n, n)`` float64 matrix P⁻¹ (for tests and small n only)."""
         return self.solve(torch.eye(self.n, dtype=torch.float64, device=self.U.device))
