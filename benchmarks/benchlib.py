@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ntkscrub.io import atomic_write_json as io_atomic_write_json
+from ntkscrub.io import to_jsonable
 from ntkscrub.models import build_model, count_parameters  # noqa: F401 - re-exported
 from ntkscrub.operators import NTK, Jacobian
 from ntkscrub.params import ParameterSpace
@@ -830,23 +831,7 @@ def run_scrub(
 
 
 # ------------------------------------------------------------------------------ JSON output
-def jsonable(obj: Any) -> Any:
-    """Make a record JSON-serialisable (dtypes, devices, tensors, dataclasses, NaN → None)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    if isinstance(obj, Tensor):
-        return jsonable(obj.tolist())
-    if hasattr(obj, "__dataclass_fields__"):
-        return jsonable(asdict(obj))
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
+jsonable = to_jsonable  # the library's JSON-safe record form (ntkscrub.io)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

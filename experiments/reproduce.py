@@ -70,7 +70,7 @@ import figures  # noqa: E402
 
 from ntkscrub import bounds, readouts  # noqa: E402
 from ntkscrub.datasets import SplitData, pretrain_cifar, small_cifar  # noqa: E402
-from ntkscrub.io import atomic_write_json  # noqa: E402
+from ntkscrub.io import atomic_write_json, to_jsonable  # noqa: E402
 from ntkscrub.models import build_model, count_parameters, reset_head  # noqa: E402
 from ntkscrub.scrub import scrub  # noqa: E402
 from ntkscrub.training import (  # noqa: E402
@@ -314,29 +314,9 @@ def key_of(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def sanitize(obj: Any) -> Any:
-    """JSON-safe copy: tensors/numpy → lists/floats, non-finite floats → None."""
-    if isinstance(obj, dict):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [sanitize(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return sanitize(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
-        return sanitize(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    return str(obj)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (:func:`ntkscrub.io.atomic_write_json`)."""
-    atomic_write_json(path, sanitize(obj), indent=1, allow_nan=False)
+    atomic_write_json(path, to_jsonable(obj), indent=1, allow_nan=False)
 
 
 def hardware(device: torch.device) -> dict[str, Any]:

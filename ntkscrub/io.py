@@ -1,15 +1,47 @@
-"""Atomic file writes: a reader never sees half a file, and a crash leaves the old one intact."""
+"""Atomic file writes (a reader never sees half a file, and a crash leaves the old one intact) and
+the JSON-safe form of result records."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_json"]
+import numpy as np
+import torch
+
+__all__ = ["atomic_write", "atomic_write_json", "to_jsonable"]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A JSON-safe copy of a result record: dicts (keys as str), lists/tuples, tensors and numpy
+    arrays → lists, numpy scalars → Python numbers, dataclasses → dicts, dtypes and devices → str,
+    non-finite floats → None (strict JSON has no NaN), anything else → ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    return str(obj)  # torch.dtype, torch.device, paths, enums, ...
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool) -> Path:
