@@ -607,19 +607,40 @@ def _statements(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         "relearn": "relearn time",
         "l1_forget": "softmax L1 to retrain on D_f",
     }
+    # A readout on which every model and every retrain has one value (relearn time all at its cap,
+    # say) cannot tell methods apart: "inside the band" would be vacuous, so it is set aside.
+    flat = []
+    for r in names:
+        band = (summ.get("retrain_band") or {}).get(r) or {}
+        vals = [(summ.get("table") or {}).get(m, {}).get(r, {}).get("mean") for m in inside]
+        vals = [v for v in vals if v is not None] + [band.get("min"), band.get("max")]
+        if None not in vals and len(vals) > 2 and max(vals) - min(vals) <= 1e-12:
+            flat.append(r)
     for m in ("ntk_paper", "ntk_paper_trap", "ntk_ref", "ntk_ref_trap", "ntk_noise"):
         if m not in inside:
             continue
-        ins = [names[r] for r in names if (inside[m].get(r) or {}).get("inside_mean_pm_std")]
+        ins = [
+            names[r]
+            for r in names
+            if r not in flat and (inside[m].get(r) or {}).get("inside_mean_pm_std")
+        ]
         outs = [
             names[r]
             for r in names
-            if inside[m].get(r) is not None and not inside[m][r]["inside_mean_pm_std"]
+            if r not in flat
+            and inside[m].get(r) is not None
+            and not inside[m][r]["inside_mean_pm_std"]
         ]
         star = " (headline)" if m == head else ""
         L.append(
             f"- **{m}{star}** inside the retrain band for: {', '.join(ins) or 'none'}; "
             f"outside for: {', '.join(outs) or 'none'}."
+        )
+    for r in flat:
+        v = summ["retrain_band"][r]["min"]
+        L.append(
+            f"- **{names[r]}: uninformative here** — every method and every retrain has the same "
+            f"value ({v:g}), so it is left out of the statements above."
         )
     fits = summ.get("original_fits_forget_set")
     if fits is not None:
