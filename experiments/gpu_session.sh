@@ -8,7 +8,8 @@
 #
 # Each part runs under `timeout` (its budget + a margin for the final report), so the session
 # ends in about PAPER_BUDGET_S + SUITE_BUDGET_S + 90 seconds whatever happens inside.
-# SUITE_BUDGET_S = 0 runs the reproduction alone.
+# SUITE_BUDGET_S = 0 runs the reproduction alone. SUITE_STAGES (default "cg scrub_large") and
+# SUITE_ARGS (e.g. "--share variants=0") pick what the suite runs.
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR [PAPER_BUDGET_S] [SUITE_BUDGET_S]}
 PAPER_BUDGET=${2:-260}
@@ -33,7 +34,8 @@ echo "reproduce.py exit $?" >>"$OUT_DIR/paper.log"
 tar czf "$OUT_DIR/paper.tgz" -C "$WORK" paper
 if [ "$SUITE_BUDGET" -gt 0 ]; then  # 0: the reproduction alone
   timeout $((SUITE_BUDGET + 30)) "$PY" benchmarks/gpu_suite.py --out "$WORK/suite" \
-    --budget-seconds "$SUITE_BUDGET" --stages cg scrub_large >"$OUT_DIR/suite.log" 2>&1
+    --budget-seconds "$SUITE_BUDGET" --stages ${SUITE_STAGES:-cg scrub_large} ${SUITE_ARGS:-} \
+    >"$OUT_DIR/suite.log" 2>&1
   echo "gpu_suite.py exit $?" >>"$OUT_DIR/suite.log"
   tar czf "$OUT_DIR/suite.tgz" -C "$WORK" suite
 fi
