@@ -831,12 +831,9 @@ def run_scrub(
 
 
 # ------------------------------------------------------------------------------ JSON output
-jsonable = to_jsonable  # the library's JSON-safe record form (ntkscrub.io)
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write results as JSON atomically (:func:`ntkscrub.io.atomic_write_json`)."""
-    io_atomic_write_json(path, jsonable(obj), indent=1)
+    io_atomic_write_json(path, to_jsonable(obj), indent=1)
 
 
 # ------------------------------------------------------------------------------ size presets

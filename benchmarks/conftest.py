@@ -24,6 +24,8 @@ import pytest
 import torch
 from benchlib import size_params  # noqa: F401 - re-exported for old imports
 
+from ntkscrub.io import to_jsonable
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 
@@ -82,7 +84,7 @@ def record(benchmark: Any, bench_config: benchlib.BenchConfig, device: torch.dev
             "device": str(device),
             "torch_threads": torch.get_num_threads(),
         }
-        benchmark.extra_info.update(benchlib.jsonable({**base, **fields}))
+        benchmark.extra_info.update(to_jsonable({**base, **fields}))
 
     return _record
 
@@ -90,5 +92,5 @@ def record(benchmark: Any, bench_config: benchlib.BenchConfig, device: torch.dev
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add the torch/GPU/TF32/threads facts to pytest-benchmark's ``machine_info``."""
     dev = benchlib.resolve_device(config.getoption("--bench-device"))
-    machine_info["ntkscrub"] = benchlib.jsonable(benchlib.hardware_info(dev))
+    machine_info["ntkscrub"] = to_jsonable(benchlib.hardware_info(dev))
     machine_info["ntkscrub"]["bench_size"] = config.getoption("--bench-size")

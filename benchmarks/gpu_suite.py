@@ -66,6 +66,8 @@ import benchlib  # noqa: E402
 import torch  # noqa: E402
 from benchlib import PRECISIONS, MemoryMeter, ModelSpec  # noqa: E402
 
+from ntkscrub.io import to_jsonable  # noqa: E402
+
 SAFETY = 1.3  # estimates are multiplied by this before comparing with the time left
 
 
@@ -296,7 +298,7 @@ class Suite:
         rec.setdefault("status", "ok")
         rec.setdefault("device", str(self.device))
         rec["t_elapsed"] = round(self.budget.elapsed(), 2)
-        stored = benchlib.jsonable(rec)
+        stored = to_jsonable(rec)
         self.doc["records"].append(stored)
         self.save()
         return stored  # the document's own copy: a caller may add fields, then save()
@@ -531,7 +533,7 @@ class Suite:
                         and r.get("precision") == prec_name
                         and r.get("status") == "ok"
                     ):
-                        r.update(benchlib.jsonable(self.accuracy[akey]))
+                        r.update(to_jsonable(self.accuracy[akey]))
                 self.save()
             del model, X, Y
             benchlib.free_memory(dev)

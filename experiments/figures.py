@@ -68,7 +68,10 @@ def _seeds(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in results.get("seeds", {}).values() if "readouts" in s]
 
 
-def _value(r: dict[str, Any], readout: str) -> float | None:
+def readout_value(r: dict[str, Any], readout: str) -> float | None:
+    """One readout of one model's readouts record (``seeds.<s>.readouts.<model>``); None where it
+    is missing — and for a relearn run that diverged, which has no relearn time. Shared with
+    ``reproduce.summarize``."""
     if readout.startswith("error_"):
         return r["error"].get(readout[6:])
     if readout.startswith("l1_"):
@@ -78,7 +81,7 @@ def _value(r: dict[str, Any], readout: str) -> float | None:
     if readout == "relearn":  # a diverged relearn run has no relearn time
         rl = r.get("relearn") or {}
         return None if rl.get("diverged_at_epoch") is not None else rl.get("epochs")
-    return None
+    raise KeyError(readout)
 
 
 def _empty(ax: Any, msg: str) -> None:
@@ -113,7 +116,7 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
         for s in seeds:
             for k, r in s["readouts"].items():
                 if k.startswith("retrain"):
-                    v = _value(r, rn)
+                    v = readout_value(r, rn)
                     if v is not None:
                         band.append(v * scale)
         if band:
@@ -124,7 +127,7 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
             ax.axhline(b.mean(), color=GREEN, lw=1)
         xs, labels = [], []
         for i, m in enumerate(METHOD_ORDER):
-            vals = [_value(s["readouts"][m], rn) for s in seeds if m in s["readouts"]]
+            vals = [readout_value(s["readouts"][m], rn) for s in seeds if m in s["readouts"]]
             vals = [v * scale for v in vals if v is not None]
             labels.append(SHORT[m])
             xs.append(i)

@@ -1258,17 +1258,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     methods = ["original", "finetune", "fisher", "ntk_paper", "ntk_paper_trap", "ntk_ref"]
     methods += ["ntk_ref_trap", "ntk_noise", "seed_matched"]
 
-    def getter(r: dict[str, Any], readout: str) -> float | None:
-        if readout.startswith("error_"):
-            return r["error"][readout[6:]]
-        if readout.startswith("l1_"):
-            return r["l1_to_retrain"][readout[3:]]["mean"]
-        if readout == "attack":
-            return r.get("attack", {}).get("forget_member_fraction")
-        if readout == "relearn":  # a diverged relearn run has no relearn time
-            rl = r.get("relearn", {})
-            return None if rl.get("diverged_at_epoch") is not None else rl.get("epochs")
-        raise KeyError(readout)
+    getter = figures.readout_value
 
     readout_names = ["error_forget", "error_retain", "error_test", "attack", "relearn"]
     readout_names += ["l1_forget", "l1_retain", "l1_test"]

@@ -48,16 +48,20 @@ from ntkscrub.solvers.cg import Operator, as_matmul, resolve_dtype_device
 __all__ = ["LowRankPreconditioner", "NystromPreconditioner", "RPCholeskyPreconditioner"]
 
 
+def _check_shift(shift: Any) -> float:
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(shift):
+        raise ValueError(f"shift: must be a finite number ≥ 0, got {shift!r}")
+    if shift < 0:
+        raise ValueError(f"shift: must be ≥ 0, got {shift!r}")
+    return float(shift)
+
+
 def _check_common(n: Any, rank: Any, shift: Any) -> tuple[int, int, float]:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n: must be a positive integer, got {n!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank: must be a positive integer, got {rank!r}")
-    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(shift):
-        raise ValueError(f"shift: must be a finite number ≥ 0, got {shift!r}")
-    if shift < 0:
-        raise ValueError(f"shift: must be ≥ 0, got {shift!r}")
-    return n, min(rank, n), float(shift)
+    return n, min(rank, n), _check_shift(shift)
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -145,13 +149,12 @@ class LowRankPreconditioner:
             U_r = self.U[rows]
         else:
             raise TypeError(f"rows: expected a slice or an index Tensor, got {type(rows).__name__}")
-        if not isinstance(shift, (int, float)) or isinstance(shift, bool) or shift < 0:
-            raise ValueError(f"shift: must be a number ≥ 0, got {shift!r}")
+        shift = _check_shift(shift)
         if self.rank == 0 or U_r.shape[0] == 0:
-            return LowRankPreconditioner(U_r[:, :0], U_r.new_zeros(0), float(shift))
+            return LowRankPreconditioner(U_r[:, :0], U_r.new_zeros(0), shift)
         F = U_r * self.eigenvalues.sqrt()  # (n_r, r): K[rows, rows] ≈ F Fᵀ
         U2, S2, _ = torch.linalg.svd(F, full_matrices=False)
-        return LowRankPreconditioner(U2, S2**2, float(shift))
+        return LowRankPreconditioner(U2, S2**2, shift)
 
     def dense_inverse(self) -> Tensor:
         """The dense ``(n, n)`` float64 matrix P⁻¹ (for tests and small n only)."""
