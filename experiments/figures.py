@@ -84,6 +84,18 @@ def readout_value(r: dict[str, Any], readout: str) -> float | None:
     raise KeyError(readout)
 
 
+def _save(
+    fig: Any, path: Path, heading: str, results: dict[str, Any], fontsize: float | None = None
+) -> Path:
+    """Title (heading + the run's one-line description), lay out, write the PNG, close."""
+    size = {} if fontsize is None else {"fontsize": fontsize}  # else matplotlib's title size
+    fig.suptitle(heading + "\n" + _title(results), **size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _empty(ax: Any, msg: str) -> None:
     ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, fontsize=9)
     ax.set_xticks([])
@@ -151,15 +163,11 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=6.5)
         ax.set_title(label, fontsize=10)
-    fig.suptitle(
+    heading = (
         "Fig. 2 — readouts; green band = retrain on D_r (mean±std, light: min–max); "
-        "*seed-matched = NOT a removal\n" + _title(results),
-        fontsize=10,
+        "*seed-matched = NOT a removal"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, heading, results, fontsize=10)
 
 
 # ------------------------------------------------------------------------------------ Fig. 3
@@ -219,11 +227,7 @@ def fig3(results: dict[str, Any], path: Path) -> Path:
             axes[2].set_title("NTK scrub: which queries leak", fontsize=9)
         else:
             _empty(axes[2], "no per-query values")
-    fig.suptitle("Fig. 3 — error–information trade-off (Fisher-noise sweep)\n" + _title(results))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "Fig. 3 — error–information trade-off (Fisher-noise sweep)", results)
 
 
 # ------------------------------------------------------------------------------------ Fig. 4
@@ -261,11 +265,7 @@ def fig4(results: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("mean ‖softmax − softmax_retrain‖₁")
         ax.set_title(f"on D_{'f' if st == 'forget' else 'r'}", fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle("Fig. 4 — scrubbing line, distance to the retrained models\n" + _title(results))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "Fig. 4 — scrubbing line, distance to the retrained models", results)
 
 
 # ------------------------------------------------------------------------------------ Fig. 1
@@ -302,11 +302,7 @@ def fig1(results: dict[str, Any], path: Path) -> Path:
             title = "Fisher forgetting" if which == "fisher" else f"NTK ({e.get('method')})"
             ax.set_title(title, fontsize=10)
             ax.legend(fontsize=6, markerscale=0.6)
-    fig.suptitle("Fig. 1 — PCA projection of the training paths (seed 0)\n" + _title(results))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "Fig. 1 — PCA projection of the training paths (seed 0)", results)
 
 
 def draw_all(results: dict[str, Any], out: Path) -> list[Path]:
