@@ -401,6 +401,12 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         f"BatchNorm frozen, schedule `{cfg.get('ft_schedule')}` over {cfg.get('ft_epochs')} "
         f"epochs then until zero training error (≤ {cfg.get('ft_max_epochs')} epochs)"
     )
+    ft_lr, ft_sched = cfg.get("finetune_lr"), cfg.get("finetune_schedule")
+    L.append(
+        f"- **Fine-tune baseline**: {cfg.get('finetune_epochs')} epochs on D_r from w(D), the "
+        f"same recipe at lr {ft_lr if ft_lr is not None else cfg.get('ft_lr')}, schedule "
+        f"`{ft_sched if ft_sched is not None else cfg.get('ft_schedule')}`"
+    )
     for s_name, s in results.get("seeds", {}).items():
         tr = s.get("training", {})
         if not tr:
@@ -413,6 +419,11 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
             f"{[r.get('epochs') for r in rts]}, final errors "
             f"{[_pct(r.get('final_train_error')) for r in rts]}; "
             + _excluded(rts)
+            + (
+                f"the Fine-tune baseline {tr['finetune']['excluded']}: left out of this seed; "
+                if (tr.get("finetune") or {}).get("excluded")
+                else ""
+            )
             + (s.get("fit_check", {}).get("statement", ""))
         )
     L.append("- Split indices: `results.json` → `seeds.<seed>.split.indices` (and pre-training).")

@@ -15,7 +15,7 @@ compact image folder shipped inside the repository (ignored by git; pass it with
 
 Usage::
 
-    .venv/bin/python experiments/make_gpu_data.py            # paper preset, seeds 0,1,2
+    .venv/bin/python experiments/make_gpu_data.py            # paper preset, its seeds (0–4)
     .venv/bin/python experiments/make_gpu_data.py --seeds 0,1 --preset paper
 """
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
     p.add_argument("--src", type=Path, default=reproduce.DEFAULT_DATA_ROOT)
     p.add_argument("--dst", type=Path, default=HERE / "cache" / "gpu-data")
-    p.add_argument("--max-mb", type=float, default=40.0, help="refuse to exceed this size")
+    p.add_argument("--max-mb", type=float, default=50.0, help="refuse to exceed this size")
     args = p.parse_args(argv)
     cfg = reproduce.PRESETS[args.preset]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds is not None else cfg.seeds

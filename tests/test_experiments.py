@@ -117,3 +117,28 @@ def test_training_failure_rule() -> None:
     assert reproduce.training_failure(collapsed, 5).startswith("collapsed")
     assert reproduce.training_failure(diverged, 5).startswith("diverged")
     assert reproduce.training_failure({}, 5) is None
+
+
+def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
+    """A diverged Fine-tune baseline is left out of its seed (the other methods still run) and
+    ``--resummarize`` does not drop the seed for it again."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    args = ["--preset", "smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--no-progress", "--threads", "1", "--no-figures", "--set", "finetune_lr=1e30"]
+    proc = _script(args + ["--set", "finetune_schedule='constant'"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    seed = res["seeds"]["0"]
+    assert seed["status"] == "complete" and not res["meta"].get("failed_seeds")
+    assert seed["training"]["finetune"]["excluded"].startswith("diverged")
+    assert "finetune" not in seed["readouts"] and "ntk_ref_trap" in seed["readouts"]
+    assert seed["training"]["finetune"]["recipe"]["lr"] == 1e30
+    assert "Fine-tune baseline diverged" in (out / "results.md").read_text()
+    proc2 = _script(
+        ["--resummarize", str(out / "results.json"), "--out", str(tmp_path / "rs")]
+        + ["--no-figures"],
+        env,
+    )
+    assert proc2.returncode == 0, proc2.stderr[-4000:]
+    assert list(json.loads((tmp_path / "rs" / "results.json").read_text())["seeds"]) == ["0"]
