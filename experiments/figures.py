@@ -84,6 +84,28 @@ def readout_value(r: dict[str, Any], readout: str) -> float | None:
     raise KeyError(readout)
 
 
+def _relearn_failures(seeds: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    """ "Relearn runs that diverged …: Retrain 4 of 8, …" over all seeds (or nothing)."""
+    runs: dict[str, list[bool]] = {}
+    for s in seeds:
+        for name, r in s["readouts"].items():
+            rl = r.get("relearn")
+            if rl:
+                key = "retrain" if name.startswith("retrain") else name
+                runs.setdefault(key, []).append(rl.get("diverged_at_epoch") is not None)
+    parts = [
+        f"{'Retrain' if k == 'retrain' else labels.get(k, k)} {sum(v)} of {len(v)}"
+        for k, v in runs.items()
+        if any(v)
+    ]
+    if not parts:
+        return ""
+    return (
+        "Relearn runs that diverged (non-finite loss: no relearn time, left out of the relearn "
+        "column): " + ", ".join(parts) + "."
+    )
+
+
 def _save(
     fig: Any, path: Path, heading: str, results: dict[str, Any], fontsize: float | None = None
 ) -> Path:
@@ -469,6 +491,9 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
             f"D_r {_fmt(spread.get('retain'), 1, 3)}, test {_fmt(spread.get('test'), 1, 3)} "
             "(mean over seeds of the pairwise mean)."
         )
+    relearn_note = _relearn_failures(seeds, labels)
+    if relearn_note:
+        L.append("\n" + relearn_note)
     L.append(
         "\n### The reference code's logged numbers (REFERENCE.md §2; one seed, ResNet-18 ×0.4)\n"
     )

@@ -12,7 +12,7 @@
 # SUITE_ARGS (e.g. "--share variants=0") pick what the suite runs.
 set -u
 OUT_DIR=${1:?usage: gpu_session.sh OUT_DIR [PAPER_BUDGET_S] [SUITE_BUDGET_S]}
-PAPER_BUDGET=${2:-260}
+PAPER_BUDGET=${2:-400}
 SUITE_BUDGET=${3:-240}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
