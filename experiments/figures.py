@@ -27,6 +27,7 @@ METHOD_ORDER = [
     "original",
     "finetune",
     "fisher",
+    "fisher_val",
     "ntk_paper",
     "ntk_paper_trap",
     "ntk_ref",
@@ -38,6 +39,7 @@ SHORT = {
     "original": "Original",
     "finetune": "Fine-tune",
     "fisher": "Fisher",
+    "fisher_val": "Fisher\nα on val",
     "ntk_paper": "NTK paper",
     "ntk_paper_trap": "NTK paper\n+trap.",
     "ntk_ref": "NTK ref.",
@@ -141,6 +143,7 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
     """Each readout per method (mean ± std over seeds; dots = seeds) with the retrain band
     (green: mean ± std of all retrains; light green: their min–max)."""
     seeds = _seeds(results)
+    present = [m for m in METHOD_ORDER if any(m in s["readouts"] for s in seeds)]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (rn, label, scale) in zip(axes.flat, READOUTS):
         if not seeds:
@@ -160,7 +163,7 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
             ax.axhspan(b.mean() - sd, b.mean() + sd, color=GREEN, alpha=0.35, lw=0)
             ax.axhline(b.mean(), color=GREEN, lw=1)
         xs, labels = [], []
-        for i, m in enumerate(METHOD_ORDER):
+        for i, m in enumerate(present):
             vals = [readout_value(s["readouts"][m], rn) for s in seeds if m in s["readouts"]]
             vals = [v * scale for v in vals if v is not None]
             labels.append(SHORT[m])
@@ -429,6 +432,22 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         f"same recipe at lr {ft_lr if ft_lr is not None else cfg.get('ft_lr')}, schedule "
         f"`{ft_sched if ft_sched is not None else cfg.get('ft_schedule')}`"
     )
+    tuned = {
+        k: (s.get("methods_config") or {}).get("fisher_val_tuning")
+        for k, s in results.get("seeds", {}).items()
+    }
+    tuned = {k: t for k, t in tuned.items() if t}
+    if tuned:
+        L.append(
+            "- **Fisher forgetting, α tuned on validation**: the largest α of the noise sweep "
+            "whose validation error (images outside D) is no worse than the worst retrain's; "
+            "chosen α per seed: "
+            + ", ".join(
+                f"{k}: {t['alpha']:.0e}" + ("" if t["qualified"] else " (none qualified: smallest)")
+                for k, t in tuned.items()
+            )
+            + f" (Fisher forgetting: the reference code's α = {cfg.get('fisher_alpha'):g})"
+        )
     for s_name, s in results.get("seeds", {}).items():
         tr = s.get("training", {})
         if not tr:

@@ -62,12 +62,28 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     assert len(idx["forget_rows"]) == meta["config"]["n_forget"]
     assert set(idx["forget_rows"]).isdisjoint(idx["retain_rows"])
     # every method has every readout; the pre-training source is stated
-    for m in ("original", "finetune", "fisher", "ntk_paper", "ntk_ref_trap", "ntk_noise"):
+    for m in (
+        "original",
+        "finetune",
+        "fisher",
+        "fisher_val",
+        "ntk_paper",
+        "ntk_ref_trap",
+        "ntk_noise",
+    ):
         r = seed["readouts"][m]
         assert set(r["error"]) >= {"forget", "retain", "test"}
         assert "relearn" in r and "attack" in r
     assert "STAND-IN" in res["pretrain"]["source"] or "SYNTHETIC" in res["pretrain"]["source"]
     assert seed["diagnostics"]["ntk_ref_trap"]["cos_vs_retrains"]
+    # Fisher with α tuned on the validation images: the largest qualifying α of the grid
+    tune = seed["methods_config"]["fisher_val_tuning"]
+    assert "fisher_val" in seed["readouts"] and tune["alpha"] in tune["alphas"]
+    ok = [
+        a for a, e in zip(tune["alphas"], tune["val_errors"]) if e <= tune["retrain_val_error_max"]
+    ]
+    assert tune["alpha"] == (max(ok) if ok else min(tune["alphas"]))
+    assert tune["qualified"] == bool(ok)
     # the information sweep is exact in α for the diagonal-Fisher noise
     chk = seed["information"]["alpha_scaling_check"]
     assert abs(chk["white_box_direct"] - chk["white_box_scaled"]) <= 1e-4 * abs(
