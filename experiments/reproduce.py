@@ -681,6 +681,12 @@ def mean_std(values: list[float]) -> dict[str, float]:
 SETS = ("forget", "retain", "test")
 
 
+def fisher_noise_seed(seed: int) -> int:
+    """The noise draw of Fisher forgetting for a data seed (shared by ``fisher`` and
+    ``fisher_val``, so the two differ only by the scale α)."""
+    return 60_000 + seed
+
+
 def tune_fisher_alpha(
     w_d: nn.Module,
     variance: dict[str, Tensor],
@@ -693,13 +699,14 @@ def tune_fisher_alpha(
     ``cfg.sweep_alphas`` whose validation error is no worse than the worst retrain's (the
     strongest noise that still leaves a model as good as a true retrain on images outside D);
     the smallest α when none qualifies. One noise draw, shared by every α (the draw of the
-    ``fisher`` method), so the errors along the grid differ only by the scale. D_f, D_r and the
-    test images are never looked at."""
+    ``fisher`` method), so the errors along the grid differ only by the scale. The choice reads
+    no image of D or of the test set (the Fisher itself is on D_r, as the method defines it)."""
     val = data_sets(split)["val"]
     ceiling = max(readouts.error(m, val) for m in retrains)
     grid = sorted(cfg.sweep_alphas)
     val_errors = [
-        readouts.error(adapters.add_noise(w_d, variance, a, 60_000 + seed), val) for a in grid
+        readouts.error(adapters.add_noise(w_d, variance, a, fisher_noise_seed(seed)), val)
+        for a in grid
     ]
     ok = [a for a, e in zip(grid, val_errors) if e <= ceiling]
     alpha = max(ok) if ok else grid[0]
@@ -711,7 +718,7 @@ def tune_fisher_alpha(
         "alpha": alpha,
         "qualified": bool(ok),
     }
-    return adapters.add_noise(w_d, variance, alpha, 60_000 + seed), tuning
+    return adapters.add_noise(w_d, variance, alpha, fisher_noise_seed(seed)), tuning
 
 
 def data_sets(split: SplitData) -> dict[str, Any]:
@@ -1053,7 +1060,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
             ntk_info[form] = {"scrub_info": info, "trapezium_scale": s, **kwargs}
     with stage(T, f"seed{seed}/fisher", B):
         models["fisher"], var_wd = adapters.fisher_forget(
-            w_d, split.retain, c, cfg.fisher_alpha, seed=60_000 + seed
+            w_d, split.retain, c, cfg.fisher_alpha, seed=fisher_noise_seed(seed)
         )
         models["fisher_val"], fisher_tuning = tune_fisher_alpha(
             w_d, var_wd, retrains, split, cfg, seed
