@@ -1006,7 +1006,8 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
         if cfg.finetune_schedule is not None:
             ft_base["schedule"] = cfg.finetune_schedule
         w_ft, meta, _ = train_cached(
-            cdir / "finetune.pt",
+            # the seed's cache key covers the fine-tuning recipe only, not this baseline's own
+            cdir / f"finetune-{key_of(ft_base)}.pt",
             w_d,
             split.retain,
             recipe=ft_base,

@@ -158,6 +158,11 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
     )
     assert proc2.returncode == 0, proc2.stderr[-4000:]
     assert list(json.loads((tmp_path / "rs" / "results.json").read_text())["seeds"]) == ["0"]
+    # the same cache with the preset's own Fine-tune recipe trains that baseline afresh
+    proc3 = _script(args[:-2], env)
+    assert proc3.returncode == 0, proc3.stderr[-4000:]
+    ft = json.loads((out / "results.json").read_text())["seeds"]["0"]["training"]["finetune"]
+    assert "excluded" not in ft and ft["recipe"]["lr"] != 1e30 and not ft["from_cache"]
 
 
 def test_report_counts_diverged_relearn_runs() -> None:
