@@ -13,7 +13,8 @@ Pipeline (per seed; pre-training is shared and cached):
    BatchNorm) until zero training error; K retrains on D_r from θ0 with their own SGD seeds (true
    removal, the green band); a seed-matched reference (same seed and batch order as w(D), each
    forget image replaced by a duplicate retain image — NOT a removal, a diagnostic only).
-4. Methods: Original, Fine-tune on D_r, Fisher forgetting (α = 1e-6), NTK in the paper form
+4. Methods: Original, Fine-tune on D_r, Fisher forgetting (the reference's α = 1e-6, and α tuned
+   on the validation images: ``fisher_val``), NTK in the paper form
    (linearised at θ0, MSE residuals) and the reference-code form (linearised at w(D),
    cross-entropy residuals, ridge N·0.1), each with and without the trapezium rescaling, and
    NTK+noise (reference form + trapezium + Fisher noise α = 1e-9).
