@@ -87,25 +87,34 @@ def readout_value(r: dict[str, Any], readout: str) -> float | None:
 
 
 def _relearn_failures(seeds: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    """ "Relearn runs that diverged …: Retrain 4 of 8, …" over all seeds (or nothing)."""
-    runs: dict[str, list[bool]] = {}
+    """ "Relearn runs that diverged …: Retrain 4 of 8, …" over all seeds, and the runs in which
+    an epoch met the loss target only by collapsing onto the forget class (or nothing)."""
+    runs: dict[str, list[tuple[bool, bool]]] = {}
     for s in seeds:
         for name, r in s["readouts"].items():
             rl = r.get("relearn")
             if rl:
                 key = "retrain" if name.startswith("retrain") else name
-                runs.setdefault(key, []).append(rl.get("diverged_at_epoch") is not None)
-    parts = [
-        f"{'Retrain' if k == 'retrain' else labels.get(k, k)} {sum(v)} of {len(v)}"
-        for k, v in runs.items()
-        if any(v)
-    ]
-    if not parts:
-        return ""
-    return (
-        "Relearn runs that diverged (non-finite loss: no relearn time, left out of the relearn "
-        "column): " + ", ".join(parts) + "."
-    )
+                flags = (rl.get("diverged_at_epoch") is not None, bool(rl.get("collapsed_epochs")))
+                runs.setdefault(key, []).append(flags)
+    out = []
+    for i, what in enumerate(
+        (
+            "Relearn runs that diverged (non-finite loss: no relearn time, left out of the "
+            "relearn column)",
+            "Relearn runs in which an epoch met the D_f loss target only with D_r error above "
+            "the collapse level (not counted as relearned)",
+        )
+    ):
+        parts = [
+            f"{'Retrain' if k == 'retrain' else labels.get(k, k)} {sum(f[i] for f in v)} of "
+            f"{len(v)}"
+            for k, v in runs.items()
+            if any(f[i] for f in v)
+        ]
+        if parts:
+            out.append(f"{what}: " + ", ".join(parts) + ".")
+    return " ".join(out)
 
 
 def _save(
@@ -473,8 +482,9 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     L.append(
         "Attack = fraction of D_f the entropy attack predicts *member* (lower = more forgotten; "
         "compare with Retrain). Relearn = epochs of fine-tuning on D until the D_f loss is back at "
-        f"w(D)'s; {cfg.get('relearn_max_epochs', '?')}+1 means not within the cap. L1 = mean "
-        "softmax L1 distance to the K retrains (a retrain: to the other K−1)."
+        f"w(D)'s; {cfg.get('relearn_max_epochs', '?')}+1 means not within the cap; runs that "
+        "record D_r errors count an epoch only when D_r error is below the collapse level. L1 = "
+        "mean softmax L1 distance to the K retrains (a retrain: to the other K−1)."
     )
     L.append("")
     L.append(
@@ -711,7 +721,7 @@ def _statements(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 if r["min"] >= 2
                 else "at least two orders of magnitude below for part of the sweep only"
                 if r["max"] >= 2
-                else "about one order of magnitude below at most, not the paper's several"
+                else "one to two orders of magnitude below, not the paper's several"
                 if r["max"] >= 1
                 else "NOT below by an order of magnitude"
             )

@@ -169,15 +169,18 @@ def test_report_counts_diverged_relearn_runs() -> None:
     sys.path.insert(0, str(SCRIPT.parent))
     import figures
 
-    def rd(diverged: int | None) -> dict:
-        return {"relearn": {"epochs": 71, "diverged_at_epoch": diverged}}
+    def rd(diverged: int | None, collapsed: tuple = ()) -> dict:
+        return {
+            "relearn": {"epochs": 71, "diverged_at_epoch": diverged, "collapsed_epochs": collapsed}
+        }
 
     seeds = [
         {"readouts": {"retrain0": rd(4), "retrain1": rd(None), "ntk_ref": rd(None)}},
-        {"readouts": {"retrain0": rd(None), "retrain1": rd(9), "fisher": rd(2)}},
+        {"readouts": {"retrain0": rd(None, (1,)), "retrain1": rd(9), "fisher": rd(2)}},
     ]
     note = figures._relearn_failures(seeds, {"fisher": "Fisher forgetting"})
     assert "Retrain 2 of 4" in note and "Fisher forgetting 1 of 1" in note
     assert "ntk_ref" not in note  # no diverged run, not listed
+    assert "collapse level (not counted as relearned): Retrain 1 of 4." in note
     assert figures.readout_value(rd(4), "relearn") is None
     assert figures._relearn_failures([], {}) == ""

@@ -264,6 +264,37 @@ def test_relearn_divergence_is_reported_not_called_slow(relearn_setup, samples_p
     assert "diverged_at_epoch" in res.convention
 
 
+def test_relearn_retain_guard_refuses_a_collapse_onto_the_forget_class(relearn_setup):
+    original, D, forget = relearn_setup
+    retain = (D[0][D[1] != 0], D[1][D[1] != 0])
+    collapsed = copy.deepcopy(original)
+    with torch.no_grad():  # predicts the forget class (0) everywhere: forget loss ≈ 0
+        collapsed[2].bias[0] += 40.0
+    assert R.error(collapsed, retain) == 1.0 and R.loss(collapsed, forget) < 1e-6
+    target = R.loss(original, forget)
+    snaps = snapshot(collapsed, D, forget, retain)
+    kw = dict(target_loss=target, lr=1e-6, max_epochs=3)  # too small a rate to leave the collapse
+    fooled = R.relearn_time(collapsed, D, forget, **kw)
+    assert fooled.reached and fooled.epochs == 1 and fooled.retain_errors is None
+    guarded = R.relearn_time(collapsed, D, forget, retain=retain, max_retain_error=0.6, **kw)
+    assert not guarded.reached and guarded.epochs == 4
+    assert guarded.collapsed_epochs == [1, 2, 3] and guarded.retain_errors == [1.0] * 4
+    json.dumps(guarded.to_dict())
+    assert "max_retain_error" in guarded.convention
+    assert_unchanged([collapsed, D, forget, retain], snaps)
+    # The guard does not touch a healthy model; retain alone only records the errors.
+    ok = R.relearn_time(
+        original, D, forget, reference=original, retain=retain, max_retain_error=0.6
+    )
+    assert ok.reached and ok.epochs == 1 and ok.collapsed_epochs == []
+    rec = R.relearn_time(collapsed, D, forget, retain=retain, **kw)
+    assert rec.reached and rec.retain_errors == [1.0, 1.0]
+    with pytest.raises(ValueError, match="max_retain_error"):
+        R.relearn_time(original, D, forget, reference=original, max_retain_error=0.5)
+    with pytest.raises(ValueError, match="max_retain_error"):
+        R.relearn_time(original, D, forget, reference=original, retain=retain, max_retain_error=2)
+
+
 # --------------------------------------------------------------------------- membership attack
 def test_attack_chance_when_one_distribution():
     g = torch.Generator().manual_seed(0)
