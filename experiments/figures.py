@@ -66,7 +66,8 @@ def _excluded(retrains: list[dict[str, Any]]) -> str:
     return f"{'; '.join(out)}: left out of the band; "
 
 
-def _seeds(results: dict[str, Any]) -> list[dict[str, Any]]:
+def finished_seeds(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The seeds of a result that got as far as their readouts."""
     return [s for s in results.get("seeds", {}).values() if "readouts" in s]
 
 
@@ -84,6 +85,28 @@ def readout_value(r: dict[str, Any], readout: str) -> float | None:
         rl = r.get("relearn") or {}
         return None if rl.get("diverged_at_epoch") is not None else rl.get("epochs")
     raise KeyError(readout)
+
+
+def methods_present(seeds: list[dict[str, Any]]) -> list[str]:
+    """The methods of ``METHOD_ORDER`` that some seed has readouts for, in that order."""
+    return [m for m in METHOD_ORDER if any(m in s["readouts"] for s in seeds)]
+
+
+def method_values(seeds: list[dict[str, Any]], method: str, readout: str) -> list[float]:
+    """``readout`` of ``method`` in every seed that has it (missing values left out)."""
+    vals = [readout_value(s["readouts"][method], readout) for s in seeds if method in s["readouts"]]
+    return [v for v in vals if v is not None]
+
+
+def retrain_values(seeds: list[dict[str, Any]], readout: str) -> list[float]:
+    """``readout`` of every retrain of every seed, pooled: the retrain band."""
+    vals = [
+        readout_value(r, readout)
+        for s in seeds
+        for k, r in s["readouts"].items()
+        if k.startswith("retrain")
+    ]
+    return [v for v in vals if v is not None]
 
 
 def _relearn_failures(seeds: list[dict[str, Any]], labels: dict[str, str]) -> str:
@@ -138,7 +161,7 @@ def _empty(ax: Any, msg: str) -> None:
 def _title(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     cfg = meta.get("config", {})
-    n = len(_seeds(results))
+    n = len(finished_seeds(results))
     extra = " (PARTIAL)" if meta.get("budget", {}).get("stopped") else ""
     syn = " SYNTHETIC DATA" if cfg.get("synthetic") else ""
     return (
@@ -151,20 +174,14 @@ def _title(results: dict[str, Any]) -> str:
 def fig2(results: dict[str, Any], path: Path) -> Path:
     """Each readout per method (mean ± std over seeds; dots = seeds) with the retrain band
     (green: mean ± std of all retrains; light green: their min–max)."""
-    seeds = _seeds(results)
-    present = [m for m in METHOD_ORDER if any(m in s["readouts"] for s in seeds)]
+    seeds = finished_seeds(results)
+    present = methods_present(seeds)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (rn, label, scale) in zip(axes.flat, READOUTS):
         if not seeds:
             _empty(ax, "no results")
             continue
-        band = []
-        for s in seeds:
-            for k, r in s["readouts"].items():
-                if k.startswith("retrain"):
-                    v = readout_value(r, rn)
-                    if v is not None:
-                        band.append(v * scale)
+        band = [v * scale for v in retrain_values(seeds, rn)]
         if band:
             b = np.asarray(band)
             sd = b.std(ddof=1) if len(b) > 1 else 0.0
@@ -173,8 +190,7 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
             ax.axhline(b.mean(), color=GREEN, lw=1)
         xs, labels = [], []
         for i, m in enumerate(present):
-            vals = [readout_value(s["readouts"][m], rn) for s in seeds if m in s["readouts"]]
-            vals = [v * scale for v in vals if v is not None]
+            vals = [v * scale for v in method_values(seeds, m, rn)]
             labels.append(SHORT[m])
             xs.append(i)
             if not vals:
@@ -208,7 +224,7 @@ def fig2(results: dict[str, Any], path: Path) -> Path:
 def fig3(results: dict[str, Any], path: Path) -> Path:
     """Test error vs white-box and vs black-box information over the noise sweep; per-query
     information on D_f, D_r and test queries."""
-    seeds = [s for s in _seeds(results) if "information" in s]
+    seeds = [s for s in finished_seeds(results) if "information" in s]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     if not seeds:
         for ax in axes:
@@ -268,7 +284,7 @@ def fig3(results: dict[str, Any], path: Path) -> Path:
 def fig4(results: dict[str, Any], path: Path) -> Path:
     """Softmax L1 distance to the retrains along w(D) → scrubbed, on D_f and D_r, with the
     retrain-vs-retrain spread (grey band)."""
-    seeds = [s for s in _seeds(results) if "line" in s]
+    seeds = [s for s in finished_seeds(results) if "line" in s]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     styles = {
         "ntk_ref_trap": ("C3", "-", "NTK ref. + trapezium"),
@@ -305,7 +321,7 @@ def fig4(results: dict[str, Any], path: Path) -> Path:
 # ------------------------------------------------------------------------------------ Fig. 1
 def fig1(results: dict[str, Any], path: Path) -> Path:
     """PCA of the training paths on D and on D_r with the scrubbed weights and noise clouds."""
-    seeds = [s for s in _seeds(results) if "pca" in s]
+    seeds = [s for s in finished_seeds(results) if "pca" in s]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     if not seeds:
         for ax in axes:
@@ -388,7 +404,7 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     cfg = meta.get("config", {})
     hw = meta.get("hardware", {})
     summ = results.get("summary") or {}
-    seeds = _seeds(results)
+    seeds = finished_seeds(results)
     L: list[str] = []
     L.append(f"# §5 reproduction — preset `{meta.get('preset')}`\n")
     stopped = meta.get("budget", {}).get("stopped")

@@ -1341,32 +1341,19 @@ def pca_projection(
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Across seeds: mean/std of every readout per method, the retrain band, and the statements the
     write-up needs (inside the band? black ≪ white? forget queries leak more?)."""
-    seeds = [s for s in results["seeds"].values() if "readouts" in s]
+    seeds = figures.finished_seeds(results)
     if not seeds:
         return {"n_seeds": 0}
-    methods = [m for m in figures.METHOD_ORDER if any(m in s["readouts"] for s in seeds)]
-
-    getter = figures.readout_value
+    methods = figures.methods_present(seeds)
 
     readout_names = ["error_forget", "error_retain", "error_test", "attack", "relearn"]
     readout_names += ["l1_forget", "l1_retain", "l1_test"]
-    table: dict[str, dict[str, Any]] = {}
-    for m in methods:
-        table[m] = {}
-        for rn in readout_names:
-            vals = [getter(s["readouts"][m], rn) for s in seeds if m in s["readouts"]]
-            table[m][rn] = mean_std([v for v in vals if v is not None])
+    table = {
+        m: {rn: mean_std(figures.method_values(seeds, m, rn)) for rn in readout_names}
+        for m in methods
+    }
     # retrain band: all retrains of all seeds pooled (their own L1 readouts exclude themselves)
-    band = {}
-    for rn in readout_names:
-        vals = []
-        for s in seeds:
-            for k, r in s["readouts"].items():
-                if k.startswith("retrain"):
-                    v = getter(r, rn)
-                    if v is not None:
-                        vals.append(v)
-        band[rn] = mean_std(vals)
+    band = {rn: mean_std(figures.retrain_values(seeds, rn)) for rn in readout_names}
     spread = {
         st: mean_std([s["retrain_spread"][st]["mean"] for s in seeds if "retrain_spread" in s])
         for st in SETS
