@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from ntkscrub.io import atomic_write_json as io_atomic_write_json
 from ntkscrub.io import to_jsonable
-from ntkscrub.models import build_model, count_parameters  # noqa: F401 - re-exported
 from ntkscrub.operators import NTK, Jacobian
 from ntkscrub.params import ParameterSpace
+from ntkscrub.recipes.models import build_model, count_parameters  # noqa: F401 - re-exported
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
@@ -616,7 +616,7 @@ def make_scrub_problem(
     linearisation point is "not just random" when asked). w(D): θ0 fine-tuned on D with the
     recipe (:data:`RECIPE`) for ``finetune_epochs`` epochs (0: w(D) = θ0).
     """
-    from ntkscrub.training import train
+    from ntkscrub.recipes.training import train
 
     X, Y = random_cifar(n, spec.num_classes, device, dtype, seed=seed + 1)
     init = calibrate_bn(make_model(spec, device, dtype, seed=seed), X)
@@ -688,7 +688,7 @@ def measure_retrain(
     the library's training loop, which also evaluates the training error once per epoch (the
     "until zero error" criterion needs it).
     """
-    from ntkscrub.training import train
+    from ntkscrub.recipes.training import train
 
     with MemoryMeter(device) as mem:
         sync(device)

@@ -18,7 +18,7 @@ import torch
 from benchlib import size_params
 
 from ntkscrub import bounds, readouts
-from ntkscrub.models import build_model
+from ntkscrub.recipes.models import build_model
 
 SIZES = {  # (width, n_retain, n_forget, n_test)
     "smoke": (0.05, 48, 8, 48),

@@ -32,7 +32,7 @@ if str(HERE) not in sys.path:
 
 import reproduce  # noqa: E402
 
-from ntkscrub.datasets import CIFAR10_CLASSES, small_cifar  # noqa: E402
+from ntkscrub.recipes.datasets import CIFAR10_CLASSES, small_cifar  # noqa: E402
 
 
 def folder_size(path: Path) -> int:

@@ -70,16 +70,16 @@ import adapters  # noqa: E402
 import figures  # noqa: E402
 
 from ntkscrub import bounds, readouts  # noqa: E402
-from ntkscrub.datasets import SplitData, pretrain_cifar, small_cifar  # noqa: E402
 from ntkscrub.io import atomic_write_json, to_jsonable  # noqa: E402
-from ntkscrub.models import build_model, count_parameters, reset_head  # noqa: E402
-from ntkscrub.scrub import scrub  # noqa: E402
-from ntkscrub.training import (  # noqa: E402
+from ntkscrub.recipes.datasets import SplitData, pretrain_cifar, small_cifar  # noqa: E402
+from ntkscrub.recipes.models import build_model, count_parameters, reset_head  # noqa: E402
+from ntkscrub.recipes.training import (  # noqa: E402
     atomic_torch_save,
     load_checkpoint,
     save_checkpoint,
     train,
 )
+from ntkscrub.scrub import scrub  # noqa: E402
 
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 RESULTS_NAME = "results.json"

@@ -282,7 +282,7 @@ def _train_baseline(
     until_zero_error: bool,
     train_options: dict[str, Any],
 ) -> ForgetResult:
-    from ntkscrub.training import train  # imported late: training imports are heavier
+    from ntkscrub.recipes.training import train  # imported late: training imports are heavier
 
     t0 = time.perf_counter()
     check_model(model)

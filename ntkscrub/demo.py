@@ -240,10 +240,10 @@ def run_demo(
     """
     from ntkscrub import readouts
     from ntkscrub.baselines import add_fisher_noise, finetune, fisher_forget, retrain
-    from ntkscrub.datasets import digits_split
-    from ntkscrub.models import build_model, count_parameters, reset_head
+    from ntkscrub.recipes.datasets import digits_split
+    from ntkscrub.recipes.models import build_model, count_parameters, reset_head
+    from ntkscrub.recipes.training import train
     from ntkscrub.scrub import scrub
-    from ntkscrub.training import train
 
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")

@@ -38,7 +38,7 @@ from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches
 from ntkscrub.params import check_eval_mode
 
 # The losses are training's own, so "ce"/"mse" here are exactly what train() minimises.
-from ntkscrub.training import LOSSES, _int, _num, _per_sample_loss, train
+from ntkscrub.recipes.training import LOSSES, _int, _num, _per_sample_loss, train
 
 __all__ = [
     "error",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntkscrub.datasets import (
+from ntkscrub.recipes.datasets import (
     CIFAR_MEAN,
     CIFAR_STD,
     DEFAULT_CIFAR10_ROOT,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ntkscrub.models import (
+from ntkscrub.recipes.models import (
     MLP,
     AllCNN,
     PreActResNet18,

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ntkscrub.models import MLP, SmallCNN
-from ntkscrub.training import (
+from ntkscrub.recipes.models import MLP, SmallCNN
+from ntkscrub.recipes.training import (
     TrainLog,
     evaluate,
     load_checkpoint,

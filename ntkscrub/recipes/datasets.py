@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkscrub.training import atomic_torch_save, check_json_like
+from ntkscrub.recipes.training import atomic_torch_save, check_json_like
 
 __all__ = [
     "CIFAR_MEAN",
