@@ -15,7 +15,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "to_jsonable"]
+__all__ = ["atomic_write", "atomic_write_json", "to_jsonable", "write_record"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -83,3 +83,10 @@ def atomic_write_json(
         fh.write("\n")
 
     return atomic_write(path, write, binary=False)
+
+
+def write_record(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
+    """Write a result record as strict JSON, atomically: :func:`to_jsonable` (tensors → lists,
+    NaN → null, …) then :func:`atomic_write_json`. The one JSON writer of the demo, the
+    reproduction, the benchmarks and the pipeline runtime (:mod:`ntkscrub.recipes.runtime`)."""
+    return atomic_write_json(path, to_jsonable(obj), indent=indent, allow_nan=False)
