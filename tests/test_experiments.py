@@ -121,8 +121,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
 
 
 def test_training_failure_rule() -> None:
-    sys.path.insert(0, str(SCRIPT.parent))
-    import reproduce
+    from ntkscrub.recipes import reproduction as reproduce
 
     ok = {"train_error": [0.6, 0.3, 0.0], "final_train_error": 0.0}
     slow = {"train_error": [0.8, 0.75, 0.7], "final_train_error": 0.7}  # never learned: not failed
@@ -166,8 +165,7 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
 
 
 def test_report_counts_diverged_relearn_runs() -> None:
-    sys.path.insert(0, str(SCRIPT.parent))
-    import figures
+    from ntkscrub.recipes.reproduction import figures
 
     def rd(diverged: int | None, collapsed: tuple = ()) -> dict:
         return {

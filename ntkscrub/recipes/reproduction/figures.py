@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Figures 1–4 and the markdown report, drawn from ``results.json`` alone.
 
-Redraw without recomputing::
+Redraw without recomputing (``experiments/figures.py`` calls :func:`main`)::
 
     .venv/bin/python experiments/figures.py experiments/results/quick/results.json
 
@@ -23,30 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-METHOD_ORDER = [
-    "original",
-    "finetune",
-    "fisher",
-    "fisher_val",
-    "ntk_paper",
-    "ntk_paper_trap",
-    "ntk_ref",
-    "ntk_ref_trap",
-    "ntk_noise",
-    "seed_matched",
-]
-SHORT = {
-    "original": "Original",
-    "finetune": "Fine-tune",
-    "fisher": "Fisher",
-    "fisher_val": "Fisher\nα on val",
-    "ntk_paper": "NTK\npaper",
-    "ntk_paper_trap": "NTK paper\n+trap.",
-    "ntk_ref": "NTK\nref.",
-    "ntk_ref_trap": "NTK ref.\n+trap.",
-    "ntk_noise": "NTK\n+noise",
-    "seed_matched": "Seed-\nmatched*",
-}
+from ntkscrub.recipes.reproduction.methods import METHODS  # noqa: E402
+
+# the registry's order is the order of every table and figure; SHORT: two-line tick labels
+METHOD_ORDER = list(METHODS)
+SHORT = {m.name: m.short for m in METHODS.values()}
 READOUTS = [
     ("error_forget", "(a) error on D_f (%)", 100.0),
     ("error_retain", "(b) error on D_r (%)", 100.0),

@@ -1,0 +1,302 @@
+"""The reproduction's readouts from cached softmaxes: errors, softmax L1 to the retrains (and
+their spread), the membership attack, Fig. 4's line, the information bounds and their noise sweep,
+the linearisation diagnostics and Fig. 1's PCA. Pure functions of models and a split; the stages
+(:mod:`.stages`) decide what to measure on which model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ntkscrub import bounds, readouts
+from ntkscrub.recipes.datasets import SplitData
+from ntkscrub.recipes.reproduction.config import Config
+from ntkscrub.recipes.reproduction.data import data_sets
+from ntkscrub.recipes.reproduction.weights import add_noise, flat_params, load_flat
+
+__all__ = [
+    "SETS",
+    "flat",
+    "cosine",
+    "mean_std",
+    "probs_of",
+    "l1",
+    "basic_readouts",
+    "retrain_spread",
+    "along_line",
+    "scale_kl",
+    "info_pair",
+    "noisy_errors",
+    "shift_diagnostics",
+    "true_shifts",
+    "pca_projection",
+]
+
+SETS = ("forget", "retain", "test")
+
+
+def flat(model: nn.Module) -> Tensor:
+    """The parameters as one float64 CPU vector."""
+    return flat_params(model).double()
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean, sample std, min, max and count of the finite values (``None``s when there are none)."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    a = np.asarray(v, dtype=float)
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": len(a),
+    }
+
+
+def probs_of(model: nn.Module, split: SplitData) -> dict[str, Tensor]:
+    """Softmax outputs (float64) on D_f, D_r and test."""
+    return {s: readouts.predict_proba(model, data_sets(split)[s]).double() for s in SETS}
+
+
+def l1(p: Tensor, q: Tensor) -> float:
+    """Mean over samples of ‖p − q‖₁ (readouts.SOFTMAX_L1_CONVENTION), from cached softmaxes."""
+    return float((p - q).abs().sum(1).mean())
+
+
+def basic_readouts(
+    model: nn.Module,
+    split: SplitData,
+    retrain_probs: list[dict[str, Tensor]],
+    *,
+    self_index: int | None,
+    attack: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """Errors, softmax L1 to every retrain (excluding itself) and the membership attack.
+
+    Errors and cross-entropies come from the same softmax outputs as the distances (one forward
+    pass per set): error = argmax ≠ label, loss = −log p(label), as readouts.evaluate."""
+    sets = data_sets(split)
+    probs = {s: readouts.predict_proba(model, sets[s]).double() for s in (*SETS, "val")}
+    out: dict[str, Any] = {"error": {}, "loss": {}}
+    for s, p in probs.items():
+        y = sets[s][1].cpu()
+        out["error"][s] = float((p.argmax(1) != y).double().mean())
+        out["loss"][s] = float(-p.gather(1, y[:, None]).clamp_min(1e-300).log().mean())
+    out["l1_to_retrain"] = {}
+    for s in SETS:
+        vals = [l1(probs[s], rp[s]) for k, rp in enumerate(retrain_probs) if k != self_index]
+        out["l1_to_retrain"][s] = {**mean_std(vals), "per_retrain": vals}
+    if attack:
+        out["attack"] = readouts.membership_attack(
+            model, split.retain, split.test, split.forget, seed=seed
+        ).to_dict()
+    return out
+
+
+def retrain_spread(retrain_probs: list[dict[str, Tensor]]) -> dict[str, Any]:
+    """Pairwise softmax L1 between independent retrains: the SGD-noise floor of every distance."""
+    out = {}
+    for s in SETS:
+        vals = [
+            l1(retrain_probs[i][s], retrain_probs[j][s])
+            for i in range(len(retrain_probs))
+            for j in range(i + 1, len(retrain_probs))
+        ]
+        out[s] = {**mean_std(vals), "pairs": vals}
+    return out
+
+
+def along_line(
+    w_d: nn.Module,
+    scrubbed: nn.Module,
+    split: SplitData,
+    retrain_probs: list[dict[str, Tensor]],
+    points: int,
+) -> dict[str, Any]:
+    """Fig. 4: softmax L1 to the retrains along w(D) + a·(h − w(D)), a ∈ [0, 1] (all parameters,
+    buffers of w(D); the same interpolation as readouts.softmax_l1_along_line, but each point's
+    softmax is computed once and compared with all K retrains)."""
+    a_list = [float(a) for a in np.linspace(0.0, 1.0, points)]
+    v0, v1 = flat(w_d).float(), flat(scrubbed).float()
+    res: dict[str, Any] = {"alphas": a_list}
+    per: dict[str, list] = {s: [] for s in ("forget", "retain")}
+    for a in a_list:
+        m = load_flat(w_d, torch.lerp(v0, v1, a))
+        for s in per:
+            p = readouts.predict_proba(m, data_sets(split)[s]).double()
+            per[s].append([l1(p, rp[s]) for rp in retrain_probs])
+    for s, rows in per.items():
+        arr = np.asarray(rows)
+        res[s] = {"mean": arr.mean(1).tolist(), "std": arr.std(1).tolist(), "per_retrain": rows}
+    return res
+
+
+def scale_kl(entry: dict[str, Any], alpha0: float, alpha: float) -> float:
+    """KL at noise scale α from the terms at α0: with Σ = α·V and Σ0 = α·V0 (the diagonal Fisher
+    recipe is linear in α) only the quadratic term changes, as α0/α; trace and log-det do not."""
+    q = entry["quadratic"] * alpha0 / alpha
+    return 0.5 * (q + entry["trace_minus_k"] - entry["logdet_ratio"])
+
+
+_KL_TERMS = ("kl", "two_kl", "quadratic", "trace_minus_k", "logdet_ratio", "k")
+
+
+def info_pair(
+    scrubbed: nn.Module,
+    reference: nn.Module,
+    split: SplitData,
+    queries: dict[str, Any],
+    cfg: Config,
+    alpha: float,
+) -> dict[str, Any]:
+    """Both bounds of Proposition 1 (diagonal Fisher noise, the reference's Σ) at one α."""
+    res = bounds.information_bounds(
+        scrubbed,
+        reference,
+        split.retain,
+        queries=queries,
+        alpha=alpha,
+        kind="diag",
+        solver=cfg.measure.bounds_solver,
+        batch_size=cfg.forget.jac_batch,
+    )
+    wb = res["white_box"]
+    keep_w = {k: wb[k] for k in _KL_TERMS}
+    keep_w["reference_two_kl"] = wb.get("reference_two_kl")
+    bb = {}
+    for name, e in (res["black_box"] or {}).items():
+        bb[name] = {k: e.get(k) for k in (*_KL_TERMS, "queries", "jitter", "reference_two_kl")}
+        pq = e["per_query"]
+        bb[name]["per_query"] = {
+            k: pq.get(k) for k in ("mean", "std", "stderr", "median", "max", "n", "values")
+        }
+    return {
+        "alpha": alpha,
+        "white_box": keep_w,
+        "black_box": bb,
+        "convention": res["convention"],
+        "seconds": res["seconds"],
+    }
+
+
+def noisy_errors(
+    model: nn.Module, var: dict[str, Tensor], alpha: float, split: SplitData, draws: int, seed: int
+) -> dict[str, float]:
+    """Mean errors (test, D_r, D_f) over ``draws`` noise draws at scale α."""
+    errs: dict[str, list[float]] = {"test": [], "retain": [], "forget": []}
+    for r in range(draws):
+        m = add_noise(model, var, alpha, seed=70_000 + 97 * seed + r)
+        ev = readouts.evaluate(m, {k: data_sets(split)[k] for k in errs})
+        for k in errs:
+            errs[k].append(ev[k]["error"])
+    return {k: float(np.mean(v)) for k, v in errs.items()}
+
+
+def shift_diagnostics(
+    model: nn.Module, w_d: nn.Module, retrains: list[nn.Module], w_sm: nn.Module
+) -> dict[str, Any]:
+    """How a method's weight shift h − w(D) compares with the true shifts w(D_r,k) − w(D):
+    cosine, norm ratio, and how much closer to each retrain than w(D) it lands."""
+    v_d, v_m = flat(w_d), flat(model)
+    true = [flat(m) - v_d for m in retrains]
+    true_sm = flat(w_sm) - v_d
+    shift = v_m - v_d
+    d: dict[str, Any] = {
+        "shift_norm": float(shift.norm()),
+        "cos_vs_retrains": [cosine(shift, t) for t in true],
+        "norm_ratio_vs_retrains": [float(shift.norm() / t.norm()) for t in true],
+        "cos_vs_seed_matched": cosine(shift, true_sm),
+        "norm_ratio_vs_seed_matched": float(shift.norm() / true_sm.norm()),
+        "dist_ratio_to_retrains": [
+            float((v_m - flat(m)).norm() / (v_d - flat(m)).norm()) for m in retrains
+        ],
+    }
+    for k in ("cos_vs_retrains", "norm_ratio_vs_retrains", "dist_ratio_to_retrains"):
+        d[f"{k}_mean"] = mean_std(d[k])
+    return d
+
+
+def true_shifts(w_d: nn.Module, retrains: list[nn.Module], w_sm: nn.Module) -> dict[str, Any]:
+    """The retrains' own shifts: their norms, pairwise cosines and distances (the SGD noise)."""
+    v_d = flat(w_d)
+    true = [flat(m) - v_d for m in retrains]
+    true_sm = flat(w_sm) - v_d
+    pairs = [(i, j) for i in range(len(true)) for j in range(i + 1, len(true))]
+    return {
+        "norm_retrain_minus_original": mean_std([float(t.norm()) for t in true]),
+        "norm_seed_matched_minus_original": float(true_sm.norm()),
+        "cos_between_retrain_shifts": mean_std([cosine(true[i], true[j]) for i, j in pairs]),
+        "distance_between_retrains": mean_std(
+            [float((flat(retrains[i]) - flat(retrains[j])).norm()) for i, j in pairs]
+        ),
+        "cos_seed_matched_vs_retrain_shifts": mean_std([cosine(true_sm, t) for t in true]),
+        "note": (
+            "retrain shifts w(D_r,k) - w(D) include SGD noise (different seeds); their "
+            "pairwise cosine is the best any predictor of a single retrain can reach. The "
+            "seed-matched reference shares w(D)'s seed and batch order but duplicates retain "
+            "images instead of removing D_f: it is NOT a true removal."
+        ),
+    }
+
+
+def _flat_var(model: nn.Module, var: dict[str, Tensor]) -> Tensor:
+    return torch.cat([var[n].reshape(-1).double().cpu() for n, _ in model.named_parameters()])
+
+
+def pca_projection(
+    paths: tuple[Tensor, Tensor],
+    points: dict[str, Any],
+    clouds: dict[str, tuple[nn.Module, dict[str, Tensor], float]],
+    n_cloud: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Fig. 1: the two training paths (on D and on D_r, from the same θ0) define a 2-D PCA basis;
+    ``points`` (models, or lists of models) and the Fisher-noise ``clouds`` (name → model,
+    variance at α = 1, α) around the methods are projected on it."""
+    path_d, path_r = paths
+    P = torch.cat([path_d, path_r]).double()
+    mu = P.mean(0)
+    _, S, Vh = torch.linalg.svd(P - mu, full_matrices=False)
+    basis = Vh[:2]  # (2, p)
+
+    def proj(v: Tensor) -> list[float]:
+        return ((v.double() - mu) @ basis.T).tolist()
+
+    gen = torch.Generator().manual_seed(90_000 + seed)
+
+    def cloud(model: nn.Module, var: dict[str, Tensor], alpha: float) -> dict[str, Any]:
+        center, v = flat(model), _flat_var(model, var)
+        pts = []
+        for _ in range(n_cloud):
+            eps = torch.randn(center.shape, generator=gen, dtype=torch.float64)
+            pts.append(proj(center + (alpha * v).sqrt() * eps))
+        return {"center": proj(center), "cloud": pts}
+
+    out: dict[str, Any] = {
+        "explained_variance_ratio": ((S**2) / (S**2).sum())[:2].tolist(),
+        "path_original": [proj(v) for v in path_d],
+        "path_retrain0": [proj(v) for v in path_r],
+        "theta0": proj(path_d[0]),
+    }
+    for name, p in points.items():
+        if isinstance(p, dict):
+            out[name] = {k: proj(flat(m)) for k, m in p.items()}
+        elif isinstance(p, list):
+            out[name] = [proj(flat(m)) for m in p]
+        else:
+            out[name] = proj(flat(p))
+    for name, (model, var, alpha) in clouds.items():
+        out[name] = cloud(model, var, alpha)
+    return out

@@ -1,0 +1,241 @@
+"""The method registry: every model the paper run compares, one :class:`Method` entry each.
+
+Adding a forgetting method to the paper run is one entry in :data:`METHODS`: a name, its labels
+(report and figure), the stage it is timed under, and ``make(run)`` — a function of the seed's
+:class:`~ntkscrub.recipes.reproduction.stages.SeedRun` (w(D), θ0, the split, the retrains, other
+methods' models through ``run.model(name)``) that returns the forgotten model, or ``None`` when the
+method has nothing to offer in this seed (a failed baseline). Every readout, the relearn time and,
+with ``diagnostics`` / ``line``, the shift diagnostics and Fig. 4's line then follow from the
+registry; the order of :data:`METHODS` is the order of the tables and figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ntkscrub import baselines, readouts
+from ntkscrub.recipes.reproduction.caching import train_cached
+from ntkscrub.recipes.reproduction.data import data_sets
+from ntkscrub.recipes.reproduction.failures import log_summary, training_failure
+from ntkscrub.recipes.reproduction.weights import add_noise, flat_params, load_flat
+from ntkscrub.recipes.runtime import cache_key, log
+from ntkscrub.scrub import scrub
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ntkscrub.recipes.reproduction.stages import SeedRun
+
+__all__ = ["Method", "METHODS", "NTK_FORMS", "method_labels", "fisher_noise_seed"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared model.
+
+    Attributes:
+        name: key in results.json (``seeds.<s>.readouts.<name>``).
+        label: one line for results.md. short: the figures' tick label (may hold a newline).
+        stage: the stage whose time it counts under (``seed<s>/<stage>``); ``None`` for a
+            model the training stages made (w(D), the seed-matched run).
+        make: ``make(run) -> nn.Module | None`` (see the module docstring).
+        diagnostics: compare its weight shift with the retrains' (cosine, norm ratio).
+        line: draw its line w(D) + a·(h − w(D)) in Fig. 4.
+    """
+
+    name: str
+    label: str
+    short: str
+    stage: str | None
+    make: Callable[[SeedRun], nn.Module | None]
+    diagnostics: bool = False
+    line: bool = False
+
+
+# name: scrub() arguments; "paper" = linearised at θ0 with MSE residuals (eq. 10), "ref" = the
+# reference code: Jacobians and softmax residuals at the trained weights w(D).
+NTK_FORMS: dict[str, dict[str, str]] = {
+    "ntk_paper": {"linearize_at": "init", "loss": "mse"},
+    "ntk_ref": {"linearize_at": "trained", "loss": "ce"},
+}
+
+
+def fisher_noise_seed(seed: int) -> int:
+    """The noise draw of Fisher forgetting for a data seed (shared by ``fisher`` and
+    ``fisher_val``, so the two differ only by the scale α)."""
+    return 60_000 + seed
+
+
+# --------------------------------------------------------------------------- makers
+def _finetune(run: SeedRun) -> nn.Module | None:
+    """The Fine-tune baseline: the baseline recipe on D_r from w(D), anchored at θ0 (cached).
+
+    A failed run says something about this recipe, not about the seed: the seed goes on without
+    it (recorded as ``excluded`` and reported in results.md)."""
+    recipe = run.cfg.train.baseline
+    w_ft, meta, _ = train_cached(
+        # the seed's cache key covers the fine-tuning recipe only, not this baseline's own
+        run.cdir / f"finetune-{cache_key(recipe.train_kwargs())}.pt",
+        run.w_d,
+        run.split.retain,
+        recipe=recipe,
+        seed=run.sgd_seed + 500,
+        anchor=run.init,
+        device=run.device,
+        progress=run.progress,
+    )
+    entry = run.res["training"]["finetune"] = log_summary(meta)
+    why = training_failure(entry, run.split.num_classes)
+    if why is None:
+        return w_ft
+    entry["excluded"] = why
+    log(f"the Fine-tune baseline {why}: left out of this seed")
+    return None
+
+
+def _fisher(run: SeedRun) -> nn.Module:
+    """Fisher forgetting at the reference code's α (:func:`ntkscrub.baselines.fisher_forget`)."""
+    alpha = run.cfg.forget.fisher_alpha
+    seed = fisher_noise_seed(run.seed)
+    return baselines.fisher_forget(run.w_d, run.split.retain, alpha=alpha, seed=seed).model
+
+
+def _fisher_val(run: SeedRun) -> nn.Module:
+    """Fisher forgetting with its noise scale tuned on held-out data only: the largest α of
+    ``sweep_alphas`` whose validation error is no worse than the worst retrain's (the strongest
+    noise that still leaves a model as good as a true retrain on images outside D); the smallest
+    α when none qualifies. One noise draw (``fisher``'s seed) for every α, so the errors along
+    the grid differ only by the scale. No image of D or of the test set is read for the choice
+    (the Fisher itself is on D_r, as the method defines it)."""
+    val = data_sets(run.split)["val"]
+    var, seed = run.variance("original"), fisher_noise_seed(run.seed)
+    ceiling = max(readouts.error(m, val) for m in run.retrains)
+    grid = sorted(run.cfg.measure.sweep_alphas)
+    val_errors = [readouts.error(add_noise(run.w_d, var, a, seed), val) for a in grid]
+    ok = [a for a, e in zip(grid, val_errors) if e <= ceiling]
+    alpha = max(ok) if ok else grid[0]
+    run.method_notes["fisher_val_tuning"] = {
+        "rule": "largest α of the grid with validation error ≤ the worst retrain's",
+        "alphas": grid,
+        "val_errors": val_errors,
+        "retrain_val_error_max": ceiling,
+        "alpha": alpha,
+        "qualified": bool(ok),
+    }
+    return add_noise(run.w_d, var, alpha, seed)
+
+
+def scrub_form(run: SeedRun, form: str) -> Any:
+    """Scrub w(D) in one NTK form (eq. 10, trapezium-rescaled); records ``res["ntk"][form]``."""
+    cfg, t0 = run.cfg.forget, time.perf_counter()
+    r = scrub(
+        run.w_d,
+        run.split.retain,
+        run.split.forget,
+        init=run.init,
+        solver=cfg.solver,
+        rescale="trapezium",
+        weight_decay=run.cfg.train.finetune.weight_decay,
+        seed=run.seed,
+        max_iter=cfg.cg_max_iter if cfg.solver == "cg" else None,
+        batch_size=cfg.jac_batch,
+        strict=False,
+        max_dense_bytes=40 * 2**30,
+        **NTK_FORMS[form],
+    )
+    info = {k: v for k, v in r.info.items() if k != "solves"}
+    info["solves"] = [
+        {k: v for k, v in rec.items() if not isinstance(v, list)} for rec in r.info["solves"]
+    ]
+    info["wall_seconds"] = time.perf_counter() - t0
+    scale = float(r.info["rescale_factor"])
+    run.res["ntk"][form] = {"scrub_info": info, "trapezium_scale": scale, **NTK_FORMS[form]}
+    return r
+
+
+def _ntk(form: str, trapezium: bool) -> Callable[[SeedRun], nn.Module]:
+    def make(run: SeedRun) -> nn.Module:
+        r = run.scrubbed(form)
+        if trapezium:
+            return r.model.eval()
+        delta = r.shift / float(r.info["rescale_factor"])  # un-rescaled Δ = w_lin(D_r) − w_lin(D)
+        return load_flat(run.w_d, flat_params(run.w_d) + delta.float().cpu())
+
+    return make
+
+
+def _ntk_noise(run: SeedRun) -> nn.Module:
+    """The headline NTK model plus Fisher noise at ``ntk_noise_alpha`` (eq. 11)."""
+    head = run.cfg.forget.headline
+    alpha = run.cfg.forget.ntk_noise_alpha
+    return add_noise(run.model(head), run.variance(head), alpha, 61_000 + run.seed)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("original", "Original w(D)", "Original", None, lambda r: r.w_d),
+        Method("finetune", "Fine-tune on D_r", "Fine-tune", "train_finetune", _finetune),
+        Method("fisher", "Fisher forgetting", "Fisher", "fisher", _fisher),
+        Method(
+            "fisher_val",
+            "Fisher forgetting, α tuned on validation",
+            "Fisher\nα on val",
+            "fisher",
+            _fisher_val,
+        ),
+        Method(
+            "ntk_paper",
+            "NTK, paper form",
+            "NTK\npaper",
+            "scrub_ntk_paper",
+            _ntk("ntk_paper", False),
+            diagnostics=True,
+            line=True,
+        ),
+        Method(
+            "ntk_paper_trap",
+            "NTK, paper form + trapezium",
+            "NTK paper\n+trap.",
+            "scrub_ntk_paper",
+            _ntk("ntk_paper", True),
+            diagnostics=True,
+            line=True,
+        ),
+        Method(
+            "ntk_ref",
+            "NTK, ref.-code form",
+            "NTK\nref.",
+            "scrub_ntk_ref",
+            _ntk("ntk_ref", False),
+            diagnostics=True,
+            line=True,
+        ),
+        Method(
+            "ntk_ref_trap",
+            "NTK, ref.-code form + trapezium",
+            "NTK ref.\n+trap.",
+            "scrub_ntk_ref",
+            _ntk("ntk_ref", True),
+            diagnostics=True,
+            line=True,
+        ),
+        Method("ntk_noise", "NTK + noise", "NTK\n+noise", "fisher", _ntk_noise, diagnostics=True),
+        Method(
+            "seed_matched",
+            "Seed-matched replacement (NOT a removal)",
+            "Seed-\nmatched*",
+            None,
+            lambda r: r.w_sm,
+        ),
+    )
+}
+
+
+def method_labels() -> dict[str, str]:
+    """``meta.method_labels`` of results.json: name → label, with the retrain band's."""
+    labels = {m.name: m.label for m in METHODS.values()}
+    return {"original": labels.pop("original"), "retrain": "Retrain w(D_r) (K runs)", **labels}
