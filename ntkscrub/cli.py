@@ -43,7 +43,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {}
 
 #: Modules imported (if present) before the parser is built; each calls :func:`register`.
 #: A later ``reproduce`` or ``bench`` subcommand adds its module name here.
-PLUGINS: list[str] = []
+PLUGINS: list[str] = ["ntkscrub.recipes.commands"]
 
 
 def register(name: str, subcommand: Subcommand) -> None:

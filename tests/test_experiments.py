@@ -182,3 +182,132 @@ def test_report_counts_diverged_relearn_runs() -> None:
     assert "collapse level (not counted as relearned): Retrain 1 of 4." in note
     assert figures.readout_value(rd(4), "relearn") is None
     assert figures._relearn_failures([], {}) == ""
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_presets_round_trip_through_the_flat_record() -> None:
+    from dataclasses import FrozenInstanceError
+
+    import pytest
+
+    from ntkscrub.recipes.reproduction import config as C
+
+    for name, cfg in C.PRESETS.items():
+        flat = cfg.flat()
+        assert list(flat) == list(C.FLAT_FIELDS) and flat["preset"] == name
+        assert C.from_flat(flat) == cfg
+    quick = C.PRESETS["quick"]
+    # the Fine-tune baseline: the fine-tuning recipe at its own lr / schedule, no zero-error run
+    base = quick.train.baseline
+    assert (base.lr, base.schedule, base.epochs) == (0.001, "constant", 10)
+    assert base.until_zero_error is False and base.max_epochs is None
+    assert base.weight_decay == quick.train.finetune.weight_decay == 0.1
+    kw = quick.train.finetune.train_kwargs()
+    assert kw["until_zero_error"] is True and kw["max_epochs"] == 100
+    assert "until_zero_error" not in quick.pretrain.recipe.train_kwargs()
+    # a smoke baseline follows the fine-tuning lr: recorded as None, and so after an override
+    smoke = C.derive(C.PRESETS["smoke"], ft_lr=0.02)
+    assert smoke.train.baseline.lr == 0.02 and smoke.flat()["finetune_lr"] is None
+    with pytest.raises(FrozenInstanceError):
+        smoke.train.finetune.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="unknown fields"):
+        C.from_flat({"preset": "x", "no_such_field": 1})
+    assert C.parse_set(["seeds=[1, 2]", "ft_schedule=cosine"]) == {
+        "seeds": (1, 2),
+        "ft_schedule": "cosine",
+    }
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        C.parse_set(["nope=1"])
+
+
+def test_method_registry_orders_tables_and_labels() -> None:
+    from ntkscrub.recipes.reproduction import METHODS, figures
+    from ntkscrub.recipes.reproduction.methods import method_labels
+
+    assert figures.METHOD_ORDER == list(METHODS)
+    assert list(METHODS)[:2] == ["original", "finetune"]
+    labels = method_labels()
+    assert list(labels)[:2] == ["original", "retrain"] and set(labels) - {"retrain"} == set(METHODS)
+    assert {m for m, e in METHODS.items() if e.line} == {
+        "ntk_paper",
+        "ntk_paper_trap",
+        "ntk_ref",
+        "ntk_ref_trap",
+    }
+
+
+# ----------------------------------------------------------------------------- data location
+def test_data_root_explicit_then_env_then_beside_the_repository(tmp_path, monkeypatch) -> None:
+    from ntkscrub.recipes import DATA_ENV, data_root
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert data_root() == REPO.parent / "shared" / "data" / "cifar10-jpeg"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert data_root() == tmp_path / "env"
+    assert data_root(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_missing_data_is_an_error_for_quick(tmp_path) -> None:
+    import pytest
+
+    from ntkscrub.recipes.reproduction import main
+
+    argv = ["--preset", "quick", "--data-root", str(tmp_path / "missing"), "--threads", "1"]
+    with pytest.raises(SystemExit, match="no CIFAR-10 image folder"):
+        main([*argv, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")])
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_help_of_reproduce_and_bench(capsys) -> None:
+    import pytest
+
+    from ntkscrub import cli
+
+    for name, words in (
+        ("reproduce", ("--preset", "--data-root", "NTKSCRUB_DATA", "--out", "smoke")),
+        ("bench", ("--size", "--device", "--out", "pytest-benchmark", "source checkout")),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([name, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(w in text for w in words), (name, text)
+    cli.main([])
+    top = capsys.readouterr().out
+    assert all(n in top for n in ("demo", "reproduce", "bench"))
+
+
+def test_cli_bench_needs_a_source_checkout(monkeypatch, capsys, tmp_path) -> None:
+    from ntkscrub import cli
+    from ntkscrub.recipes import commands
+
+    monkeypatch.setattr(commands, "source_checkout", lambda: None)
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["bench", "--size", "cpu", "-k", "matvec"])
+    test, report = commands.bench_commands(args, REPO, tmp_path)
+    assert test[test.index("--bench-size") + 1] == "cpu" and "smoke" not in test
+    assert f"--benchmark-json={tmp_path / 'bench.json'}" in test and "matvec" in test
+    assert report[-1] == str(tmp_path / "report") and str(tmp_path / "bench.json") in report
+
+
+def test_cli_reproduce_smoke_with_missing_data_says_so(tmp_path) -> None:
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ntkscrub", "reproduce", "--preset", "smoke", "--out", str(out)]
+        + ["--cache-dir", str(tmp_path / "cache"), "--data-root", str(tmp_path / "missing")]
+        + ["--no-progress", "--threads", "1", "--no-figures", "--set", "relearn_max_epochs=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SYNTHETIC DATA" in proc.stderr and "NTKSCRUB_DATA" in proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["config"]["synthetic"] is True and res["meta"]["notes"]
+    assert res["seeds"]["0"]["status"] == "complete" and (out / "results.md").is_file()
+    assert not (REPO / "experiments" / "results" / "smoke").exists()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntkscrub.recipes import data_root
 from ntkscrub.recipes.training import atomic_torch_save, check_json_like
 
 __all__ = [
@@ -68,8 +69,9 @@ CIFAR10_CLASSES: tuple[str, ...] = (
     "truck",
 )
 
-#: The JPEG image-folder copy of CIFAR-10 on this machine (override with $NTKSCRUB_CIFAR10).
-DEFAULT_CIFAR10_ROOT = os.environ.get("NTKSCRUB_CIFAR10", "/work/shared/data/cifar10-jpeg")
+#: The JPEG image-folder copy of CIFAR-10 when no root is given: :func:`ntkscrub.recipes.data_root`
+#: ($NTKSCRUB_DATA, else ``../shared/data/cifar10-jpeg`` beside the repository), read at import.
+DEFAULT_CIFAR10_ROOT = str(data_root())
 #: Where torchvision's CIFAR files are looked for (override with $NTKSCRUB_TORCHVISION_ROOT).
 DEFAULT_TORCHVISION_ROOT = os.environ.get(
     "NTKSCRUB_TORCHVISION_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "ntkscrub")
@@ -395,7 +397,7 @@ class _Source:
 
 
 def _folder_source(root: str | os.PathLike | None) -> _Source:
-    root = str(DEFAULT_CIFAR10_ROOT if root is None else root)
+    root = str(data_root() if root is None else root)
     if not Path(root).is_dir():
         raise FileNotFoundError(f"root: no such directory: {root}")
     if (Path(root) / "train").is_dir():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ntkscrub import bounds, readouts
+from ntkscrub.recipes import DATA_ENV, data_root, source_checkout
 from ntkscrub.recipes.reproduction import figures
 from ntkscrub.recipes.reproduction.config import PRESETS, Config, derive, parse_set
 from ntkscrub.recipes.reproduction.data import data_available
@@ -26,8 +27,7 @@ from ntkscrub.recipes.runtime import Budget, BudgetExceeded, RunLog, hardware, l
 
 __all__ = ["add_arguments", "parse_args", "build_config", "main", "run"]
 
-EXPERIMENTS = Path(__file__).resolve().parents[3] / "experiments"
-DEFAULT_DATA_ROOT = EXPERIMENTS.parents[1] / "shared" / "data" / "cifar10-jpeg"
+BANNER = "!" * 78
 DESCRIPTION = (
     'Reproduce §5 of "Forgetting Outside the Box" (Golatkar, Achille, Soatto, ECCV 2020): '
     "pre-training (cached), fine-tuning w(D), K retrains on D_r, every forgetting method, every "
@@ -39,14 +39,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The reproduction's options (shared by ``experiments/reproduce.py`` and ``ntkscrub
     reproduce``)."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=f"the CIFAR-10 image folder (train/, test/); default ${DATA_ENV}, else "
+        "../shared/data/cifar10-jpeg beside the repository. Missing: an error for quick and "
+        "paper; smoke falls back to random images (with a banner)",
+    )
     p.add_argument("--model", choices=["allcnn", "resnet18"], default=None)
     p.add_argument("--width", type=float, default=None)
     p.add_argument("--seeds", type=str, default=None, help="comma-separated, e.g. 0,1,2")
     p.add_argument("--retrains", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="default experiments/results/<preset>")
     p.add_argument(
-        "--cache-dir", type=Path, default=None, help="default experiments/cache/<preset>"
+        "--out",
+        type=Path,
+        default=None,
+        help="where results.json, the figures and results.md go; default runs/reproduce/<preset> "
+        "(git-ignored) in the repository, or in the current folder outside a checkout",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="checkpoints and finished seeds (rerunning skips every cached stage); default "
+        "experiments/cache/<preset> (git-ignored) in the repository, else runs/cache/<preset>",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0, ...")
     p.add_argument("--budget-seconds", type=float, default=None)
@@ -157,6 +174,36 @@ def finish(results: dict[str, Any], runlog: RunLog, out: Path, figures_too: bool
     log(f"wrote {out / RESULTS_NAME} ({meta['wall_seconds']:.0f}s)")
 
 
+def default_dirs(preset: str, out: Path | None, cache: Path | None) -> tuple[Path, Path]:
+    """``--out`` and ``--cache-dir`` or their git-ignored defaults (see :func:`add_arguments`)."""
+    repo = source_checkout()
+    if out is None:
+        out = (repo or Path.cwd()) / "runs" / "reproduce" / preset
+    if cache is None:
+        cache = repo / "experiments" / "cache" / preset if repo else Path("runs/cache") / preset
+    return Path(out), Path(cache)
+
+
+def check_data(cfg: Config, root: Path) -> tuple[Config, list[str]]:
+    """Refuse a missing image folder (quick, paper), or fall back to random images (smoke) with
+    a banner on stderr and a note in the record; returns the config to run and the notes."""
+    if cfg.synthetic or data_available(root):
+        return cfg, []
+    if cfg.preset != "smoke":
+        raise SystemExit(
+            f"--data-root {root}: no CIFAR-10 image folder (train/, test/). Pass --data-root or "
+            f"set ${DATA_ENV}; --synthetic runs on random images"
+        )
+    note = f"image folder {root} not found: smoke preset fell back to random data"
+    print(
+        f"{BANNER}\n!! SYNTHETIC DATA: {note}.\n!! The numbers are meaningless; pass --data-root "
+        f"or set ${DATA_ENV} for CIFAR-10.\n{BANNER}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return replace(cfg, synthetic=True), [note]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``experiments/reproduce.py`` / ``ntkscrub reproduce``: run (or re-summarise); returns the
     results document."""
@@ -171,26 +218,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    out, cache_dir = default_dirs(cfg.preset, args.out, args.cache_dir)
+    root = data_root(args.data_root)
+    cfg, notes = check_data(cfg, root)
     threads_note = set_threads(args.threads, device)
-    out = args.out or EXPERIMENTS / "results" / cfg.preset
-    cache_dir = args.cache_dir or EXPERIMENTS / "cache" / cfg.preset
-    data_root = args.data_root.resolve()
-    notes = []
-    if not cfg.synthetic and not data_available(data_root):
-        if cfg.preset != "smoke":
-            raise SystemExit(
-                f"--data-root {data_root}: no image folder (train/, test/); pass --synthetic to "
-                "run on random data"
-            )
-        cfg = replace(cfg, synthetic=True)
-        notes.append(f"image folder {data_root} not found: smoke preset fell back to random data")
     runlog = RunLog(Budget(cfg.budget_seconds))
     meta = _meta(cfg, argv, device)
-    meta.update(
-        data_root=str(data_root), cache_dir=str(cache_dir), notes=notes, threads=threads_note
-    )
+    meta.update(data_root=str(root), cache_dir=str(cache_dir), notes=notes, threads=threads_note)
     results: dict[str, Any] = {"meta": meta, "pretrain": None, "seeds": {}, "summary": None}
-    ctx = Context(cfg, device, data_root, cache_dir, not args.no_progress, runlog)
+    ctx = Context(cfg, device, root, cache_dir, not args.no_progress, runlog)
     try:
         run_all(ctx, results)
     except BudgetExceeded as err:
