@@ -12,15 +12,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ntkscrub import readouts
 from ntkscrub.recipes.models import MLP, SmallCNN
 from ntkscrub.recipes.training import (
     TrainLog,
-    evaluate,
     load_checkpoint,
     lr_at,
     save_checkpoint,
     train,
 )
+
+
+def evaluate(model: nn.Module, data, batch_size: int = 512) -> dict:
+    """Error, loss and size on one data set (the one evaluate: ntkscrub.readouts.evaluate)."""
+    return readouts.evaluate(model, {"data": data}, batch_size=batch_size)["data"]
 
 
 def blobs(n_per: int = 20, c: int = 3, d: int = 4, sep: float = 4.0, seed: int = 0):

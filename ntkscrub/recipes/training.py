@@ -16,7 +16,7 @@ zero training error. On a full-width All-CNN the constant-lr fine-tuning was obs
 unstable (error dips then climbs back) while a decaying lr converges, so every run records its
 recipe and per-epoch training error in :class:`TrainLog` — look at the curve.
 
-Also: :func:`evaluate` (error and loss over a data set), checkpoints written atomically and read
+Also: checkpoints written atomically and read
 with ``torch.load(weights_only=True)``.
 """
 
@@ -42,7 +42,6 @@ from ntkscrub.io import atomic_write
 __all__ = [
     "TrainLog",
     "train",
-    "evaluate",
     "lr_at",
     "save_checkpoint",
     "load_checkpoint",
@@ -231,30 +230,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Any, batch_size: int = 512, loss: str = "ce", device=None
-) -> dict[str, float]:
-    """Error and mean loss of ``model`` over ``data`` (eval mode; the model's modes restored).
-
-    Args:
-        data: an ``(X, Y)`` pair, Dataset, non-shuffling DataLoader or :class:`Batches`.
-        loss: ``'ce'`` or ``'mse'`` (see :func:`train`).
-
-    Returns:
-        ``{'error': fraction misclassified, 'loss': mean per-sample loss, 'n': |data|}``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
-    device = torch.device(device) if device is not None else _device_of(model)
-    batches = as_batches(data, batch_size=batch_size, name="data", device=device)
-    return _eval_pass(model, batches, loss)
-
-
-@torch.no_grad()
 def _eval_pass(model: nn.Module, batches: Batches, loss: str) -> dict[str, float]:
-    # the loop of evaluate() on an already checked stream (train() calls it every epoch)
+    # error and mean loss on an already checked stream (train() calls it every epoch; the
+    # public evaluation is ntkscrub.readouts.evaluate)
     wrong, total_loss, n = 0, 0.0, 0
     with _ModeGuard(model):
         for x, y in batches:
