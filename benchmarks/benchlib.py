@@ -31,9 +31,7 @@ import contextlib
 import copy
 import math
 import os
-import platform
 import resource
-import subprocess
 import threading
 import time
 import warnings
@@ -46,8 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ntkscrub.io import atomic_write_json as io_atomic_write_json
-from ntkscrub.io import to_jsonable
 from ntkscrub.operators import NTK, Jacobian
 from ntkscrub.params import ParameterSpace
 from ntkscrub.recipes.models import build_model, count_parameters  # noqa: F401 - re-exported
@@ -99,70 +95,6 @@ def set_threads(n: int | None) -> int:
     if n is not None and n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
-
-
-def _cpu_model_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def tf32_flags() -> dict[str, Any]:
-    """The TF32 settings in force (legacy flags, and the torch ≥ 2.9 ``fp32_precision`` ones)."""
-    out: dict[str, Any] = {}
-    try:
-        out["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
-        out["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError as err:  # torch ≥ 2.9 refuses to read legacy flags after new-API writes
-        out["legacy_flags_error"] = str(err)[:200]
-    for name, obj in (
-        ("matmul_fp32_precision", getattr(torch.backends.cuda, "matmul", None)),
-        ("cudnn_fp32_precision", getattr(torch.backends, "cudnn", None)),
-    ):
-        try:
-            val = getattr(obj, "fp32_precision", None)
-        except RuntimeError:  # mixed legacy/new API use: report what we can
-            val = "unreadable"
-        if val is not None:
-            out[name] = str(val)
-    out["float32_matmul_precision"] = torch.get_float32_matmul_precision()
-    return out
-
-
-def hardware_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, threads, torch, GPU and its TF32 settings."""
-    info: dict[str, Any] = {
-        "device": str(device),
-        "cpu_model": _cpu_model_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "tf32_default_flags": tf32_flags(),
-    }
-    try:
-        info["load_average_1m"] = os.getloadavg()[0]  # the CPU host is shared: say how busy
-    except OSError:
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            {
-                "gpu_name": props.name,
-                "gpu_capability": f"{props.major}.{props.minor}",
-                "gpu_memory_gib": round(props.total_memory / 2**30, 2),
-                "cuda": torch.version.cuda,
-                "cudnn": torch.backends.cudnn.version(),
-                "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-            }
-        )
-    return info
 
 
 # --------------------------------------------------------------------------------- precision
@@ -831,12 +763,6 @@ def run_scrub(
 
 
 # ------------------------------------------------------------------------------ JSON output
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write results as JSON atomically (:func:`ntkscrub.io.atomic_write_json`)."""
-    io_atomic_write_json(path, to_jsonable(obj), indent=1)
-
-
-# ------------------------------------------------------------------------------ size presets
 @dataclass(frozen=True)
 class BenchConfig:
     """What one ``--bench-size`` runs. Model labels are :class:`ModelSpec` strings."""

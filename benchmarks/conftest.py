@@ -25,6 +25,7 @@ import torch
 from benchlib import size_params  # noqa: F401 - re-exported for old imports
 
 from ntkscrub.io import to_jsonable
+from ntkscrub.recipes.runtime import hardware
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
@@ -92,5 +93,5 @@ def record(benchmark: Any, bench_config: benchlib.BenchConfig, device: torch.dev
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add the torch/GPU/TF32/threads facts to pytest-benchmark's ``machine_info``."""
     dev = benchlib.resolve_device(config.getoption("--bench-device"))
-    machine_info["ntkscrub"] = to_jsonable(benchlib.hardware_info(dev))
+    machine_info["ntkscrub"] = to_jsonable(hardware(dev))
     machine_info["ntkscrub"]["bench_size"] = config.getoption("--bench-size")

@@ -63,10 +63,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
+import cases  # noqa: E402
 import torch  # noqa: E402
 from benchlib import PRECISIONS, MemoryMeter, ModelSpec  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
-from ntkscrub.io import to_jsonable  # noqa: E402
+from ntkscrub.io import to_jsonable, write_record  # noqa: E402
+from ntkscrub.recipes.runtime import Budget, hardware  # noqa: E402
 
 SAFETY = 1.3  # estimates are multiplied by this before comparing with the time left
 
@@ -196,43 +199,6 @@ TINY = SuiteConfig(
 )
 
 
-# ------------------------------------------------------------------------------------ budget
-class Budget:
-    """Wall-clock budget with per-stage allowances; unused allowance passes to later stages."""
-
-    def __init__(self, total: float, reserve: float) -> None:
-        self.t0 = time.perf_counter()
-        self.total, self.reserve = total, reserve
-        self.deadline = self.t0 + total - reserve  # the whole run
-        self.stage_deadline = self.deadline
-        self.carry = 0.0
-
-    def now(self) -> float:
-        return time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.now() - self.t0
-
-    def left(self) -> float:
-        """Seconds left in the current stage (never more than in the run)."""
-        return max(0.0, min(self.stage_deadline, self.deadline) - self.now())
-
-    def start_stage(self, share: float) -> float:
-        """Open a stage: ``share`` of the total plus what earlier stages left; a share of 0
-        means "everything that is left" (the optional tail stages)."""
-        if share <= 0:
-            self.stage_deadline = self.deadline
-        else:
-            self.stage_deadline = min(self.deadline, self.now() + share * self.total + self.carry)
-        return self.left()
-
-    def end_stage(self) -> None:
-        self.carry = max(0.0, self.stage_deadline - self.now())
-
-    def fits(self, estimate: float) -> bool:
-        return SAFETY * estimate <= self.left()
-
-
 # ------------------------------------------------------------------------------------- suite
 class Suite:
     """Runs the stages, keeps the results document and writes it after every change."""
@@ -260,6 +226,7 @@ class Suite:
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "results.json"
         self.budget = Budget(args.budget_seconds, reserve=args.reserve_seconds)
+        self.timer = cases.clock_timer(self.device)
         self.costs: dict[tuple[str, str], dict[str, float]] = {}  # probe results per (model, prec)
         self.accuracy: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.warm: dict = {}  # (model, solver, device) pairs already warmed up
@@ -272,7 +239,7 @@ class Suite:
             "command": " ".join(sys.argv),
             "budget_seconds": args.budget_seconds,
             "tiny": bool(args.tiny),
-            "hardware": benchlib.hardware_info(self.device),
+            "hardware": hardware(self.device),
             "config": asdict(self.cfg),
             "conventions": {
                 "data": f"random N(0,1) images {'x'.join(map(str, benchlib.IMAGE_SHAPE))}, "
@@ -292,7 +259,7 @@ class Suite:
     # -------------------------------------------------------------------------- bookkeeping
     def save(self) -> None:
         self.doc["elapsed_seconds"] = self.budget.elapsed()
-        benchlib.atomic_write_json(self.path, self.doc)
+        write_record(self.path, self.doc)
 
     def add(self, **rec: Any) -> dict[str, Any]:
         rec.setdefault("status", "ok")
@@ -402,141 +369,122 @@ class Suite:
         vectors: tuple[int, ...],
         compare_1d: bool = True,
     ) -> None:
-        """Epoch and matvecs for one model at one N in several precisions."""
-        spec = ModelSpec.parse(label)
-        cfg, dev = self.cfg, self.device
-        bs = cfg.engine_batch
+        """Epoch and matvecs for one model at one N in several precisions (the cases of
+        ``test_bench_engine.py``, :mod:`cases`), as far as the budget allows."""
+        spec, dev, bs = ModelSpec.parse(label), self.device, self.cfg.engine_batch
         for prec_name in precs:
-            prec = PRECISIONS[prec_name]
             base = {"model": label, "n": n, "precision": prec_name, "batch_size": bs}
-            try:
-                c = self.probe(label, prec_name)
-            except Exception as err:  # noqa: BLE001 - e.g. the bf16 path failing: record, go on
-                self.skip(
-                    f"probe failed: {type(err).__name__}: {str(err)[:300]}",
-                    kind="matvec",
-                    vectors=1,
-                    **base,
-                )
-                benchlib.free_memory(dev)
+            c = self.probe_or_skip(label, prec_name, base)
+            if c is None:
                 continue
             est = n * (c["train_s_per_sample"] + (3 if compare_1d else 1) * c["mv1_s_per_sample"])
             est += n * c["mvk_s_per_sample"] if self.cfg.engine_vectors in vectors else 0.0
-            if not self.budget.fits(est):
+            if not self.budget.fits(est, SAFETY):
+                left = self.budget.left()
                 self.skip(
-                    f"budget: est {est:.1f} s > {self.budget.left():.1f} s left",
-                    kind="matvec",
-                    vectors=1,
-                    **base,
+                    f"budget: est {est:.1f} s > {left:.1f} s left", kind="matvec", vectors=1, **base
                 )
                 continue
+            prec = PRECISIONS[prec_name]
             X, Y = benchlib.random_cifar(n, spec.num_classes, dev, prec.dtype, seed=1)
             model = benchlib.calibrate_bn(benchlib.make_model(spec, dev, prec.dtype), X)
-            p = benchlib.count_parameters(model)
-            epoch = benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec)
-            with MemoryMeter(dev) as tm:
-                t_ep, _ = benchlib.timed(epoch, dev)
-            del epoch
-            self.add(kind="train_epoch", params=p, seconds=t_ep, **base, **tm.to_dict("train_"))
-            self.log(f"{label} N={n} {prec_name}: epoch {t_ep:.3f} s")
+            ep = cases.train_epoch(label, model, (X, Y), prec_name, bs, dev, self.timer)
+            self.add(**ep)
+            self.log(f"{label} N={n} {prec_name}: epoch {ep['seconds']:.3f} s")
             for k in vectors:
-                est_k = n * (
-                    c["mv1_s_per_sample"]
-                    if k == 1
-                    else c["mvk_s_per_sample"] * k / cfg.engine_vectors
-                )
-                if not self.budget.fits(est_k):
-                    self.skip(f"budget: est {est_k:.1f} s", kind="matvec", vectors=k, **base)
-                    continue
-                try:
-                    K = benchlib.make_ntk(model, X, Y, batch_size=bs, prec=prec)
-                    mv = benchlib.make_matvec(K, k, prec, dev)
-                    with MemoryMeter(dev) as mm:
-                        t_mv, _ = benchlib.timed(mv, dev)
-                    extra: dict[str, Any] = {}
-                    if k == 1 and compare_1d:
-                        # The library path (linear_operator hands _matmul an (n, 1) block, so
-                        # vmap over one column) against the plain 1-D JVP/VJP path; the library
-                        # path is timed again afterwards so that order favours neither.
-                        J = K.jac_a
-                        v = benchlib.random_block(K.shape[0], 1, dev, J.dtype, seed=3)
-                        with benchlib.precision_flags(prec, dev):
-                            t_plain, _ = benchlib.timed(
-                                lambda J=J, v=v: J.matvec(J.rmatvec(v)), dev
-                            )
-                        t_again, _ = benchlib.timed(mv, dev)
-                        extra["seconds_plain_1d"] = t_plain
-                        extra["seconds_first_call"] = t_mv
-                        t_mv = min(t_mv, t_again)
-                    del K, mv
-                except Exception as err:  # noqa: BLE001
-                    benchlib.free_memory(dev)
-                    st = "oom" if benchlib.is_oom(err) else "error"
-                    self.add(
-                        status=st,
-                        reason=f"{type(err).__name__}: {str(err)[:300]}",
-                        kind="matvec",
-                        vectors=k,
-                        **base,
-                    )
-                    continue
-                self.add(
-                    kind="matvec",
-                    params=p,
-                    vectors=k,
-                    seconds=t_mv,
-                    seconds_per_vector=t_mv / k,
-                    epoch_seconds=t_ep,
-                    ratio_matvec_to_epoch=t_mv / t_ep,
-                    ratio_per_vector_to_epoch=t_mv / k / t_ep,
-                    train_peak_mib=tm.peak_mib,
-                    train_delta_mib=tm.delta_mib,
-                    memory_ratio_to_train=benchlib.memory_ratio(mm.delta_mib, tm.delta_mib),
-                    autocast_workaround=prec.autocast is not None,
-                    **base,
-                    **mm.to_dict(),
-                    **extra,
-                )
-                self.log(
-                    f"{label} N={n} {prec_name}: matvec k={k} {t_mv:.3f} s "
-                    f"({t_mv / k / t_ep:.2f} epochs per vector)"
-                )
-            # accuracy against float64 on a subset (cheap), once per (model, precision)
-            na = min(cfg.accuracy_n, n)
-            est_acc = na * c["mv1_s_per_sample"] * 60
-            akey = ("acc", label, prec_name)
-            if akey not in self.accuracy and self.budget.fits(est_acc):
-                try:
-                    acc = benchlib.precision_accuracy(
-                        model,
-                        X[:na],
-                        Y[:na],
-                        prec=prec,
-                        batch_size=min(bs, na),
-                        power_iterations=10,
-                    )
-                    self.accuracy[akey] = acc
-                    self.add(kind="accuracy", model=label, precision=prec_name, **acc)
-                except Exception as err:  # noqa: BLE001
-                    self.add(
-                        status="error",
-                        kind="accuracy",
-                        model=label,
-                        precision=prec_name,
-                        reason=f"{type(err).__name__}: {str(err)[:300]}",
-                    )
-            if akey in self.accuracy:  # attach to every matvec record of this model/precision
-                for r in self.doc["records"]:
-                    if (
-                        r.get("kind") == "matvec"
-                        and r.get("model") == label
-                        and r.get("precision") == prec_name
-                        and r.get("status") == "ok"
-                    ):
-                        r.update(to_jsonable(self.accuracy[akey]))
-                self.save()
+                self.matvec_case(label, model, (X, Y), prec_name, k, ep, c, compare_1d and k == 1)
+            self.accuracy_case(label, model, (X, Y), prec_name, c)
             del model, X, Y
             benchlib.free_memory(dev)
+
+    def probe_or_skip(self, label: str, prec_name: str, base: dict) -> dict[str, float] | None:
+        """The probe's per-sample costs, or ``None`` after recording why there are none."""
+        try:
+            return self.probe(label, prec_name)
+        except Exception as err:  # noqa: BLE001 - e.g. the bf16 path failing: record, go on
+            why = f"probe failed: {type(err).__name__}: {str(err)[:300]}"
+            self.skip(why, kind="matvec", vectors=1, **base)
+            benchlib.free_memory(self.device)
+            return None
+
+    def matvec_case(
+        self,
+        label: str,
+        model: nn.Module,
+        data: tuple[Tensor, Tensor],
+        prec_name: str,
+        k: int,
+        epoch: dict[str, Any],
+        costs: dict[str, float],
+        compare_1d: bool,
+    ) -> None:
+        """One Θ matvec with ``k`` vectors (:func:`cases.theta_matvec`), budget permitting; with
+        ``compare_1d`` also the plain 1-D JVP/VJP path (linear_operator hands ``_matmul`` an
+        (n, 1) block, so the library path vmaps over one column)."""
+        n, bs, dev = data[0].shape[0], self.cfg.engine_batch, self.device
+        base = {"model": label, "n": n, "precision": prec_name, "batch_size": bs}
+        per = costs["mv1_s_per_sample"] if k == 1 else costs["mvk_s_per_sample"] * k
+        est = n * (per if k == 1 else per / self.cfg.engine_vectors)
+        if not self.budget.fits(est, SAFETY):
+            self.skip(f"budget: est {est:.1f} s", kind="matvec", vectors=k, **base)
+            return
+        try:
+            rec = cases.theta_matvec(label, model, data, prec_name, bs, k, dev, self.timer, epoch)
+            if compare_1d:
+                prec = PRECISIONS[prec_name]
+                J = benchlib.make_ntk(model, *data, batch_size=bs, prec=prec).jac_a
+                v = benchlib.random_block(J.shape[0], 1, dev, J.dtype, seed=3)
+                with benchlib.precision_flags(prec, dev):
+                    rec["seconds_plain_1d"] = self.timer(lambda: J.matvec(J.rmatvec(v)))[0]
+        except Exception as err:  # noqa: BLE001
+            benchlib.free_memory(dev)
+            st = "oom" if benchlib.is_oom(err) else "error"
+            why = f"{type(err).__name__}: {str(err)[:300]}"
+            self.add(status=st, reason=why, kind="matvec", vectors=k, **base)
+            return
+        self.add(**rec)
+        self.log(
+            f"{label} N={n} {prec_name}: matvec k={k} {rec['seconds']:.3f} s "
+            f"({rec['ratio_per_vector_to_epoch']:.2f} epochs per vector)"
+        )
+
+    def accuracy_case(
+        self,
+        label: str,
+        model: nn.Module,
+        data: tuple[Tensor, Tensor],
+        prec_name: str,
+        costs: dict[str, float],
+    ) -> None:
+        """Accuracy against float64 on a subset (cheap), once per (model, precision), attached
+        to every matvec record of that model and precision."""
+        na = min(self.cfg.accuracy_n, data[0].shape[0])
+        akey = ("acc", label, prec_name)
+        if akey not in self.accuracy and self.budget.fits(
+            na * costs["mv1_s_per_sample"] * 60, SAFETY
+        ):
+            try:
+                self.accuracy[akey] = benchlib.precision_accuracy(
+                    model,
+                    data[0][:na],
+                    data[1][:na],
+                    prec=PRECISIONS[prec_name],
+                    batch_size=min(self.cfg.engine_batch, na),
+                    power_iterations=10,
+                )
+                self.add(kind="accuracy", model=label, precision=prec_name, **self.accuracy[akey])
+            except Exception as err:  # noqa: BLE001
+                why = f"{type(err).__name__}: {str(err)[:300]}"
+                self.add(
+                    status="error", kind="accuracy", model=label, precision=prec_name, reason=why
+                )
+        if akey not in self.accuracy:
+            return
+        for r in self.doc["records"]:
+            same = r.get("model") == label and r.get("precision") == prec_name
+            if r.get("kind") == "matvec" and same and r.get("status") == "ok":
+                r.update(to_jsonable(self.accuracy[akey]))
+        self.save()
 
     def stage_engine(self) -> None:
         for label in self.cfg.engine_models:
@@ -577,7 +525,7 @@ class Suite:
             # iteration cap: this solve's share of what is left, at one matvec per iteration
             share = self.budget.left() / (len(solves) - i)
             cap = int(min(cfg.cg_max_iter, max(5, (share / SAFETY - build_s) / max(mv_s, 1e-9))))
-            if not self.budget.fits(build_s + 5 * mv_s):
+            if not self.budget.fits(build_s + 5 * mv_s, SAFETY):
                 self.skip(
                     "budget", kind="cg", model=cfg.cg_model, n=n, point=point, precond_rank=rank
                 )
@@ -595,26 +543,8 @@ class Suite:
                     )
             if rank == 0:
                 base_its[point] = rec
-            b = base_its.get(point)
-            self.add(
-                kind="cg",
-                model=cfg.cg_model,
-                params=prob.p,
-                n=n,
-                point=point,
-                precision=cfg.cg_precision,
-                notes=prob.notes,
-                iterations_ratio_unpreconditioned=(
-                    b["iterations"] / rec["iterations"] if b and rec["iterations"] else None
-                ),
-                matvecs_ratio_unpreconditioned=(
-                    b["matvecs_total"] / rec["matvecs_total"]
-                    if b and rec["matvecs_total"]
-                    else None
-                ),
-                **rec,
-                **mem.to_dict(),
-            )
+            record = cases.cg_record(cfg.cg_model, prob, point, rec, base_its.get(point))
+            self.add(**record, precision=cfg.cg_precision, **mem.to_dict())
             self.log(
                 f"cg {point} rank {rank}: {rec['iterations']} its, "
                 f"{rec['matvecs_total']} matvecs, converged={rec['converged']}"
@@ -722,7 +652,7 @@ class Suite:
             # J Jᵀ (quadratic) — scaled from the previous point when there is one
             est = last[1] * (n / last[0]) ** 2 if last else 10 * n * nc * c["train_s_per_sample"]
             est += 4 * n * c["train_s_per_sample"]  # problem and retrain epochs
-            if not self.budget.fits(est):
+            if not self.budget.fits(est, SAFETY):
                 self.skip(
                     f"budget: est {est:.1f} s", kind="scaling", model=label, n=n, solver="dense"
                 )
@@ -740,7 +670,7 @@ class Suite:
             est = (
                 n * (2 * (rank + 25) + 6) * c["mv1_s_per_sample"] + 4 * n * c["train_s_per_sample"]
             )
-            if not self.budget.fits(est):
+            if not self.budget.fits(est, SAFETY):
                 self.skip(f"budget: est {est:.1f} s", kind="scaling", model=label, n=n, solver="cg")
                 continue
             self.scrub_point(
@@ -758,7 +688,7 @@ class Suite:
             est_mv = n * mv_ps
             overhead = n * c["train_s_per_sample"] * 6  # fine-tune + retrain epochs (batch 128)
             est = overhead + matvecs_est * est_mv
-            if not self.budget.fits(est):
+            if not self.budget.fits(est, SAFETY):
                 self.skip(
                     f"budget: est {est:.0f} s ({matvecs_est} matvecs) > {self.budget.left():.0f} s",
                     kind="scaling",
@@ -878,7 +808,7 @@ class Suite:
             est = (last["matvecs"] if last else 2 * (r + 25) + 6) * mv + 6 * n * c[
                 "train_s_per_sample"
             ]
-            if not self.budget.fits(est):
+            if not self.budget.fits(est, SAFETY):
                 self.skip(
                     f"budget: est {est:.0f} s",
                     kind="variant",
@@ -911,7 +841,7 @@ class Suite:
 
         cfg, dev = self.cfg, self.device
         label = cfg.compile_model
-        if not self.budget.fits(cfg.compile_estimate_s):
+        if not self.budget.fits(cfg.compile_estimate_s, SAFETY):
             self.skip(
                 f"budget: compiling takes ~{cfg.compile_estimate_s:.0f} s",
                 kind="compile",
@@ -1045,8 +975,8 @@ class Suite:
         lines = [
             "",
             "=== gpu_suite summary ===",
-            f"device: {hw.get('gpu_name', hw.get('cpu_model'))}",
-            f"elapsed {self.budget.elapsed():.1f} s of {self.budget.total:.0f} s budget",
+            f"device: {hw.get('gpu') or hw.get('gpu_name') or hw.get('cpu_model')}",
+            f"elapsed {self.budget.elapsed():.1f} s of {self.budget.seconds:.0f} s budget",
             *rows,
             "",
         ]
@@ -1090,7 +1020,7 @@ class Suite:
 
     def run(self) -> None:
         cfg = self.cfg
-        self.log(f"device {self.device}, budget {self.budget.total:.0f} s, out {self.out}")
+        self.log(f"device {self.device}, budget {self.budget.seconds:.0f} s, out {self.out}")
         self.run_stage("engine", cfg.shares["engine"], self.stage_engine)
         self.run_stage("cg", cfg.shares["cg"], self.stage_cg)
         self.run_stage("dense", cfg.shares["dense"], self.stage_dense)

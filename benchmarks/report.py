@@ -433,8 +433,8 @@ def markdown(
     for s in sources:
         hw = s.get("hardware", {})
         keys = (
-            "device gpu_name cpu_model cpu_count torch_threads torch cuda "
-            "tf32_default_flags load_average_1m"
+            "device gpu gpu_name cpu_model cpu_count torch_threads torch cuda "
+            "tf32_default_flags loadavg_at_start load_average_1m"
         ).split()
         desc = ", ".join(f"{k}={hw[k]}" for k in keys if k in hw)
         parts.append(f"- `{s['source']}` ({s['format']}): {desc}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import benchlib
+import cases
 import pytest
 import torch
 from benchlib import PRECISIONS, MemoryMeter, ModelSpec, size_params
@@ -54,88 +55,40 @@ def _model_and_data(
 
 
 def _epoch(
-    cache: dict, cfg: benchlib.BenchConfig, case: tuple, device: torch.device
+    cache: dict, cfg: benchlib.BenchConfig, case: tuple, device: torch.device, timer=None
 ) -> dict[str, Any]:
-    """Epoch seconds and memory for a case (measured once, then shared with the matvec tests)."""
+    """The epoch record of a case (measured once, then shared with the matvec tests)."""
     key = ("epoch", *case)
-    if key not in cache:
+    if key not in cache or timer is not None:
         label, n, prec_name = case
-        model, X, Y = _model_and_data(cache, label, n, prec_name, device)
-        prec = PRECISIONS[prec_name]
-        bs = cfg.engine_batch
-        # Warm-up on one batch (kernel selection, lazy init), then the timed epoch.
-        benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec, max_samples=bs)()
-        epoch = benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec)
-        with MemoryMeter(device) as mem:
-            sec, _ = benchlib.timed(epoch, device)
-        cache[key] = {"epoch_seconds": sec, **mem.to_dict("train_")}
+        data = _model_and_data(cache, label, n, prec_name, device)
+        timer = timer or cases.clock_timer(device)
+        cache[key] = cases.train_epoch(
+            label, data[0], data[1:], prec_name, cfg.engine_batch, device, timer
+        )
     return cache[key]
 
 
 def test_train_epoch(benchmark, record, cache, bench_config, device, engine_case) -> None:
-    label, n, prec_name = engine_case
-    model, X, Y = _model_and_data(cache, label, n, prec_name, device)
-    prec = PRECISIONS[prec_name]
-    bs = bench_config.engine_batch
-    benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec, max_samples=bs)()
-    epoch = benchlib.make_train_epoch(model, X, Y, batch_size=bs, prec=prec)
-    with MemoryMeter(device) as mem:
-        sec, times, _ = benchlib.bench_call(benchmark, epoch, device, bench_config.rounds)
-    cache[("epoch", *engine_case)] = {"epoch_seconds": sec, **mem.to_dict("train_")}
-    record(
-        kind="train_epoch",
-        model=label,
-        params=benchlib.count_parameters(model),
-        n=n,
-        precision=prec_name,
-        batch_size=bs,
-        seconds=sec,
-        seconds_all=times,
-        **mem.to_dict("train_"),
-    )
+    timer = cases.pytest_timer(benchmark, device, bench_config.rounds)
+    record(**_epoch(cache, bench_config, engine_case, device, timer))
 
 
 def test_theta_matvec(benchmark, record, cache, bench_config, device, engine_case, vectors) -> None:
     label, n, prec_name = engine_case
     model, X, Y = _model_and_data(cache, label, n, prec_name, device)
-    prec = PRECISIONS[prec_name]
     bs = bench_config.engine_batch
     ep = _epoch(cache, bench_config, engine_case, device)
-    # Warm-up: the same product on the first batch only.
-    K0 = benchlib.make_ntk(model, X[:bs], Y[:bs], batch_size=bs, prec=prec)
-    benchlib.make_matvec(K0, vectors, prec, device)()
-    K = benchlib.make_ntk(model, X, Y, batch_size=bs, prec=prec)
-    mv = benchlib.make_matvec(K, vectors, prec, device)
-    with MemoryMeter(device) as mem:
-        sec, times, _ = benchlib.bench_call(benchmark, mv, device, bench_config.rounds)
+    timer = cases.pytest_timer(benchmark, device, bench_config.rounds)
+    rec = cases.theta_matvec(label, model, (X, Y), prec_name, bs, vectors, device, timer, ep)
     akey = ("accuracy", label, prec_name)
     if akey not in cache:
         na = min(bench_config.accuracy_n, n)
+        prec = PRECISIONS[prec_name]
         cache[akey] = benchlib.precision_accuracy(
             model, X[:na], Y[:na], prec=prec, batch_size=min(bs, na)
         )
-    per_vector = sec / vectors
-    train_delta = ep["train_delta_mib"]
-    record(
-        kind="matvec",
-        model=label,
-        params=benchlib.count_parameters(model),
-        n=n,
-        precision=prec_name,
-        batch_size=bs,
-        vectors=vectors,
-        seconds=sec,
-        seconds_all=times,
-        seconds_per_vector=per_vector,
-        epoch_seconds=ep["epoch_seconds"],
-        ratio_matvec_to_epoch=sec / ep["epoch_seconds"],
-        ratio_per_vector_to_epoch=per_vector / ep["epoch_seconds"],
-        **cache[akey],
-        train_peak_mib=ep["train_peak_mib"],
-        train_delta_mib=train_delta,
-        memory_ratio_to_train=benchlib.memory_ratio(mem.delta_mib, train_delta),
-        **mem.to_dict(),
-    )
+    record(**rec, **cache[akey])
 
 
 def _cg_problem(cache: dict, cfg: benchlib.BenchConfig, device: torch.device):
@@ -172,20 +125,5 @@ def test_cg_iterations(benchmark, record, cache, bench_config, device, cg_case) 
         sec, _, rec = benchlib.bench_call(benchmark, solve, device, 1)
     cache[("cg", point, rank)] = rec
     base = cache.get(("cg", point, 0))
-    record(
-        kind="cg",
-        model=bench_config.cg_model,
-        params=prob.p,
-        n=n,
-        point=point,
-        notes=prob.notes,
-        iterations_ratio_unpreconditioned=(
-            base["iterations"] / rec["iterations"] if base and rec["iterations"] else None
-        ),
-        matvecs_ratio_unpreconditioned=(
-            base["matvecs_total"] / rec["matvecs_total"] if base and rec["matvecs_total"] else None
-        ),
-        **{k: v for k, v in rec.items() if k != "seconds"},
-        seconds=sec,
-        **mem.to_dict(),
-    )
+    record(**cases.cg_record(bench_config.cg_model, prob, point, rec, base), **mem.to_dict())
+    record(seconds=sec)  # pytest-benchmark's timing of the whole solve

@@ -24,6 +24,8 @@ import torch  # noqa: E402
 from benchlib import ModelSpec  # noqa: E402
 
 from ntkscrub import readouts, scrub  # noqa: E402
+from ntkscrub.io import write_record  # noqa: E402
+from ntkscrub.recipes.runtime import hardware  # noqa: E402
 
 PROBLEMS = (("allcnn-w0.1-c5", 200), ("mlp-w0.25-c5", 400))
 TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -66,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             print(rec, flush=True)
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "hardware": benchlib.hardware_info(dev),
+        "hardware": hardware(dev),
         "records": records,
     }
-    benchlib.atomic_write_json(args.out, doc)
+    write_record(args.out, doc)
     return 0
 
 
