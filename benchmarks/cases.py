@@ -22,6 +22,7 @@ __all__ = [
     "train_epoch",
     "theta_matvec",
     "cg_record",
+    "scrub_record",
 ]
 
 #: ``timer(fn) -> (seconds, every call's seconds or None)``
@@ -146,4 +147,30 @@ def cg_record(
         "iterations_ratio_unpreconditioned": b["iterations"] / its if b and its else None,
         "matvecs_ratio_unpreconditioned": b["matvecs_total"] / mvs if b and mvs else None,
         **solve,
+    }
+
+
+def scrub_record(
+    kind: str,
+    label: str,
+    n: int,
+    problem: benchlib.ScrubProblem,
+    retrain: dict[str, Any],
+    scrub: dict[str, Any],
+) -> dict[str, Any]:
+    """The record of one scrub (:func:`benchlib.run_scrub`) on ``problem`` beside the measured
+    retraining (:func:`benchlib.measure_retrain`): ``kind`` is ``scaling``, ``model_size``,
+    ``variant`` or ``capped``."""
+    ok = scrub["status"] == "ok"
+    return {
+        "kind": kind,
+        "model": label,
+        "params": problem.p,
+        "n": n,
+        "n_retain": problem.retain[0].shape[0],
+        "n_forget": problem.forget[0].shape[0],
+        "problem_notes": problem.notes,
+        "ratio_scrub_to_retrain": scrub["seconds"] / retrain["retrain_seconds"] if ok else None,
+        **retrain,
+        **scrub,
     }

@@ -612,19 +612,8 @@ class Suite:
         )
         if variant is not None:
             rec["variant"] = variant
+        out = self.add(**cases.scrub_record(kind, label, n, prob, rt, rec), note=note)
         ok = rec["status"] == "ok"
-        out = self.add(
-            kind=kind,
-            model=label,
-            params=prob.p,
-            n=n,
-            n_retain=prob.retain[0].shape[0],
-            n_forget=prob.forget[0].shape[0],
-            ratio_scrub_to_retrain=rec["seconds"] / rt["retrain_seconds"] if ok else None,
-            note=note,
-            **rt,
-            **rec,
-        )
         msg = (
             f"{rec['seconds']:.2f} s, {rec.get('matvecs')} matvecs" if ok else rec.get("reason", "")
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import benchlib
+import cases
 import pytest
 import torch
 from benchlib import ModelSpec, size_params
@@ -90,19 +91,7 @@ def _scrub_and_record(
 
     benchmark.pedantic(call, rounds=1, iterations=1, warmup_rounds=0)
     rec = box["rec"]
-    ok = rec["status"] == "ok"
-    record(
-        kind=kind,
-        model=label,
-        params=prob.p,
-        n=n,
-        n_retain=prob.retain[0].shape[0],
-        n_forget=prob.forget[0].shape[0],
-        problem_notes=prob.notes,
-        ratio_scrub_to_retrain=rec["seconds"] / rt["retrain_seconds"] if ok else None,
-        **rt,
-        **rec,
-    )
+    record(**cases.scrub_record(kind, label, n, prob, rt, rec))
     return rec
 
 
