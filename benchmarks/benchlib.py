@@ -613,7 +613,7 @@ def warm_up_scrub(
 def measure_retrain(
     problem: ScrubProblem, device: torch.device, *, epochs: int = 1, seed: int = 0
 ) -> dict[str, Any]:
-    """Time the retraining recipe on D_r from θ0 (``ntkscrub.training.train``), per epoch.
+    """Time the retraining recipe on D_r from θ0 (``ntkscrub.recipes.training.train``), per epoch.
 
     Returns the measured epoch times and ``retrain_seconds`` = mean epoch time ×
     :data:`RETRAIN_EPOCHS` (the reference run's 25 fine-tuning epochs). The epoch time is that of
