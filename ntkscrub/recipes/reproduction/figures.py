@@ -377,14 +377,11 @@ def _num(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
-def write_report(results: dict[str, Any], path: Path) -> Path:
-    """``results.md``: command, hardware, data, the table beside the reference code's numbers,
-    per-readout statements, diagnostics and information — generated from the JSON."""
+def _report_header(results: dict[str, Any]) -> list[str]:
+    """Title, status, failed seeds, command, hardware, wall time."""
     meta = results.get("meta", {})
-    cfg = meta.get("config", {})
-    hw = meta.get("hardware", {})
+    hw = results.get("meta", {}).get("hardware", {})
     summ = results.get("summary") or {}
-    seeds = finished_seeds(results)
     L: list[str] = []
     L.append(f"# §5 reproduction — preset `{meta.get('preset')}`\n")
     stopped = meta.get("budget", {}).get("stopped")
@@ -412,6 +409,14 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
             f"a run from scratch takes about {total:.0f} s at this load"
         )
     L.append(wall)
+    return L
+
+
+def _report_setup(results: dict[str, Any]) -> list[str]:
+    """Data, model, recipes, the tuned Fisher α, each seed's training."""
+    cfg = results.get("meta", {}).get("config", {})
+    seeds = finished_seeds(results)
+    L: list[str] = []
     if cfg.get("synthetic"):
         L.append("- **DATA ARE SYNTHETIC** (random images): numbers say nothing about CIFAR.")
     pre = results.get("pretrain") or {}
@@ -474,6 +479,16 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         )
     L.append("- Split indices: `results.json` → `seeds.<seed>.split.indices` (and pre-training).")
     L.append("")
+    return L
+
+
+def _report_table(results: dict[str, Any]) -> list[str]:
+    """The results table beside the reference code's logged numbers."""
+    meta = results.get("meta", {})
+    cfg = results.get("meta", {}).get("config", {})
+    summ = results.get("summary") or {}
+    seeds = finished_seeds(results)
+    L: list[str] = []
     L.append("## Results (mean ± std over seeds; errors in %)\n")
     L.append(
         "Attack = fraction of D_f the entropy attack predicts *member* (lower = more forgotten; "
@@ -526,6 +541,15 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     L.append(
         DIFFERENCES.format(model=cfg.get("model"), width=cfg.get("width"), recipe=_recipe(cfg))
     )
+    return L
+
+
+def _report_band(results: dict[str, Any]) -> list[str]:
+    """Per readout: inside the retrain band? Then the statements."""
+    cfg = results.get("meta", {}).get("config", {})
+    summ = results.get("summary") or {}
+    labels = results.get("meta", {}).get("method_labels", {})
+    L: list[str] = []
     L.append("\n## Per readout: does each method lie inside the retrain band?\n")
     L.append(
         "Band = mean ± std over all retrains (of all seeds); in brackets whether the value lies "
@@ -551,6 +575,14 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         L.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
     L.append("")
     L.extend(_statements(summ, cfg))
+    return L
+
+
+def _report_diagnostics(results: dict[str, Any]) -> list[str]:
+    """The linearisation diagnostics (not in the paper)."""
+    summ = results.get("summary") or {}
+    labels = results.get("meta", {}).get("method_labels", {})
+    L: list[str] = []
     L.append("\n## Linearisation diagnostics (not in the paper)\n")
     L.append(
         "cos = cosine between the predicted shift h(w(D)) − w(D) and the true w(D_r,k) − w(D), "
@@ -591,6 +623,13 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
                 f"{_fmt(ts['distance_between_retrains'], 1, 3)}, "
                 f"‖seed-matched − w(D)‖ = {_num(ts['norm_seed_matched_minus_original'])}"
             )
+    return L
+
+
+def _report_tail(results: dict[str, Any]) -> list[str]:
+    """Information, stage wall times, figures."""
+    meta = results.get("meta", {})
+    L: list[str] = []
     L.append("\n## Information (Fig. 3)\n")
     L.extend(_information(results))
     L.append("\n## Stage wall times (s)\n")
@@ -602,6 +641,22 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     L.append("\n## Figures\n")
     for f in ("fig1_pca.png", "fig2_readouts.png", "fig3_information.png", "fig4_line.png"):
         L.append(f"![{f}]({f})")
+    return L
+
+
+def write_report(results: dict[str, Any], path: Path) -> Path:
+    """``results.md``: command, hardware, data, the table beside the reference code's numbers,
+    per-readout statements, diagnostics and information — generated from the JSON."""
+    L: list[str] = []
+    for section in (
+        _report_header,
+        _report_setup,
+        _report_table,
+        _report_band,
+        _report_diagnostics,
+        _report_tail,
+    ):
+        L.extend(section(results))
     path = Path(path)
     path.write_text("\n".join(L) + "\n")
     return path
