@@ -303,8 +303,9 @@ def test_adaptive_nystrom_caps_and_integer_rank():
         nystrom_preconditioner(K, n, max_seconds=-1)
     # deterministic given the seed; includes_shift gives the same factor
     a = nystrom_preconditioner(K, n, shift=1e-2, seed=3)
-    b = nystrom_preconditioner(K + 1e-2 * torch.eye(n, dtype=F64), n, shift=1e-2, seed=3,
-                               includes_shift=True)
+    b = nystrom_preconditioner(
+        K + 1e-2 * torch.eye(n, dtype=F64), n, shift=1e-2, seed=3, includes_shift=True
+    )
     assert a.rank == b.rank
     assert torch.allclose(a.dense_inverse(), b.dense_inverse(), atol=1e-8)
 
