@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["logger", "progress_bar", "check_progress", "warn"]
+__all__ = ["logger", "progress_bar", "check_progress", "resolve_progress", "warn"]
 
 logger = logging.getLogger("ntkscrub")
 
@@ -57,6 +57,12 @@ def progress_bar(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+def resolve_progress(progress: bool | None, name: str = "progress") -> bool:
+    """``None`` → whether stderr is a terminal (tqdm's convention), else the bool given."""
+    progress = check_progress(progress, name)
+    return _stderr_isatty() if progress is None else progress
 
 
 def _stderr_isatty() -> bool:
