@@ -23,7 +23,6 @@ Shapes: data of N samples, inputs ``x`` of shape ``(b, *input_shape)`` per batch
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from ntkscrub._progress import check_progress, logger, progress_bar
+from ntkscrub._progress import check_progress, logger, progress_bar, warn
 from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches
 from ntkscrub.params import check_eval_mode
 
@@ -351,11 +350,11 @@ def softmax_l1_along_line(
         b.is_floating_point() and not torch.equal(b, b_scrub[n].to(b.device, b.dtype))
         for n, b in b_model.items()
     ):
-        warnings.warn(
+        warn(
             "softmax_l1_along_line: scrubbed's buffers (e.g. BatchNorm running statistics) "
             "differ from model's; buffers are taken from model, so the a = 1 point is not "
             "scrubbed itself",
-            stacklevel=2,
+            UserWarning,
         )
 
     batches = _batches(data, "data", batch_size)

@@ -424,10 +424,10 @@ def nystrom_preconditioner(
     λ̂_ℓ of the sketch satisfies ``λ̂_ℓ ≤ factor · max(shift, rtol·λ̂_1)``. With the FTU
     preconditioner the preconditioned system's condition number is about ``(λ̂_ℓ + μ)/μ``, so the
     rule targets κ ≲ factor + 1 (μ = shift; ``rtol = 1e-6`` stands in for a zero shift). The
-    doubling also stops at ``max_rank`` (default ``min(n, 512)``), at ``max_matvecs``, or when the
-    next round's cost — measured on the previous rounds — would exceed ``max_seconds`` (default
-    150 s, half of cg's default budget). An integer ``rank`` builds :class:`NystromPreconditioner`
-    of that rank in one pass (the previous behaviour).
+    doubling also stops at ``max_rank`` (default ``min(max(n/4, initial_rank), 512)``), at
+    ``max_matvecs``, or when the next round's cost — measured on the previous rounds — would
+    exceed ``max_seconds`` (default 150 s, half of cg's default budget). An integer ``rank``
+    builds a :class:`NystromPreconditioner` of that rank in one pass (the previous behaviour).
 
     Args:
         A, n, shift, includes_shift, seed, dtype, device: as for :class:`NystromPreconditioner`.
@@ -456,7 +456,10 @@ def nystrom_preconditioner(
         raise ValueError(f"rank: expected 'auto' or a positive integer, got {rank!r}")
     t0 = time.perf_counter()
     n, initial_rank, shift = _check_common(n, initial_rank, shift)
-    max_rank = n if max_rank is None and n <= _AUTO_MAX_RANK else (max_rank or _AUTO_MAX_RANK)
+    if max_rank is None:
+        # A rank-n sketch costs n matvecs, what CG needs at most in exact arithmetic: past n/4
+        # the build would cost more than it can save.
+        max_rank = min(max(n // 4, initial_rank), _AUTO_MAX_RANK)
     _, max_rank, _ = _check_common(n, max_rank, shift)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
         raise ValueError(f"factor: must be a number > 1, got {factor!r}")
