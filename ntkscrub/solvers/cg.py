@@ -622,13 +622,15 @@ class _CGRun:
         self.status = "converged"  # until a limit, a breakdown or a stall says otherwise
         self.stalled = False
         self.predicted: float | None = None
+        self.budget_left: float | None = None  # iterations the budget allowed at an early stop
         self.refinements = 0
         self.refine_note: str | None = None
         # Lanczos coefficients of the current recurrence of each column, and per-column best κ.
         self.alphas: dict[int, list[float]] = {j: [] for j in self.idx_nz}
         self.betas: dict[int, list[float]] = {j: [] for j in self.idx_nz}
         self.ritz: dict[int, tuple[float, float]] = {}
-        self.col_hist: dict[int, list[float]] = {j: [] for j in self.idx_nz}
+        # per column, the running minimum of its relative residual after each iteration
+        self.col_best: dict[int, list[float]] = {j: [] for j in self.idx_nz}
         self.bar = progress_bar(max_iter, f"cg[{label}]", progress)
         self._initial_residual()
 
@@ -754,7 +756,8 @@ class _CGRun:
                 self.its[j] += 1
                 self.stale[j] = True
                 self.alphas[j].append(alpha_cpu[i])
-                self.col_hist[j].append(float(rel[i]))
+                best = self.col_best[j]
+                best.append(min(best[-1], float(rel[i])) if best else float(rel[i]))
             self.rel_now[idx_cpu] = rel
             self.history.append(float(self.rel_now.max()))
             self.bar.update(1)
@@ -820,14 +823,16 @@ class _CGRun:
             need = max(self._predict(j) for j in idx.cpu().tolist())
             # Slack: CG often speeds up (superlinear convergence once the extreme eigenvalues are
             # resolved), so only a prediction well past the budget stops the solve.
-            if need > _EARLY_SLACK * self._budget_iterations(m):
-                self.status, self.predicted = "budget", need
+            left = self._budget_iterations(m)
+            if need > _EARLY_SLACK * left:
+                self.status, self.predicted, self.budget_left = "budget", need, left
         return self.status != "converged"
 
     def _predict(self, j: int) -> float:
         """Optimistic further iterations for column j to reach tol: min(rate, κ-based)."""
-        h = self.col_hist[j]
-        best = [min(h[: i + 1]) for i in range(len(h))]
+        best = self.col_best[j]
+        if not best:
+            return 0.0  # nothing to extrapolate from: never a reason to stop
         r = best[-1]
         if r <= self.tol:
             return 0.0
@@ -1007,7 +1012,8 @@ class _CGRun:
         elif st == "budget":
             parts.append(
                 f"Stopped early: extrapolating the residual decay, it needs ≳ "
-                f"{info.predicted_iterations:,.0f} more iterations, beyond the budget "
+                f"{info.predicted_iterations:,.0f} more iterations, more than twice the ≈ "
+                f"{max(self.budget_left or 0.0, 0.0):,.0f} the budget still allowed "
                 f"({self._budget_text()})."
             )
         elif st in ("max_iter", "max_matvecs", "max_seconds"):
