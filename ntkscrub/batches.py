@@ -23,6 +23,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     IterableDataset,
+    RandomSampler,
     SequentialSampler,
     Subset,
 )
@@ -90,8 +91,10 @@ def check_sequential_loader(loader: DataLoader, name: str) -> None:
         )
     sampler = bs.sampler
     if type(sampler) is not SequentialSampler:
+        verb = "shuffles (it draws" if isinstance(sampler, RandomSampler) else "draws"
         raise ValueError(
-            f"{name}: the DataLoader draws samples with {type(sampler).__name__}, not in the "
+            f"{name}: the DataLoader {verb} samples with {type(sampler).__name__}"
+            f"{')' if verb.startswith('shuffles') else ''}, not in the "
             f"fixed order 0..N-1 that Jacobian rows need (a random or custom order gives silently "
             f"wrong results); {fix}"
         )

@@ -1041,10 +1041,28 @@ class _CGRun:
                 f"{info.eig_min:.2e} … {info.eig_max:.2e} from CG's Lanczos coefficients; a lower "
                 f"estimate). To converge in ≈ {hint_its} iterations, add ≈ {delta:.3g} to the "
                 f"ridge (κ-based estimate λ_max/(λ_min + ridge)), or use a stronger "
-                f"preconditioner, or raise max_seconds / max_matvecs."
+                f"preconditioner{self._budget_advice(st, bad)}."
             )
         parts.append("The partial solution is attached (err.x / the returned X).")
         info.message = " ".join(parts)
+
+    def _budget_advice(self, status: str, bad: list[int]) -> str:
+        """ ", or raise max_seconds to ≈ T s (…)" from the extrapolated need, if it is finite."""
+        if status not in ("budget", "max_iter", "max_matvecs", "max_seconds"):
+            return ""
+        need = self.predicted
+        if need is None:
+            preds = [self._predict(j) for j in bad if j in self.col_best]
+            need = max(preds) if preds else math.inf
+        m = max(len(bad), 1)
+        if not math.isfinite(need) or not self.calls:
+            return ", or raise max_seconds / max_matvecs"
+        seconds = time.perf_counter() - self.t_start + need * self._iteration_seconds(m)
+        return (
+            f", or give it the ≈ {need:,.0f} more iterations the residual decay predicts: "
+            f"max_seconds ≈ {seconds:,.0f} (max_matvecs ≈ {self.matvecs + need * m:,.0f}"
+            f", max_iter ≥ {self.it + need:,.0f})"
+        )
 
     def _budget_text(self) -> str:
         out = [f"max_iter={self.max_iter}"]
