@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -43,3 +44,36 @@ def check_choice(x: Any, name: str, allowed: tuple) -> Any:
     if x not in allowed:
         raise ValueError(f"{name}: expected one of {allowed}, got {x!r}")
     return x
+
+
+def check_bytes(x: Any, name: str) -> float:
+    """A memory size in bytes: a finite number > 0 (e.g. ``4 * 2**30``); a string such as
+    ``"4GB"`` is refused with a TypeError naming ``name`` and the expected form."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(
+            f"{name}: expected a number of bytes (e.g. 4 * 2**30 for 4 GiB), got "
+            f"{type(x).__name__} {x!r}"
+        )
+    x = float(x)
+    if not math.isfinite(x) and x != math.inf or x <= 0:
+        raise ValueError(f"{name}: must be a number of bytes > 0 (math.inf: no limit), got {x}")
+    return x
+
+
+def check_not_meta(obj: Any, name: str) -> None:
+    """Refuse tensors, modules or state_dicts on the 'meta' device (shapes without data),
+    naming the argument — torch's own error ("Tensor.item() cannot be called on meta tensors")
+    names neither the argument nor the fix."""
+    if isinstance(obj, nn.Module):
+        tensors = [t for _, t in obj.named_parameters()] + [t for _, t in obj.named_buffers()]
+    elif isinstance(obj, torch.Tensor):
+        tensors = [obj]
+    elif isinstance(obj, dict):
+        tensors = [t for t in obj.values() if isinstance(t, torch.Tensor)]
+    else:
+        return
+    if any(t.device.type == "meta" for t in tensors):
+        raise ValueError(
+            f"{name}: holds tensors on the 'meta' device (shapes without data); load real "
+            f"weights / data first (e.g. module.to_empty(device='cpu') then load_state_dict)"
+        )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ntkscrub._progress import logger, resolve_progress
 from ntkscrub._validation import check_int, check_model, check_number, check_seed
 from ntkscrub.batches import as_batches
 from ntkscrub.noise import FISHER_OPTIONS, add_fisher_noise
@@ -197,7 +198,8 @@ def finetune(
         seed: seeds the shuffling (and any dropout); ``None`` is unseeded.
         **train_options: ``momentum``, ``batch_size``, ``schedule``, ``loss``, ``freeze_bn``,
             ``max_epochs``, ``shuffle``, ``callback``, ``progress``, ``device`` — see
-            :func:`ntkscrub.training.train`.
+            :func:`ntkscrub.training.train`; ``progress`` (a tqdm bar over epochs) defaults to
+            ``None``: shown only when stderr is a terminal.
 
     Returns:
         :class:`ForgetResult`; ``.info["log"]`` is the :class:`~ntkscrub.training.TrainLog`
@@ -297,6 +299,8 @@ def _train_baseline(
         raise TypeError(f"until_zero_error: expected a bool, got {type(until_zero_error).__name__}")
     opts = {k: v for k, v in FINETUNE_RECIPE.items() if k not in ("lr", "weight_decay")}
     opts.update(_split_train_options(dict(train_options), method))
+    # progress=None (the default) shows train()'s epoch bar only when stderr is a terminal.
+    opts["progress"] = resolve_progress(opts.get("progress"))
     n_r = _check_data(retain, "retain")
     anchor = None
     if init is not None:
@@ -330,4 +334,12 @@ def _train_baseline(
         "log": log.to_dict(),
         "seconds": time.perf_counter() - t0,
     }
+    logger.info(
+        "%s: %d epochs on %d retain samples in %.1f s (final train error %s)",
+        method,
+        log.epochs,
+        n_r,
+        info["seconds"],
+        info["final_train_error"],
+    )
     return ForgetResult(model=net, info=info, shift=shift)

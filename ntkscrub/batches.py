@@ -17,12 +17,150 @@ from collections.abc import Iterator
 from typing import Any, Union
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch import Tensor, nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
 DataLike = Union[Dataset, DataLoader, tuple, list, "Batches"]
 
-__all__ = ["Batches", "as_batches", "DataLike", "subset_indices"]
+__all__ = [
+    "Batches",
+    "as_batches",
+    "DataLike",
+    "subset_indices",
+    "check_sequential_loader",
+    "check_input_shapes",
+    "check_model_accepts",
+]
+
+
+def _check_not_meta(x: Tensor, name: str, what: str = "inputs") -> None:
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name}: {what} are on the 'meta' device (shapes without data); materialise them "
+            f"(e.g. load real data / call .to_empty() and load weights) before passing them"
+        )
+
+
+def _check_input_dtype(x: Tensor, name: str) -> None:
+    """uint8 images reach a float model as raw pixels and fail deep inside torch: say so here."""
+    if x.dtype == torch.uint8:
+        raise TypeError(
+            f"{name}: inputs are uint8 (raw image bytes, shape {tuple(x.shape)}); convert them to "
+            f"the model's floating dtype and scale first, e.g. x.float() / 255 (what "
+            f"torchvision's ToTensor does) followed by the normalisation used in training"
+        )
+
+
+def check_sequential_loader(loader: DataLoader, name: str) -> None:
+    """Refuse a ``DataLoader`` whose order is not provably ``0, 1, …, N−1`` or that drops samples.
+
+    Jacobian rows are indexed by sample order; a loader visiting samples in another (or a
+    changing) order silently scrambles the rows, which made dense shifts 29–37× wrong and CG
+    report "not positive definite" (issue 12). Only ``SequentialSampler`` (inside the default
+    ``BatchSampler``) is proven sequential: every other sampler — ``RandomSampler``,
+    ``SubsetRandomSampler``, ``WeightedRandomSampler``, a custom one, a ``batch_sampler=`` other
+    than ``BatchSampler(SequentialSampler)`` — is refused, naming it.
+    """
+    fix = (
+        "pass DataLoader(dataset, batch_size=..., shuffle=False) with the default sampler, the "
+        "Dataset itself, or an (X, Y) pair; to use a subset, wrap it in torch.utils.data.Subset"
+    )
+    if isinstance(loader.dataset, IterableDataset):
+        raise ValueError(
+            f"{name}: the DataLoader reads an IterableDataset ({type(loader.dataset).__name__}), "
+            f"whose order and length cannot be checked; {fix}"
+        )
+    bs = loader.batch_sampler
+    if bs is None:
+        raise ValueError(
+            f"{name}: the DataLoader has batch_size=None (automatic batching off: it yields single "
+            f"samples); give it a batch_size"
+        )
+    if type(bs) is not BatchSampler:
+        raise ValueError(
+            f"{name}: the DataLoader uses batch_sampler={type(bs).__name__}, whose order cannot "
+            f"be proven sequential (Jacobian rows need the fixed order 0..N-1); {fix}"
+        )
+    sampler = bs.sampler
+    if type(sampler) is not SequentialSampler:
+        verb = "shuffles (it draws" if isinstance(sampler, RandomSampler) else "draws"
+        raise ValueError(
+            f"{name}: the DataLoader {verb} samples with {type(sampler).__name__}"
+            f"{')' if verb.startswith('shuffles') else ''}, not in the "
+            f"fixed order 0..N-1 that Jacobian rows need (a random or custom order gives silently "
+            f"wrong results); {fix}"
+        )
+    if bs.drop_last:
+        raise ValueError(
+            f"{name}: the DataLoader has drop_last=True, which leaves out the last "
+            f"{len(sampler) % bs.batch_size} sample(s) of the {name} set; use drop_last=False"
+        )
+    if len(sampler) != len(loader.dataset):  # type: ignore[arg-type]
+        raise ValueError(
+            f"{name}: the DataLoader's SequentialSampler covers {len(sampler)} samples but its "
+            f"dataset has {len(loader.dataset)}; {fix}"  # type: ignore[arg-type]
+        )
+
+
+def _shape_hint(shape: tuple, ref: tuple) -> str:
+    if len(shape) == 3 and len(ref) == 3 and shape == (ref[1], ref[2], ref[0]):
+        return (
+            " — it looks channels-last (N, H, W, C); permute to (N, C, H, W) with "
+            "x.permute(0, 3, 1, 2)"
+        )
+    return ""
+
+
+def check_input_shapes(**sets: Batches) -> tuple[int, ...]:
+    """All sets must deliver inputs of the same per-sample shape; returns it.
+
+    E.g. ``check_input_shapes(retain=r, forget=f)``: a ValueError naming both sets and shapes
+    (instead of torch's "mat1 and mat2 shapes cannot be multiplied" deep inside a product).
+    """
+    ref_name, ref = None, None
+    for name, b in sets.items():
+        shape = tuple(b.first()[0].shape[1:])
+        if ref is None:
+            ref_name, ref = name, shape
+        elif shape != ref:
+            raise ValueError(
+                f"{name}: inputs have per-sample shape {shape} but {ref_name} has {ref}; every "
+                f"set must match the model's input{_shape_hint(shape, ref)}"
+            )
+    return ref or ()
+
+
+def check_model_accepts(model: nn.Module, **sets: Batches) -> None:
+    """Run ``model`` on two samples of each set's first batch; an error names the set.
+
+    Catches a wrong feature dimension, channels-last (N, H, W, C) images or a dtype mismatch at the
+    door, with the set's name, instead of a raw torch error in the middle of a JVP.
+    """
+    for name, b in sets.items():
+        x = b.first()[0][:2]
+        try:
+            with torch.no_grad():
+                model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            shape = tuple(x.shape[1:])
+            hint = ""
+            if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
+                hint = (
+                    " The inputs look channels-last (N, H, W, C): permute them to (N, C, H, W) "
+                    "with x.permute(0, 3, 1, 2)."
+                )
+            raise ValueError(
+                f"{name}: the model cannot be applied to its inputs (per-sample shape {shape}, "
+                f"dtype {x.dtype}): {type(err).__name__}: {err}.{hint}"
+            ) from err
 
 
 def _check_finite(x: Tensor, name: str) -> None:
@@ -32,6 +170,7 @@ def _check_finite(x: Tensor, name: str) -> None:
 
 
 def _check_labels(y: Tensor, name: str, num_classes: int | None) -> None:
+    _check_not_meta(y, name, "labels")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{name}: labels must be an integer tensor, got dtype {y.dtype}")
     if y.dim() != 1:
@@ -112,11 +251,7 @@ class Batches:
             self.n = X.shape[0]
             self.source = data
         elif isinstance(data, DataLoader):
-            if isinstance(data.sampler, RandomSampler):
-                raise ValueError(
-                    f"{name}: the DataLoader shuffles; Jacobian rows need a fixed order, so "
-                    "pass a DataLoader with shuffle=False or the Dataset itself"
-                )
+            check_sequential_loader(data, name)
             self._loader = data
             self.n = len(data.dataset)  # type: ignore[arg-type]
             self.batch_size = data.batch_size or 1
@@ -135,8 +270,13 @@ class Batches:
             )
         if self.n == 0:
             raise ValueError(f"{name}: the data set is empty")
-        if self._X is not None and check:
-            _check_finite(self._X, name)
+        if self._X is not None:
+            _check_not_meta(self._X, name)
+            if self._Y is not None:
+                _check_not_meta(self._Y, name, "labels")
+            _check_input_dtype(self._X, name)
+            if check:
+                _check_finite(self._X, name)
 
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
@@ -176,6 +316,13 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         for x, y in self._raw():
+            if self._X is None:
+                _check_not_meta(x, self.name)
+                _check_input_dtype(x, self.name)
+            if not (x.is_contiguous() or x.dim() < 4):
+                # channels-last memory format: same values, but views inside the products need
+                # the default layout
+                x = x.contiguous()
             if self.check:
                 if self._X is None:
                     _check_finite(x, self.name)

@@ -4,10 +4,12 @@ the JSON-safe form of result records."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -45,10 +47,20 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool) -> Path:
-    """Call ``write(fh)`` on a temp file in ``path``'s folder, fsync it, then ``os.replace``."""
+    """Call ``write(fh)`` on a temp file in ``path``'s folder, fsync it, ``os.replace`` it onto
+    ``path`` and fsync the folder (so the rename itself survives a power cut).
+
+    On any failure the temp file is removed; temp files that a killed earlier write of the same
+    ``path`` left behind (SIGKILL runs no cleanup) are removed once they are over an hour old.
+    An ``OSError`` (read-only folder, full disk) is re-raised naming ``path``, not the temp file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _named(err, path) from err
     try:
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
@@ -61,11 +73,57 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _named(err, path) from err
         raise
     return path
+
+
+# A temp file of a killed write is removed by the next write of the same target after this long
+# (a younger one may belong to a concurrent writer).
+_STALE_SECONDS = 3600.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_SECONDS:
+                tmp.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open a directory: the rename still happened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """The same kind of OSError, naming the target path (not the temp file)."""
+    return type(err)(err.errno, f"cannot write {path}: {err.strerror or err}", str(path))
+
+
+def _nonfinite_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nonfinite_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nonfinite_to_none(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(
@@ -74,13 +132,20 @@ def atomic_write_json(
     *,
     indent: int = 2,
     default: Callable[[Any], Any] | None = None,
-    allow_nan: bool = True,
+    allow_nan: bool = False,
 ) -> Path:
-    """``json.dump(obj)`` (plus a final newline) to ``path`` through :func:`atomic_write`."""
+    """``json.dump(obj)`` (plus a final newline) to ``path`` through :func:`atomic_write`.
+
+    The file is strict JSON: non-finite floats (NaN, ±∞) become ``null``, as in
+    :func:`to_jsonable` (bare ``NaN`` is not JSON and breaks other readers). ``allow_nan=True``
+    writes them as Python's ``NaN`` / ``Infinity`` instead.
+    """
+    if not allow_nan:
+        obj = _nonfinite_to_none(obj)
 
     def write(fh: IO) -> None:
-        json.dump(obj, fh, indent=indent, default=default, allow_nan=allow_nan)
-        fh.write("\n")
+        text = json.dumps(obj, indent=indent, default=default, allow_nan=allow_nan)
+        fh.write(text + "\n")  # serialised first: a failure leaves no half-written temp file
 
     return atomic_write(path, write, binary=False)
 

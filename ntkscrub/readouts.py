@@ -23,7 +23,6 @@ Shapes: data of N samples, inputs ``x`` of shape ``(b, *input_shape)`` per batch
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
+from ntkscrub._progress import check_progress, logger, progress_bar, warn
 from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches
 from ntkscrub.params import check_eval_mode
 
@@ -350,11 +350,11 @@ def softmax_l1_along_line(
         b.is_floating_point() and not torch.equal(b, b_scrub[n].to(b.device, b.dtype))
         for n, b in b_model.items()
     ):
-        warnings.warn(
+        warn(
             "softmax_l1_along_line: scrubbed's buffers (e.g. BatchNorm running statistics) "
             "differ from model's; buffers are taken from model, so the a = 1 point is not "
             "scrubbed itself",
-            stacklevel=2,
+            UserWarning,
         )
 
     batches = _batches(data, "data", batch_size)
@@ -431,6 +431,7 @@ def relearn_time(
     seed: int | None = 0,
     retain: DataLike | None = None,
     max_retain_error: float | None = None,
+    progress: bool | None = None,
 ) -> RelearnResult:
     """Epochs of fine-tuning on the full D until the forget-set loss is back (§5.4 (iv), Fig. 2e).
 
@@ -467,8 +468,12 @@ def relearn_time(
     that an lr-0.005-momentum-0.9 recipe had fitted, and on the CPU it sent such a model's
     forget loss from 0.14 to 77 in one epoch: models sharper than 2/0.01), the threshold and
     every option used. ``model``, ``reference`` and the data are not modified.
+
+    ``progress``: a tqdm bar over the epochs (forget loss vs the threshold); ``None`` (default)
+    shows it only when stderr is a terminal, ``False`` never.
     """
     check_eval_mode(model, "model")
+    check_progress(progress)
     if (target_loss is None) == (reference is None):
         raise ValueError(
             "target_loss: give exactly one of target_loss and reference (the original model w(D), "
@@ -520,9 +525,13 @@ def relearn_time(
     )
     collapsed: list[int] = []
 
+    bar = progress_bar(max_epochs, "relearn", progress, unit="ep")
+
     def relearned(net: nn.Module) -> bool:
         # net is train()'s copy after an epoch, in eval mode.
         losses.append(_error_and_loss(net, forget, "forget", "ce", 512)[1])
+        bar.update(1)
+        bar.set_postfix(forget_loss=f"{losses[-1]:.3g}", target=f"{threshold:.3g}", refresh=False)
         if retain_errors is not None:
             retain_errors.append(_error_and_loss(net, retain, "retain", "ce", 512)[0])
         if losses[-1] > threshold:
@@ -569,7 +578,15 @@ def relearn_time(
                 break
             if relearned(current):
                 break
+    bar.close()
     reached = len(losses) > 1 and losses[-1] <= threshold and (len(losses) - 1) not in collapsed
+    logger.info(
+        "relearn_time: %s after %d epoch(s) (target forget loss %.4g), %.1f s",
+        "reached" if reached else "not reached",
+        len(losses) - 1,
+        threshold,
+        time.perf_counter() - t0,
+    )
     epochs = len(losses) - 1 if reached else max_epochs + 1
     return RelearnResult(
         epochs=epochs,
@@ -637,6 +654,7 @@ def membership_attack(
     seed: int = 0,
     max_per_class: int | None = None,
     batch_size: int = 512,
+    progress: bool | None = None,
 ) -> AttackResult:
     """Black-box entropy membership attack on ``model`` (§5.4 (v), Fig. 2d; REFERENCE.md §2).
 
@@ -655,7 +673,8 @@ def membership_attack(
       test) and scored on the other half (balanced, so chance ≈ 0.5) — how strong the attack is;
     * mean entropies per set and the sizes used.
 
-    Labels are not needed. Each balanced set needs at least 2 samples.
+    Labels are not needed. Each balanced set needs at least 2 samples. ``progress``: a tqdm bar
+    over the 5 steps (3 entropy passes, 2 SVC fits); ``None`` shows it only on a terminal.
     """
     from sklearn.svm import SVC  # sklearn import is slow; only pay for it when attacking
 
@@ -664,11 +683,20 @@ def membership_attack(
     if C <= 0:
         raise ValueError(f"C must be > 0, got {C}")
     _int(seed, "seed", 0)  # numpy's default_rng needs a non-negative seed
-    h_r = _entropies(model, retain, "retain", batch_size)
-    h_t = _entropies(model, test, "test", batch_size)
-    h_f = _entropies(model, forget, "forget", batch_size)
+    bar = progress_bar(5, "membership_attack", check_progress(progress), unit="step")
+    h = {}
+    for name, data in (("retain", retain), ("test", test), ("forget", forget)):
+        bar.set_postfix(step=f"entropies on {name}", refresh=False)
+        try:
+            h[name] = _entropies(model, data, name, batch_size)
+        except BaseException:
+            bar.close()
+            raise
+        bar.update(1)
+    h_r, h_t, h_f = h["retain"], h["test"], h["forget"]
     m = min(h_r.size, h_t.size)
     if m < 2:
+        bar.close()
         small = "retain" if h_r.size <= h_t.size else "test"
         raise ValueError(f"{small}: needs at least 2 samples for the attack and its held-out half")
     if max_per_class is not None:
@@ -691,12 +719,16 @@ def membership_attack(
         return SVC(C=C, gamma=gamma, kernel=kernel).fit(X, y)
 
     half = m // 2
+    bar.set_postfix(step="SVC fits", refresh=False)
     probe = fit(h_r[:half], h_t[:half])
+    bar.update(1)
     X_out = np.concatenate([h_r[half:], h_t[half:]])[:, None]
     y_out = np.concatenate([np.ones(m - half, int), np.zeros(m - half, int)])
     heldout = float((probe.predict(X_out) == y_out).mean())
 
     attack = fit(h_r, h_t)
+    bar.update(1)
+    bar.close()
     member_frac = float((attack.predict(h_f[:, None]) == 1).mean())
     return AttackResult(
         forget_member_fraction=member_frac,

@@ -577,13 +577,7 @@ def load_checkpoint(
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"path: no checkpoint at {path}")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(obj, dict) and obj.get("format") == _CKPT_FORMAT:
-        state, meta = obj["state_dict"], obj.get("meta", {})
-    elif isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values()):
-        state, meta = obj, {}
-    else:
-        raise ValueError(f"path: {path} is not a checkpoint written by save_checkpoint")
+    state, meta = _read_checkpoint(path, map_location)
     if model is None:
         return state, meta
     if not isinstance(model, nn.Module):
@@ -594,3 +588,34 @@ def load_checkpoint(
     except RuntimeError as err:
         raise ValueError(f"model: checkpoint {path} does not fit this architecture: {err}") from err
     return loaded, meta
+
+
+def _read_checkpoint(path: str | os.PathLike, map_location: Any) -> tuple[dict[str, Tensor], dict]:
+    """``torch.load`` with every failure turned into a ValueError naming ``path``; the state_dict
+    must map names to tensors (a list or number in it would be returned silently otherwise)."""
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"path: {path} is empty (0 bytes): an interrupted write? re-create it")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError, KeyError …
+        raise ValueError(
+            f"path: {path} cannot be read as a torch checkpoint (truncated, not a checkpoint, or "
+            f"written by something else): {type(err).__name__}: {err}"
+        ) from err
+    if isinstance(obj, dict) and obj.get("format") == _CKPT_FORMAT:
+        if not isinstance(obj.get("state_dict"), dict):
+            raise ValueError(f"path: {path} has no 'state_dict' entry (a damaged checkpoint)")
+        state, meta = obj["state_dict"], obj.get("meta", {})
+    elif isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        state, meta = obj, {}
+    else:
+        raise ValueError(
+            f"path: {path} is not a checkpoint written by save_checkpoint (nor a bare state_dict)"
+        )
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(
+            f"path: {path}: state_dict values must be tensors; {bad[:3]} are "
+            f"{type(state[bad[0]]).__name__}"
+        )
+    return state, meta

@@ -3,7 +3,11 @@
 * :func:`cg` — preconditioned CG with many right-hand sides, per-column stopping, converged columns
   dropped from the operator calls, float64 scalars; :class:`CGInfo`, :class:`CGNotConverged`.
 * :class:`NystromPreconditioner`, :class:`RPCholeskyPreconditioner` — low-rank preconditioners for
-  ``(K + μI)`` built from a few block matvecs.
+  ``(K + μI)`` built from a few block matvecs; :func:`nystrom_preconditioner` with ``rank="auto"``
+  doubles the Nyström sketch until its smallest kept eigenvalue is within a factor of the shift.
+* :func:`cg` stops within a time/matvec budget, early when the residual decay cannot reach ``tol``
+  in it, and raises :class:`CGNotConverged` with a diagnosis (κ estimated from CG's own Lanczos
+  coefficients, the extra ridge that would converge, the matvec cost, the partial solution).
 * :func:`lanczos`, :func:`slq_logdet`, :func:`slq_trace` — block Lanczos runs and stochastic Lanczos
   quadrature; :func:`dense_logdet` is the exact small-n reference.
 
@@ -11,7 +15,15 @@ An operator ``A`` is a dense ``(n, n)`` tensor, a ``linear_operator.LinearOperat
 ``(n, k) -> (n, k)``; :func:`as_matmul` turns any of them into a function.
 """
 
-from ntkscrub.solvers.cg import CGInfo, CGNotConverged, as_matmul, as_precond, cg
+from ntkscrub.solvers.cg import (
+    DEFAULT_MAX_SECONDS,
+    CGInfo,
+    CGNonFinite,
+    CGNotConverged,
+    as_matmul,
+    as_precond,
+    cg,
+)
 from ntkscrub.solvers.lanczos import (
     LanczosResult,
     LogdetEstimate,
@@ -26,6 +38,7 @@ from ntkscrub.solvers.preconditioners import (
     LowRankPreconditioner,
     NystromPreconditioner,
     RPCholeskyPreconditioner,
+    nystrom_preconditioner,
 )
 
 __all__ = [
@@ -34,6 +47,9 @@ __all__ = [
     "cg",
     "CGInfo",
     "CGNotConverged",
+    "CGNonFinite",
+    "DEFAULT_MAX_SECONDS",
+    "nystrom_preconditioner",
     "LowRankPreconditioner",
     "NystromPreconditioner",
     "RPCholeskyPreconditioner",

@@ -43,9 +43,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ntkscrub._progress import logger, progress_bar
 from ntkscrub.solvers.cg import Operator, as_matmul, resolve_dtype_device
 
-__all__ = ["LowRankPreconditioner", "NystromPreconditioner", "RPCholeskyPreconditioner"]
+__all__ = [
+    "LowRankPreconditioner",
+    "NystromPreconditioner",
+    "RPCholeskyPreconditioner",
+    "nystrom_preconditioner",
+    "stable_nystrom",
+]
 
 
 def _check_shift(shift: Any) -> float:
@@ -62,6 +69,34 @@ def _check_common(n: Any, rank: Any, shift: Any) -> tuple[int, int, float]:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank: must be a positive integer, got {rank!r}")
     return n, min(rank, n), _check_shift(shift)
+
+
+def stable_nystrom(omega: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, float]:
+    """Stable Nyström factorisation (Frangella–Tropp–Udell 2023, Alg. 2.1) of the sketch
+    ``Y = K Ω``: returns ``(Û (n, ℓ), Λ̂ (ℓ,) descending, ν)`` with ``K ≈ Û diag(Λ̂) Ûᵀ``.
+
+    ``omega`` (n, ℓ) orthonormal and ``Y`` in float64. ν starts at the rounding level of Y
+    (``eps`` of the operator's dtype × ‖Y‖_F) and is raised ×10 until the Cholesky succeeds.
+    FTU's √n·eps·‖Y‖₂ is harmless in float64 but in float32 at n = 5e5 it puts a floor of
+    ~1e-4‖A‖ under Λ̂; measured here (float32, n = 3000, power-law spectrum) the smaller ν cut PCG
+    iterations by up to 1.8× at rank 400.
+    """
+    nu = max(eps * float(torch.linalg.norm(Y)), torch.finfo(torch.float64).tiny)
+    for _ in range(12):
+        Y_nu = Y + nu * omega
+        C = omega.T @ Y_nu  # (ℓ, ℓ)
+        C = 0.5 * (C + C.T)
+        L, info = torch.linalg.cholesky_ex(C)
+        if int(info) == 0:
+            break
+        nu *= 10.0  # rounding (or a slightly indefinite A) beat ν: push further
+    else:
+        raise ValueError(
+            "A: Ωᵀ A Ω is not positive definite even after shifting; is A symmetric PSD?"
+        )
+    Bm = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # (n, ℓ) = Y_ν L⁻ᵀ
+    U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
+    return U, (S**2 - nu).clamp_min(0.0), nu
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -237,27 +272,7 @@ class NystromPreconditioner(LowRankPreconditioner):
             raise ValueError("A: operator returned NaN or infinite values")
         if includes_shift and shift:
             Y = Y - shift * omega  # K Ω = A Ω − shift Ω, exactly
-        eps = torch.finfo(op_dtype).eps
-        # ν at the rounding level of Y (eps of the operator's dtype × ‖Y‖_F), raised ×10 until the
-        # Cholesky succeeds. FTU's √n·eps·‖Y‖₂ is harmless in float64 but in float32 at n = 5e5 it
-        # puts a floor of ~1e-4‖A‖ under Λ̂; measured here (float32, n = 3000, power-law
-        # spectrum) the smaller ν cut PCG iterations by up to 1.8× at rank 400.
-        nu = max(eps * float(torch.linalg.norm(Y)), torch.finfo(f64).tiny)
-        for _ in range(12):
-            Y_nu = Y + nu * omega
-            C = omega.T @ Y_nu  # (ℓ, ℓ)
-            C = 0.5 * (C + C.T)
-            L, info = torch.linalg.cholesky_ex(C)
-            if int(info) == 0:
-                break
-            nu *= 10.0  # rounding (or a slightly indefinite A) beat ν: push further
-        else:
-            raise ValueError(
-                "A: Ωᵀ A Ω is not positive definite even after shifting; is A symmetric PSD?"
-            )
-        Bm = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # (n, ℓ) = Y_ν L⁻ᵀ
-        U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
-        lam = (S**2 - nu).clamp_min(0.0)
+        U, lam, nu = stable_nystrom(omega, Y, torch.finfo(op_dtype).eps)
         super().__init__(U[:, :rank], lam[:rank], shift)
         self.nu = nu
         self.sketch_size = ell
@@ -374,3 +389,167 @@ class RPCholeskyPreconditioner(LowRankPreconditioner):
         self.matvecs = len(pivots)
         self.block_matvecs = calls
         self.seconds = time.perf_counter() - t0
+
+
+# Adaptive Nyström defaults: the first sketch size, the factor of the stopping rule, and the
+# relative floor that replaces the shift when it is 0 (≈ what a float32 sketch can resolve).
+_AUTO_INITIAL_RANK = 16
+_AUTO_FACTOR = 10.0
+_AUTO_RTOL = 1e-6
+_AUTO_MAX_RANK = 512
+
+
+def nystrom_preconditioner(
+    A: Operator,
+    n: int,
+    rank: int | str = "auto",
+    *,
+    shift: float = 0.0,
+    includes_shift: bool = False,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    initial_rank: int = _AUTO_INITIAL_RANK,
+    max_rank: int | None = None,
+    factor: float = _AUTO_FACTOR,
+    max_matvecs: int | None = None,
+    max_seconds: float | None = None,
+    progress: bool | None = None,
+) -> NystromPreconditioner:
+    """A Nyström preconditioner for ``(K + shift·I)`` whose rank adapts to the spectrum.
+
+    ``rank="auto"`` (the default): the adaptive scheme of Frangella, Tropp & Udell (SIMAX 2023,
+    §5.4): sketch ``initial_rank`` columns, then double the sketch — each round one block matvec
+    with the *new* columns only, earlier products are kept — until the smallest kept eigenvalue
+    λ̂_ℓ of the sketch satisfies ``λ̂_ℓ ≤ factor · max(shift, rtol·λ̂_1)``. With the FTU
+    preconditioner the preconditioned system's condition number is about ``(λ̂_ℓ + μ)/μ``, so the
+    rule targets κ ≲ factor + 1 (μ = shift; ``rtol = 1e-6`` stands in for a zero shift). The
+    doubling also stops at ``max_rank`` (default ``min(max(n/4, initial_rank), 512)``), at
+    ``max_matvecs``, or when the next round's cost — measured on the previous rounds — would
+    exceed ``max_seconds`` (default 150 s, half of cg's default budget). An integer ``rank``
+    builds a :class:`NystromPreconditioner` of that rank in one pass (the previous behaviour).
+
+    Args:
+        A, n, shift, includes_shift, seed, dtype, device: as for :class:`NystromPreconditioner`.
+        rank: ``"auto"`` or a positive integer.
+        initial_rank, max_rank, factor, max_matvecs, max_seconds: the adaptive scheme's knobs.
+        progress: a tqdm bar over the sketch columns (``None``: only on a terminal).
+
+    Returns:
+        A :class:`NystromPreconditioner` (``solve``, ``restrict``, ``to_dict``). Extra attributes:
+        ``matvecs`` (column-matvecs spent building), ``block_matvecs`` (rounds), ``seconds``,
+        ``history`` (one dict per round: rank, eig_min, matvecs, seconds) and ``stop_reason``
+        (``"factor"``, ``"max_rank"``, ``"max_matvecs"``, ``"max_seconds"``, ``"exhausted"``).
+    """
+    if not isinstance(rank, str):
+        return NystromPreconditioner(
+            A,
+            n,
+            rank,
+            shift=shift,
+            includes_shift=includes_shift,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+        )
+    if rank != "auto":
+        raise ValueError(f"rank: expected 'auto' or a positive integer, got {rank!r}")
+    t0 = time.perf_counter()
+    n, initial_rank, shift = _check_common(n, initial_rank, shift)
+    if max_rank is None:
+        # A rank-n sketch costs n matvecs, what CG needs at most in exact arithmetic: past n/4
+        # the build would cost more than it can save.
+        max_rank = min(max(n // 4, initial_rank), _AUTO_MAX_RANK)
+    _, max_rank, _ = _check_common(n, max_rank, shift)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(f"factor: must be a number > 1, got {factor!r}")
+    if max_matvecs is not None and (
+        isinstance(max_matvecs, bool) or not isinstance(max_matvecs, int) or max_matvecs < 1
+    ):
+        raise ValueError(f"max_matvecs: must be a positive integer or None, got {max_matvecs!r}")
+    if max_seconds is None:
+        max_seconds = 150.0
+    if (
+        isinstance(max_seconds, bool)
+        or not isinstance(max_seconds, (int, float))
+        or not max_seconds > 0
+    ):
+        raise ValueError(f"max_seconds: must be a positive number or None, got {max_seconds!r}")
+    op_dtype, op_device = resolve_dtype_device(A, dtype, device)
+    matmul = as_matmul(A, n, name="A")
+    f64, gen = torch.float64, _generator(seed)
+    eps = torch.finfo(op_dtype).eps
+    omega = torch.zeros(n, 0, dtype=f64, device=op_device)
+    Y = torch.zeros(n, 0, dtype=f64, device=op_device)
+    history: list[dict[str, Any]] = []
+    bar = progress_bar(max_rank, "nystrom", progress, unit="col")
+    new, stop = initial_rank, "max_rank"
+    try:
+        while True:
+            G = torch.randn(n, new, dtype=f64, generator=gen).to(op_device)
+            for _ in range(2):  # twice is enough (Giraud et al.): Ω stays orthonormal to eps
+                G = G - omega @ (omega.T @ G)
+            Q = torch.linalg.qr(G).Q
+            Q_op = Q.to(dtype=op_dtype)
+            Yq = matmul(Q_op).to(f64)  # (n, new): one multi-vector pass, new columns only
+            if not bool(torch.isfinite(Yq).all()):
+                raise ValueError("A: operator returned NaN or infinite values")
+            Q = Q_op.to(f64)  # the Ω that A actually saw
+            if includes_shift and shift:
+                Yq = Yq - shift * Q
+            omega, Y = torch.cat([omega, Q], 1), torch.cat([Y, Yq], 1)
+            U, lam, nu = stable_nystrom(omega, Y, eps)
+            ell = omega.shape[1]
+            lam_min, lam_max = float(lam[-1]), float(lam[0])
+            history.append(
+                {
+                    "rank": ell,
+                    "eig_min": lam_min,
+                    "eig_max": lam_max,
+                    "matvecs": ell,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            bar.update(new)
+            bar.set_postfix(eig_min=f"{lam_min:.2e}", refresh=False)
+            if lam_min <= factor * max(shift, _AUTO_RTOL * lam_max):
+                stop = "factor"
+                break
+            if lam_min <= 10 * eps * lam_max:
+                stop = "exhausted"  # the rest of the spectrum is below what the sketch resolves
+                break
+            new = min(ell, max_rank - ell)  # double the sketch
+            if new <= 0:
+                stop = "max_rank"
+                break
+            if max_matvecs is not None and ell + new > max_matvecs:
+                new = max_matvecs - ell
+                if new <= 0:
+                    stop = "max_matvecs"
+                    break
+            per_col = (time.perf_counter() - t0) / ell
+            if time.perf_counter() - t0 + per_col * new > max_seconds:
+                stop = "max_seconds"
+                break
+    finally:
+        bar.close()
+    M = NystromPreconditioner.__new__(NystromPreconditioner)
+    LowRankPreconditioner.__init__(M, U, lam, shift)
+    M.nu = nu
+    M.sketch_size = omega.shape[1]
+    M.matvecs = omega.shape[1]
+    M.block_matvecs = len(history)
+    M.seconds = time.perf_counter() - t0
+    M.history = history
+    M.stop_reason = stop
+    logger.info(
+        "nystrom: rank %d in %d rounds (%s), %d matvecs, %.2f s, eig_min %.3g, shift %.3g",
+        M.rank,
+        len(history),
+        stop,
+        M.matvecs,
+        M.seconds,
+        float(lam[-1]),
+        shift,
+    )
+    return M
