@@ -112,6 +112,7 @@ class BoundsConfig:
         for name, kind in (("reduction", Reduction), ("loss", Loss), ("solver", Solver)):
             _check_literal(self, name, kind)
         _check_literal(self, "form", Form)
+        object.__setattr__(self, "params", _selector(self.params))
         if not isinstance(self.fisher, FisherVariance):
             raise TypeError(
                 f"BoundsConfig.fisher: expected a FisherVariance, got {type(self.fisher).__name__}"
@@ -148,9 +149,30 @@ class BoundsConfig:
         """A plain, JSON-safe dict of every field (dtypes and selectors as strings)."""
         out = dataclasses.asdict(self)
         out["cg_scalar_dtype"] = str(self.cg_scalar_dtype)
-        p = self.params
-        if not (p is None or isinstance(p, str)):
-            p = list(p) if isinstance(p, (list, tuple, set, frozenset)) else repr(p)
-            p = sorted(p) if isinstance(self.params, (set, frozenset)) else p
-        out["params"] = p
+        out["params"] = _selector_record(self.params)
         return out
+
+
+def _selector(params: Any) -> Any:
+    """A selector kept as given, except that names become a tuple (a generator would be used up
+    by the first of the two models; a set is sorted so that records are reproducible)."""
+    if params is None or isinstance(params, str) or callable(params):
+        return params
+    if isinstance(params, (set, frozenset)):
+        return tuple(sorted(params))
+    try:
+        return tuple(params)
+    except TypeError:
+        raise TypeError(
+            "BoundsConfig.params: expected None, a regex, parameter names or a predicate, got "
+            f"{type(params).__name__}"
+        ) from None
+
+
+def _selector_record(params: Any) -> Any:
+    """A parameter selector as JSON: None / a pattern string / a list of names / its repr."""
+    if params is None or isinstance(params, str):
+        return params
+    if isinstance(params, tuple):
+        return list(params)
+    return repr(params)  # a predicate
