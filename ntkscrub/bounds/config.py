@@ -67,7 +67,11 @@ class FisherVariance:
 
 @dataclass(frozen=True)
 class BoundsConfig:
-    """How the bounds are computed (defaults: the previous keyword defaults).
+    """How the bounds are computed; the defaults are those of the former per-function keywords.
+
+    Frozen (derive variants with :func:`dataclasses.replace`); every field is checked on
+    construction and a bad one raises ``ValueError``/``TypeError`` naming ``BoundsConfig.<field>``;
+    the ``Literal`` modes are checked at run time too.
 
     Covariance model (what F is):
         reduction: ``"mean"`` (F averaged over D_r, the reference's Fisher) or ``"sum"``
@@ -109,9 +113,9 @@ class BoundsConfig:
     jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        for name, kind in (("reduction", Reduction), ("loss", Loss), ("solver", Solver)):
+        modes = (("reduction", Reduction), ("loss", Loss), ("solver", Solver), ("form", Form))
+        for name, kind in modes:
             _check_literal(self, name, kind)
-        _check_literal(self, "form", Form)
         object.__setattr__(self, "params", _selector(self.params))
         if not isinstance(self.fisher, FisherVariance):
             raise TypeError(

@@ -54,8 +54,15 @@ def white_box(
     Args:
         scrubbed: the deterministic scrubbed model h(w_D) (no noise added), eval mode.
         reference: the model retrained on D_r, w_Dr (same architecture), eval mode.
-        retain: D_r (``(X, Y)``, Dataset or DataLoader), where each model's Fisher/GGN is taken.
-        alpha, kind, delta, config: see the module docstring.
+        retain: D_r (``(X (N_r, ...), Y (N_r,))``, Dataset or DataLoader), where each model's
+            Fisher/GGN F is taken (s·F with s = 1/N_r for ``config.reduction="mean"``).
+        alpha: α > 0, the noise scale: Σ = α(sF + δI)⁻¹, or α times the reference's diagonal recipe.
+        kind: ``"diag"`` (the reference code's diagonal-Fisher noise) or ``"full"``.
+        delta: δ ≥ 0, > 0 for ``"full"``, unused by ``"diag"``. Default 1e-3: the reference's
+            variance clamp ``1/(F + ε) ≤ 1e3`` acts as a floor F ≥ 1e-3 on a mean-reduced Fisher.
+        config: how it is computed (:class:`~ntkscrub.bounds.BoundsConfig`; ``None``: defaults).
+
+    The KL is in nats with the ½ (:data:`~ntkscrub.bounds.CONVENTION`): scrubbed first.
 
     Returns ``kl`` (nats), ``two_kl``, ``paper_printed``, the terms ``quadratic``,
     ``trace_minus_k``, ``logdet_ratio``, ``k`` (= p), ``reference_two_kl`` (diag and dense; None
@@ -83,11 +90,12 @@ def black_box(
     """Information in the outputs of a query set (eq. 7), jointly over its c·k outputs.
 
     ``KL(N(f_h(x), Jₓ Σ Jₓᵀ) ‖ N(f_ref(x), Jₓ' Σ0 Jₓ'ᵀ))``, each Jacobian at its own model's
-    weights (eq. 5). ``queries``: one data set (X ``(k, ...)``, (X, Y), Dataset, DataLoader) or a
-    mapping name → data set. Returns ``{"sets": {name: entry}}`` keyed by set name (``"queries"``
-    for a single set) plus the common records; each entry has the joint KL (as
-    :func:`~ntkscrub.bounds.gaussian_kl`, k = c·|set|) and ``per_query`` (each query alone, c
-    dims: ``mean``, ``std``, ``values``, ...).
+    weights (eq. 5); nats, scrubbed first, with the ½ (:data:`~ntkscrub.bounds.CONVENTION`).
+    ``queries``: one data set (X ``(k, ...)``, (X, Y), Dataset, DataLoader) or a mapping name →
+    data set; the other arguments as :func:`white_box`. Returns ``{"sets": {name: entry}}`` keyed
+    by set name (``"queries"`` for a single set) plus the common records; each entry has the joint
+    KL (keys as :func:`~ntkscrub.bounds.gaussian_kl`, k = c·|set|, from the ``(c·k, c·k)`` output
+    covariances) and ``per_query`` (each query alone, c dims: ``mean``, ``std``, ``values``, ...).
     """
     t0 = time.perf_counter()
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
@@ -111,10 +119,11 @@ def per_query_information(
     """Per-query information (eq. 7 with k = 1), e.g. over D_f, D_r and test (Fig. 3 right).
 
     ``query_sets``: mapping name → data set (or one data set, named ``"queries"``). For each query
-    alone, the KL between the c-dimensional output Gaussians; only the c×c diagonal blocks of the
-    output covariances are computed. Returns ``{"sets": {name: {"mean", "std", "stderr",
-    "median", "max", "n", "values", "two_kl_mean", "reference_two_kl_mean",
-    "paper_printed_mean", "jitter", "convention", "seconds"}}}`` plus the common records.
+    alone, the KL (nats, as :func:`black_box`) between the c-dimensional output Gaussians; only the
+    ``(k, c, c)`` diagonal blocks of the output covariances are computed; the other arguments as
+    :func:`white_box`. Returns ``{"sets": {name: {"mean", "std", "stderr", "median", "max", "n",
+    "values", "two_kl_mean", "reference_two_kl_mean", "paper_printed_mean", "jitter",
+    "convention", "seconds"}}}`` plus the common records.
     """
     t0 = time.perf_counter()
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
