@@ -51,8 +51,8 @@ class NoiseCovariance:
 
     Holds the flat linearised weights ``theta`` ``(p,)``, the retain Jacobian ``J_r``
     ``(c·N_r, p)`` at theta, the softmax probabilities and H^½ on D_r, and either the diagonal
-    variance ``var`` ``(p,)`` (``kind="diag"``) or ``inverse``, the solver of the system with
-    ``A = sF + δI`` (``kind="full"``; dual, primal or dense as ``config`` says).
+    variance ``var`` ``(p,)`` (``kind="diag"``) or ``inverse`` (``kind="full"``): the solver of
+    ``A = sF + δI`` (primal CG or dense Cholesky) or, when ``woodbury``, of the c·N_r dual system.
     """
 
     def __init__(
@@ -88,6 +88,8 @@ class NoiseCovariance:
         self.root = softmax_hessian_sqrt(self.probs) if self.probs is not None else None
         self.s = 1.0 / self.n_r if config.reduction == "mean" else 1.0
         self.var = self._diagonal_variance() if kind == "diag" else None
+        # The dual form solves the c·N_r system of the Woodbury identity, not A itself.
+        self.woodbury = kind == "full" and config.solver == "cg" and config.form == "dual"
         self.inverse = self._make_inverse() if kind == "full" else None
         self._dense_A: Tensor | None = None
 
@@ -107,10 +109,10 @@ class NoiseCovariance:
         cfg = self.config
         if cfg.solver == "dense":
             return Inverse(cfg, n=self.p, label="dense", dense=self.dense_precision)
-        if cfg.form == "primal":
-            return Inverse(cfg, n=self.p, label="primal", op=self.precision, shift=self.delta)
-        n = self.c * self.n_r
-        return Inverse(cfg, n=n, label="dual", op=self.dual, shift=self.delta / self.s)
+        if self.woodbury:
+            n = self.c * self.n_r
+            return Inverse(cfg, n=n, label="dual", op=self.dual, shift=self.delta / self.s)
+        return Inverse(cfg, n=self.p, label="primal", op=self.precision, shift=self.delta)
 
     # ------------------------------------------------------------------ counted products
     def jvp_r(self, V: Tensor) -> Tensor:
@@ -148,7 +150,7 @@ class NoiseCovariance:
     def solve_precision(self, R: Tensor) -> Tensor:
         """``A⁻¹ R`` for ``R`` ``(p, m)`` (``kind="full"``)."""
         assert self.inverse is not None, "solve_precision needs kind='full'"
-        if self.inverse.label != "dual":
+        if not self.woodbury:  # primal CG or dense Cholesky: the inverse is A's own
             return self.inverse(R)
         # A⁻¹ = (1/δ)(I − Gᵀ(δ'I + GGᵀ)⁻¹G), G = H^½ J_r, δ' = δ/s (REFERENCE.md §1).
         B = hessian_sqrt_apply(self.root, self.jvp_r(R), self.c)
