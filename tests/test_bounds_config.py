@@ -236,3 +236,30 @@ def test_float32_matches_float64(problem):
     s32 = copy.deepcopy(scrubbed).float()
     _, C = bounds.output_covariance(s32, (Xr.float(), Yr), Xq.float(), alpha=1e-2)
     assert C.dtype == torch.float32
+
+
+def test_every_solve_of_the_bounds_goes_through_inverse():
+    """Guard for the one-place rule: outside bounds/inverse.py no module imports a linear solver
+    or calls a factorised solve on A (gaussian.py's Cholesky of the small c·k output covariances is
+    the KL's own algebra, not a solve with A)."""
+    import ast
+    from pathlib import Path
+
+    import ntkscrub.bounds as pkg
+
+    solvers_allowed = {"rademacher", "slq_logdet"}  # probes and log-determinants, no solves
+    banned_calls = {"cholesky_solve", "solve", "cholesky", "inv", "cg", "lstsq"}
+    for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        if path.name == "inverse.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "ntkscrub.solvers"
+            ):
+                names = {a.name for a in node.names}
+                assert names <= solvers_allowed, (path.name, names - solvers_allowed)
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)  # e.g. torch.linalg.solve, sigma.inverse.cholesky
+                is_torch = name.startswith("torch.") and name.split(".")[-1] in banned_calls
+                assert not is_torch and name not in banned_calls, (path.name, node.lineno, name)
