@@ -12,6 +12,7 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from ntkscrub.bounds import (
     CONVENTION,
+    BoundsConfig,
     black_box,
     gaussian_kl,
     gaussian_kl_diag,
@@ -27,7 +28,7 @@ from ntkscrub.params import ParameterSpace
 from ntkscrub.scrub import diagonal_fisher, fisher_noise_variance
 
 F64 = torch.float64
-TIGHT = {"tol": 1e-12}
+TIGHT = {"cg_tol": 1e-12}
 
 
 def _mlp(seed: int = 0, c: int = 3) -> nn.Module:
@@ -155,17 +156,19 @@ def test_full_output_covariance_matches_explicit(models, data, reduction):
     retain, Xq = data
     alpha, delta = 0.5, 0.05
     E = _explicit_full_cov(scrubbed, retain, Xq, alpha, delta, reduction)
-    kw = dict(alpha=alpha, delta=delta, kind="full", reduction=reduction, cg_options=TIGHT)
+    kw = dict(alpha=alpha, delta=delta, kind="full")
     forms = [("cg", "dual"), ("dense", "dual")] + (
         [("cg", "primal")] if reduction == "mean" else []
     )
     for solver, form in forms:
-        f, C = output_covariance(scrubbed, retain, Xq, solver=solver, form=form, **kw)
+        cfg = BoundsConfig(solver=solver, form=form, reduction=reduction, **TIGHT)
+        f, C = output_covariance(scrubbed, retain, Xq, config=cfg, **kw)
         rel = float((C - E).norm() / E.norm())
         assert rel <= 1e-6, (solver, form, rel)
         assert f.shape == (4, 3) and C.shape == (12, 12)
     # Per-query (block-diagonal) covariances are the diagonal blocks of the joint one.
-    _, B = output_covariance(scrubbed, retain, Xq, joint=False, query_batch=3, **kw)
+    cfg = BoundsConfig(reduction=reduction, query_batch=3, **TIGHT)
+    _, B = output_covariance(scrubbed, retain, Xq, joint=False, config=cfg, **kw)
     for i in range(4):
         torch.testing.assert_close(B[i], E[3 * i : 3 * i + 3, 3 * i : 3 * i + 3], rtol=1e-6, atol=0)
 
@@ -178,7 +181,8 @@ def test_diag_output_covariance_matches_explicit(models, data):
     Jx = Jacobian(space, Xq).dense()
     E = Jx @ (var.unsqueeze(1) * Jx.T)
     for solver in ("cg", "dense"):
-        _, C = output_covariance(scrubbed, retain, Xq, alpha=1e-2, kind="diag", solver=solver)
+        cfg = BoundsConfig(solver=solver)
+        _, C = output_covariance(scrubbed, retain, Xq, alpha=1e-2, kind="diag", config=cfg)
         torch.testing.assert_close(C, E, rtol=1e-10, atol=0)
 
 
@@ -205,8 +209,9 @@ def test_white_box_full_dense_twin_matches_gaussian_kl(models, data):
     scrubbed, reference = models
     retain, _ = data
     alpha, delta = 1e-2, 0.05
+    dense = BoundsConfig(solver="dense")
     out = white_box(
-        scrubbed, reference, retain, alpha=alpha, delta=delta, kind="full", solver="dense"
+        scrubbed, reference, retain, alpha=alpha, delta=delta, kind="full", config=dense
     )
     covs = []
     for m in (scrubbed, reference):
@@ -224,10 +229,9 @@ def test_white_box_full_slq_within_three_stderr(models, data):
     scrubbed, reference = models
     retain, _ = data
     kw = dict(alpha=1e-2, delta=0.05, kind="full")
-    exact = white_box(scrubbed, reference, retain, solver="dense", **kw)
-    est = white_box(
-        scrubbed, reference, retain, probes=10, steps=12, seed=3, cg_options=TIGHT, **kw
-    )
+    exact = white_box(scrubbed, reference, retain, config=BoundsConfig(solver="dense"), **kw)
+    cfg = BoundsConfig(probes=10, steps=12, seed=3, **TIGHT)
+    est = white_box(scrubbed, reference, retain, config=cfg, **kw)
     assert est["logdet_stderr"] > 0 and est["trace_stderr"] > 0 and est["stderr"] > 0
     assert abs(est["logdet_ratio"] - exact["logdet_ratio"]) <= 3 * est["logdet_stderr"]
     assert abs(est["trace_minus_k"] - exact["trace_minus_k"]) <= 3 * est["trace_stderr"]
@@ -246,7 +250,7 @@ def test_zero_information_when_models_coincide(models, data, kind):
     twin = copy.deepcopy(reference)
     out = information_bounds(
         twin, reference, retain, queries={"q": Xq}, alpha=1e-2, delta=0.05, kind=kind,
-        probes=4, steps=4,
+        config=BoundsConfig(probes=4, steps=4),
     )  # fmt: skip
     wb, bb = out["white_box"], out["black_box"]["q"]
     assert wb["kl"] == pytest.approx(0.0, abs=1e-12) and wb["stderr"] == 0.0
@@ -264,7 +268,8 @@ def test_information_grows_as_scrubbed_model_moves_away(data, kind):
     wb, bb = [], []
     for t in (0.0, 0.02, 0.1):
         scrubbed = _moved(reference, t)
-        wb.append(white_box(scrubbed, reference, retain, solver="dense", **kw)["kl"])
+        dense = BoundsConfig(solver="dense")
+        wb.append(white_box(scrubbed, reference, retain, config=dense, **kw)["kl"])
         bb.append(black_box(scrubbed, reference, retain, Xq, **kw)["sets"]["queries"]["kl"])
     assert wb[0] == pytest.approx(0.0, abs=1e-12) and wb[0] < wb[1] < wb[2]
     assert bb[0] == pytest.approx(0.0, abs=1e-9) and bb[0] < bb[1] < bb[2]
@@ -309,7 +314,7 @@ def test_bad_inputs_raise_naming_the_argument(models, data):
     # Output sizes, when only the first layer is linearised (so parameter shapes agree).
     four = _mlp(0, c=4)
     with pytest.raises(ValueError, match="reference.*outputs"):
-        white_box(scrubbed, four, (Xr, Yr % 3), params=r"^0\.", **kw)
+        white_box(scrubbed, four, (Xr, Yr % 3), config=BoundsConfig(params=r"^0\."), **kw)
     with pytest.raises(ValueError, match="retain"):
         white_box(scrubbed, reference, (Xr[:0], Yr[:0]), **kw)
     with pytest.raises(ValueError, match="queries"):
@@ -337,7 +342,7 @@ def test_models_are_not_modified(models, data):
     grads = [p.grad for m in (scrubbed, reference) for p in m.parameters()]
     information_bounds(
         scrubbed, reference, retain, queries=Xq, alpha=1e-2, delta=0.05, kind="full",
-        probes=3, steps=3,
+        config=BoundsConfig(probes=3, steps=3),
     )  # fmt: skip
     for m, b in zip((scrubbed, reference), before):
         for k, v in m.state_dict().items():
