@@ -104,9 +104,9 @@ def _run(name: str, P: dict[str, Any]) -> Any:
             alpha=1e-6,
             delta=1e-3,
             kind="full",
-            probes=4,
-            steps=8,
-            cg_options={"tol": 1e-3, "max_iter": 20, "strict": False},
+            config=bounds.BoundsConfig(
+                probes=4, steps=8, cg_tol=1e-3, cg_max_iter=20, cg_strict=False
+            ),
         )["kl"]
     if name == "black_box_full":
         out = bounds.black_box(
@@ -117,7 +117,7 @@ def _run(name: str, P: dict[str, Any]) -> Any:
             alpha=1e-6,
             delta=1e-3,
             kind="full",
-            cg_options={"tol": 1e-3, "max_iter": 20, "strict": False},
+            config=bounds.BoundsConfig(cg_tol=1e-3, cg_max_iter=20, cg_strict=False),
         )
         return out["sets"]["forget"]["kl"]
     raise ValueError(name)

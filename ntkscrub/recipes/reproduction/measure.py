@@ -169,8 +169,9 @@ def info_pair(
         queries=queries,
         alpha=alpha,
         kind="diag",
-        solver=cfg.measure.bounds_solver,
-        batch_size=cfg.forget.jac_batch,
+        config=bounds.BoundsConfig(
+            solver=cfg.measure.bounds_solver, batch_size=cfg.forget.jac_batch
+        ),
     )
     wb = res["white_box"]
     keep_w = {k: wb[k] for k in _KL_TERMS}
