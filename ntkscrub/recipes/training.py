@@ -369,13 +369,7 @@ def train(
         "seed": seed,
         "freeze_bn": bool(freeze_bn),
         "shuffle": bool(shuffle),
-        "n_samples": len(batches),
-        "num_classes": c,
-        "trained_parameters": sum(p.numel() for p in params.values()),
-        "data": data_desc,
-        "device": str(device),
-        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
-    }
+    } | _data_record(batches, c, params, data_desc, device)
     log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
     gen = torch.Generator()
     if seed is not None:
@@ -383,11 +377,7 @@ def train(
     else:
         gen.seed()
     epoch_iter = _epoch_batches(batches, batch_size, shuffle, gen)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_epochs if until_zero_error else epochs, desc="train", unit="ep")
+    bar = _progress_bar(max_epochs if until_zero_error else epochs) if progress else None
     t_start = time.perf_counter()
     last_error: float | None = None
     with _seeded_model_rng(seed, device):
@@ -419,6 +409,26 @@ def train(
     log.seconds = time.perf_counter() - t_start
     log.reached_zero_error = last_error == 0.0
     return net, log
+
+
+def _progress_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="ep")
+
+
+def _data_record(
+    batches: Batches, c: int, params: dict[str, Tensor], data_desc: str, device: torch.device
+) -> dict[str, Any]:
+    """The data and model part of a run's recipe record."""
+    return {
+        "n_samples": len(batches),
+        "num_classes": c,
+        "trained_parameters": sum(p.numel() for p in params.values()),
+        "data": data_desc,
+        "device": str(device),
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
+    }
 
 
 def _check_train_args(
