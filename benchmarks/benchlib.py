@@ -266,7 +266,7 @@ def random_cifar(
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of :func:`ntkscrub.models.build_model` on CIFAR-shaped inputs."""
+    """A model of :func:`ntkscrub.recipes.models.build_model` on CIFAR-shaped inputs."""
 
     name: str
     width: float
