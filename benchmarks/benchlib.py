@@ -266,7 +266,7 @@ def random_cifar(
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of :func:`ntkscrub.models.build_model` on CIFAR-shaped inputs."""
+    """A model of :func:`ntkscrub.recipes.models.build_model` on CIFAR-shaped inputs."""
 
     name: str
     width: float
@@ -729,37 +729,29 @@ def run_scrub(
         status = "oom" if is_oom(err) else "error"
         rec.update({"status": status, "reason": f"{type(err).__name__}: {str(err)[:300]}"})
         return rec
-    info = res.info
-    solves = info.get("solves", [])
-    rec.update(
-        {
-            "status": "ok",
-            "seconds": seconds,
-            "matvecs": info["matvecs"],
-            "cg_iterations": [s.get("iterations") for s in solves if s.get("solver") == "cg"],
-            "cg_iterations_total": sum(
-                int(s.get("iterations") or 0) for s in solves if s.get("solver") == "cg"
-            ),
-            "precond_matvecs": sum(int(s.get("precond_matvecs") or 0) for s in solves),
-            "precond_seconds": sum(float(s.get("precond_seconds") or 0.0) for s in solves),
-            "max_residual": max(
-                [max(s.get("residuals") or [0.0]) for s in solves if s.get("solver") == "cg"]
-                + [
-                    float(s.get("max_residual") or 0.0)
-                    for s in solves
-                    if s.get("solver") == "dense"
-                ]
-                + [0.0]
-            ),
-            "converged": all(s.get("all_converged", True) for s in solves),
-            "solve_seconds": [s.get("seconds_total", s.get("seconds")) for s in solves],
-            "library_peak_memory_mib": info.get("peak_memory_mib"),
-            "library_peak_memory_kind": info.get("peak_memory_kind"),
-            "shift_norm": info.get("shift_norm"),
-            **mem.to_dict(),
-        }
-    )
+    rec.update({"status": "ok", "seconds": seconds, **_scrub_summary(res.info), **mem.to_dict()})
     return rec
+
+
+def _scrub_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """Matvecs, CG iterations, preconditioner cost, residuals and memory of a scrub's info."""
+    solves = info.get("solves", [])
+    cg_solves = [s for s in solves if s.get("solver") == "cg"]
+    residuals = [max(s.get("residuals") or [0.0]) for s in cg_solves]
+    residuals += [float(s.get("max_residual") or 0.0) for s in solves if s.get("solver") == "dense"]
+    return {
+        "matvecs": info["matvecs"],
+        "cg_iterations": [s.get("iterations") for s in cg_solves],
+        "cg_iterations_total": sum(int(s.get("iterations") or 0) for s in cg_solves),
+        "precond_matvecs": sum(int(s.get("precond_matvecs") or 0) for s in solves),
+        "precond_seconds": sum(float(s.get("precond_seconds") or 0.0) for s in solves),
+        "max_residual": max(residuals + [0.0]),
+        "converged": all(s.get("all_converged", True) for s in solves),
+        "solve_seconds": [s.get("seconds_total", s.get("seconds")) for s in solves],
+        "library_peak_memory_mib": info.get("peak_memory_mib"),
+        "library_peak_memory_kind": info.get("peak_memory_kind"),
+        "shift_norm": info.get("shift_norm"),
+    }
 
 
 # ------------------------------------------------------------------------------ JSON output

@@ -417,25 +417,22 @@ def column_table(records: Sequence[Record], columns: Sequence[Column]) -> str:
     return table([h for h, _ in columns], rows)
 
 
-def markdown(
-    records: list[Record], sources: list[dict[str, Any]], plots: list[str], title: str
-) -> str:
-    """The whole report as markdown text."""
-    parts = [f"# {title}", ""]
-    parts.append(
+def _md_sources(sources: list[dict[str, Any]]) -> list[str]:
+    """The conventions paragraph and one line (hardware, stages) per input file."""
+    parts = [
         "Random CIFAR-shaped data (N(0,1) pixels, uniform labels; 3×32×32 unless the source says "
         "otherwise), seeded. Times are wall-clock seconds (synchronised on CUDA); memory is "
         "`torch.cuda.max_memory_allocated` on CUDA and sampled RSS on the CPU (indicative "
         "there), as the peak *above* what was in use when the call began (`Δ`). Targets are "
-        "recorded, not asserted."
-    )
-    parts.append("")
+        "recorded, not asserted.",
+        "",
+    ]
+    keys = (
+        "device gpu gpu_name cpu_model cpu_count torch_threads torch cuda "
+        "tf32_default_flags loadavg_at_start load_average_1m"
+    ).split()
     for s in sources:
         hw = s.get("hardware", {})
-        keys = (
-            "device gpu gpu_name cpu_model cpu_count torch_threads torch cuda "
-            "tf32_default_flags loadavg_at_start load_average_1m"
-        ).split()
         desc = ", ".join(f"{k}={hw[k]}" for k in keys if k in hw)
         parts.append(f"- `{s['source']}` ({s['format']}): {desc}")
         if s.get("stages"):
@@ -445,10 +442,12 @@ def markdown(
             )
             parts.append(f"  - stages: {st}")
     parts.append("")
+    return parts
 
-    def by(kind: str) -> list[Record]:
-        return [r for r in records if r.get("kind") == kind]
 
+def _md_engine(by: Any) -> list[str]:
+    """Matvec vs epoch, precision, torch.compile and CG sections."""
+    parts: list[str] = []
     mv = sorted(
         by("matvec"),
         key=lambda r: (
@@ -482,38 +481,55 @@ def markdown(
     if by("cg"):
         parts += ["## CG to relative residual 1e-4, with and without the Nyström preconditioner"]
         parts += ["", column_table(by("cg"), CG_COLUMNS), ""]
+    return parts
 
-    if any(by(k) for k in ("scaling", "model_size", "variant", "capped")):
-        parts += ["## Scrub vs retrain", ""]
-        parts.append(
-            "Retrain = measured epoch of the recipe on D_r × `retrain_epochs_assumed` (25). "
-            "`matvecs` counts Θ column-products, preconditioner builds and final VJPs included. "
-            "`estimated` rows are extrapolations (see their note), never fitted."
-        )
-        parts.append("")
-        for kind, heading in (
-            ("scaling", "### Over N"),
-            ("model_size", "### Over model size"),
-            ("variant", "### Variants (speed knobs) at one (model, N)"),
-        ):
-            rs = by(kind)
-            if kind == "scaling":
-                rs = sorted(rs, key=lambda r: (str(r.get("model")), str(r.get("solver")), r["n"]))
-            if rs:
-                parts += [heading, "", column_table(rs, SCRUB_COLUMNS), ""]
-        if by("capped"):
-            parts += [
-                "### At the largest N with a time-capped CG (memory and cost per iteration)",
-                "",
-                "The CG iteration cap comes from the time budget, so these solves stop before "
-                "1e-4 (the residual reached is shown): they measure peak memory against a "
-                "training step at the same batch size and the cost of one iteration, not the "
-                "iterations a converged scrub needs.",
-                "",
-                column_table(by("capped"), CAPPED_COLUMNS),
-                "",
-            ]
 
+def _md_scrub(by: Any) -> list[str]:
+    """The scrub-vs-retrain sections (over N, model size, variants, time-capped)."""
+    if not any(by(k) for k in ("scaling", "model_size", "variant", "capped")):
+        return []
+    parts = ["## Scrub vs retrain", ""]
+    parts.append(
+        "Retrain = measured epoch of the recipe on D_r × `retrain_epochs_assumed` (25). "
+        "`matvecs` counts Θ column-products, preconditioner builds and final VJPs included. "
+        "`estimated` rows are extrapolations (see their note), never fitted."
+    )
+    parts.append("")
+    for kind, heading in (
+        ("scaling", "### Over N"),
+        ("model_size", "### Over model size"),
+        ("variant", "### Variants (speed knobs) at one (model, N)"),
+    ):
+        rs = by(kind)
+        if kind == "scaling":
+            rs = sorted(rs, key=lambda r: (str(r.get("model")), str(r.get("solver")), r["n"]))
+        if rs:
+            parts += [heading, "", column_table(rs, SCRUB_COLUMNS), ""]
+    if by("capped"):
+        parts += [
+            "### At the largest N with a time-capped CG (memory and cost per iteration)",
+            "",
+            "The CG iteration cap comes from the time budget, so these solves stop before "
+            "1e-4 (the residual reached is shown): they measure peak memory against a "
+            "training step at the same batch size and the cost of one iteration, not the "
+            "iterations a converged scrub needs.",
+            "",
+            column_table(by("capped"), CAPPED_COLUMNS),
+            "",
+        ]
+    return parts
+
+
+def markdown(
+    records: list[Record], sources: list[dict[str, Any]], plots: list[str], title: str
+) -> str:
+    """The whole report as markdown text."""
+    parts = [f"# {title}", "", *_md_sources(sources)]
+
+    def by(kind: str) -> list[Record]:
+        return [r for r in records if r.get("kind") == kind]
+
+    parts += _md_engine(by) + _md_scrub(by)
     slope_rows = slopes(records)
     if slope_rows:
         parts += ["## Fitted log-log slopes (numpy.polyfit, degree 1)", ""]

@@ -311,3 +311,25 @@ def test_cli_reproduce_smoke_with_missing_data_says_so(tmp_path) -> None:
     assert res["meta"]["config"]["synthetic"] is True and res["meta"]["notes"]
     assert res["seeds"]["0"]["status"] == "complete" and (out / "results.md").is_file()
     assert not (REPO / "experiments" / "results" / "smoke").exists()
+
+
+def test_fisher_forgetting_matches_the_sweep_draw() -> None:
+    """The reproduction's ``fisher`` model (ntkscrub.baselines.fisher_forget) and its noise sweep
+    (variance at α = 1, scaled) draw the same noise: equal up to float32 rounding of the α scaling
+    (which is why fisher_val at the reference α matches fisher)."""
+    import torch
+    from torch import nn
+
+    from ntkscrub import baselines
+    from ntkscrub.recipes.reproduction.weights import add_noise, fisher_variance, flat_params
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    X, Y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    before = flat_params(model).clone()
+    alpha, seed = 1e-6, 60_000
+    lib = baselines.fisher_forget(model, (X, Y), alpha=alpha, seed=seed).model
+    sweep = add_noise(model, fisher_variance(model, (X, Y), 3), alpha, seed)
+    a, b = flat_params(lib) - before, flat_params(sweep) - before
+    assert float(a.norm()) > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-12)
+    assert torch.equal(flat_params(model), before)  # the input is not modified

@@ -807,62 +807,73 @@ def digits_split(
     x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = (x - x.mean()) / x.std()
     y = torch.tensor(target, dtype=torch.int64)
+    return (
+        _digits_task(x, y, pre, 0, fc, seed, 0, test_fraction, val_fraction),
+        _digits_task(x, y, fin, n_forget, fc, seed, 1, test_fraction, val_fraction),
+    )
 
-    def one(classes: list[int], n_f: int, stream: int) -> SplitData:
-        rng_split, rng_forget = (
-            np.random.default_rng(s) for s in np.random.SeedSequence([seed, stream]).spawn(2)
-        )
-        tr: list[int] = []
-        va: list[int] = []
-        te: list[int] = []
-        for c in classes:
-            pos = torch.nonzero(y == c).flatten().numpy()
-            perm = pos[rng_split.permutation(len(pos))]
-            n_te = int(round(test_fraction * len(pos)))
-            n_va = int(round(val_fraction * len(pos)))
-            te += perm[:n_te].tolist()
-            va += perm[n_te : n_te + n_va].tolist()
-            tr += perm[n_te + n_va :].tolist()
-        tr.sort()
-        va.sort()
-        te.sort()
-        forget_rows: list[int] = []
-        if n_f > 0:
-            cand = [r for r, i in enumerate(tr) if int(y[i]) == fc]
-            if n_f > len(cand):
-                raise ValueError(
-                    f"n_forget: {n_f} requested, the training set has {len(cand)} images "
-                    f"of digit {fc}"
-                )
-            forget_rows = sorted(
-                int(r) for r in rng_forget.choice(np.array(cand), n_f, replace=False)
+
+def _stratified_rows(
+    y: Tensor,
+    classes: list[int],
+    rng: np.random.Generator,
+    test_fraction: float,
+    val_fraction: float,
+) -> tuple[list[int], list[int], list[int]]:
+    """Per class, ``round(test_fraction·n)`` random rows to test, ``round(val_fraction·n)`` to
+    val, the rest to train; each list sorted."""
+    tr: list[int] = []
+    va: list[int] = []
+    te: list[int] = []
+    for c in classes:
+        pos = torch.nonzero(y == c).flatten().numpy()
+        perm = pos[rng.permutation(len(pos))]
+        n_te = int(round(test_fraction * len(pos)))
+        n_va = int(round(val_fraction * len(pos)))
+        te += perm[:n_te].tolist()
+        va += perm[n_te : n_te + n_va].tolist()
+        tr += perm[n_te + n_va :].tolist()
+    return sorted(tr), sorted(va), sorted(te)
+
+
+def _digits_task(
+    x: Tensor,
+    y: Tensor,
+    classes: list[int],
+    n_f: int,
+    fc: int,
+    seed: int,
+    stream: int,
+    test_fraction: float,
+    val_fraction: float,
+) -> SplitData:
+    """One task of :func:`digits_split` (``stream`` 0: pre-training, 1: fine-tuning)."""
+    rng_split, rng_forget = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, stream]).spawn(2)
+    )
+    tr, va, te = _stratified_rows(y, classes, rng_split, test_fraction, val_fraction)
+    forget_rows: list[int] = []
+    if n_f > 0:
+        cand = [r for r, i in enumerate(tr) if int(y[i]) == fc]
+        if n_f > len(cand):
+            raise ValueError(
+                f"n_forget: {n_f} requested, the training set has {len(cand)} images of digit {fc}"
             )
-
-        def take(idx: list[int]) -> tuple[Tensor, Tensor]:
-            t = torch.tensor(idx, dtype=torch.int64)
-            return x[t], y[t]
-
-        payload = {
-            "train_x": take(tr)[0],
-            "train_y": take(tr)[1],
-            "val_x": take(va)[0],
-            "val_y": take(va)[1],
-            "test_x": take(te)[0],
-            "test_y": take(te)[1],
-            "train_index": tr,
-            "val_index": va,
-            "test_index": te,
-            "forget_rows": forget_rows,
-            "class_names": [names[c] for c in classes],
-            "index_meaning": "position in sklearn.datasets.load_digits() order",
-        }
-        source = (
-            f"scikit-learn digits (8x8, 1797 images), classes {classes}, test_fraction "
-            f"{test_fraction}, val_fraction {val_fraction}, seed {seed}"
-            + (f", forget {n_f} of digit {fc}" if n_f else ", pre-training task (no forget set)")
-        )
-        sd = _to_splitdata(payload, classes, source, (0.0,), (1.0,))
-        sd.indices["split_of"] = {k: "digits" for k in _SETS}
-        return sd
-
-    return one(pre, 0, 0), one(fin, n_forget, 1)
+        forget_rows = sorted(int(r) for r in rng_forget.choice(np.array(cand), n_f, replace=False))
+    payload: dict[str, Any] = {}
+    for name, idx in (("train", tr), ("val", va), ("test", te)):
+        t = torch.tensor(idx, dtype=torch.int64)
+        payload |= {f"{name}_x": x[t], f"{name}_y": y[t], f"{name}_index": idx}
+    payload |= {
+        "forget_rows": forget_rows,
+        "class_names": [str(c) for c in classes],
+        "index_meaning": "position in sklearn.datasets.load_digits() order",
+    }
+    source = (
+        f"scikit-learn digits (8x8, 1797 images), classes {classes}, test_fraction "
+        f"{test_fraction}, val_fraction {val_fraction}, seed {seed}"
+        + (f", forget {n_f} of digit {fc}" if n_f else ", pre-training task (no forget set)")
+    )
+    sd = _to_splitdata(payload, classes, source, (0.0,), (1.0,))
+    sd.indices["split_of"] = {k: "digits" for k in _SETS}
+    return sd

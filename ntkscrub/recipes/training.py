@@ -22,11 +22,12 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,111 @@ def train(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    epochs, lr, momentum, weight_decay, batch_size, seed, max_epochs = _check_train_args(
+        epochs, lr, momentum, weight_decay, loss, schedule, batch_size, seed, max_epochs,
+        until_zero_error, callback,
+    )  # fmt: skip
+    device = torch.device(device) if device is not None else _device_of(model)
+    net = copy.deepcopy(model).to(device)
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model: has no parameters with requires_grad=True to train")
+    sgd = _SGD(params, _anchor_tensors(anchor, params), momentum, weight_decay)
+    data_desc = "DataLoader" if isinstance(data, DataLoader) else type(data).__name__
+    batches, eval_batches, c = _training_batches(net, data, batch_size, device)
+    recipe = {
+        "optimizer": "SGD",
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
+        "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
+        "loss": loss,
+        "batch_size": batch_size,
+        "schedule": schedule,
+        "epochs": epochs,
+        "until_zero_error": bool(until_zero_error),
+        "max_epochs": max_epochs,
+        "seed": seed,
+        "freeze_bn": bool(freeze_bn),
+        "shuffle": bool(shuffle),
+    } | _data_record(batches, c, params, data_desc, device)
+    log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    epoch_iter = _epoch_batches(batches, batch_size, shuffle, gen)
+    bar = _progress_bar(max_epochs if until_zero_error else epochs) if progress else None
+    t_start = time.perf_counter()
+    last_error: float | None = None
+    with _seeded_model_rng(seed, device):
+        e = 0
+        while True:
+            if e >= epochs:
+                if not until_zero_error:
+                    break
+                if last_error is None:
+                    last_error = _eval_pass(net, eval_batches, loss)["error"]
+                if last_error == 0.0 or e >= max_epochs:
+                    break
+            t_ep = time.perf_counter()
+            cur_lr = lr_at(e, lr=lr, epochs=epochs, schedule=schedule)
+            _train_epoch(net, epoch_iter, sgd, loss, cur_lr, freeze_bn, device)
+            ev = _eval_pass(net, eval_batches, loss)
+            last_error = ev["error"]
+            e += 1
+            _log_epoch(log, ev, cur_lr, sgd.penalty(), t_ep, t_start, bar)
+            if not math.isfinite(ev["loss"]):
+                log.recipe["diverged_at_epoch"] = e
+                break
+            if callback is not None and callback(e, net, log):
+                log.stopped_by_callback = True
+                break
+    if bar is not None:
+        bar.close()
+    net.eval()
+    log.seconds = time.perf_counter() - t_start
+    log.reached_zero_error = last_error == 0.0
+    return net, log
+
+
+def _progress_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="ep")
+
+
+def _data_record(
+    batches: Batches, c: int, params: dict[str, Tensor], data_desc: str, device: torch.device
+) -> dict[str, Any]:
+    """The data and model part of a run's recipe record."""
+    return {
+        "n_samples": len(batches),
+        "num_classes": c,
+        "trained_parameters": sum(p.numel() for p in params.values()),
+        "data": data_desc,
+        "device": str(device),
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
+    }
+
+
+def _check_train_args(
+    epochs: Any,
+    lr: Any,
+    momentum: Any,
+    weight_decay: Any,
+    loss: Any,
+    schedule: Any,
+    batch_size: Any,
+    seed: Any,
+    max_epochs: Any,
+    until_zero_error: bool,
+    callback: Any,
+) -> tuple[int, float, float, float, int, int | None, int | None]:
+    """:func:`train`'s checks; returns ``(epochs, lr, momentum, weight_decay, batch_size, seed,
+    max_epochs)`` normalised (``max_epochs`` defaulted for ``until_zero_error``)."""
     epochs = _int(epochs, "epochs", 0)
     lr = _num(lr, "lr")
     if lr <= 0:
@@ -365,22 +471,19 @@ def train(
         max_epochs = max(10 * epochs, 100)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+    return epochs, lr, momentum, weight_decay, batch_size, seed, max_epochs
 
-    device = torch.device(device) if device is not None else _device_of(model)
-    net = copy.deepcopy(model).to(device)
-    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("model: has no parameters with requires_grad=True to train")
-    anchor_t = _anchor_tensors(anchor, params)
 
-    data_desc = "DataLoader" if isinstance(data, DataLoader) else type(data).__name__
+def _training_batches(
+    net: nn.Module, data: Any, batch_size: int, device: torch.device
+) -> tuple[Batches, Batches, int]:
+    """The training stream, the evaluation stream (on ``device``) and the number of logits,
+    probed once so that labels are checked before any step is taken."""
     if isinstance(data, DataLoader):
         # train() does its own seeded shuffling and batching, so only the dataset is used (a
         # shuffling DataLoader would otherwise be refused by as_batches)
         data = data.dataset
-    # Probe the number of logits once, to check labels before any step is taken.
-    probe = as_batches(data, batch_size=batch_size, name="data")
-    x0, y0 = probe.first()
+    x0, y0 = as_batches(data, batch_size=batch_size, name="data").first()
     if y0 is None:
         raise ValueError("data: labels are required for training")
     with torch.no_grad(), _ModeGuard(net):
@@ -389,142 +492,115 @@ def train(
     eval_batches = as_batches(
         data, batch_size=max(batch_size, 512), name="data", num_classes=c, device=device
     )
-    recipe: dict[str, Any] = {
-        "optimizer": "SGD",
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
-        "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
-        "loss": loss,
-        "batch_size": batch_size,
-        "schedule": schedule,
-        "epochs": epochs,
-        "until_zero_error": bool(until_zero_error),
-        "max_epochs": max_epochs,
-        "seed": seed,
-        "freeze_bn": bool(freeze_bn),
-        "shuffle": bool(shuffle),
-        "n_samples": len(batches),
-        "num_classes": c,
-        "trained_parameters": sum(p.numel() for p in params.values()),
-        "data": data_desc,
-        "device": str(device),
-        "torch": str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
-    }
-    log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
+    return batches, eval_batches, c
 
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    epoch_iter = _epoch_batches(batches, batch_size, shuffle, gen)
-    # SGD with heavy-ball momentum, written out (the update of torch.optim.SGD with dampening 0,
-    # no Nesterov): constructing torch.optim.SGD imports torch._dynamo, seconds per process.
-    momentum_buf: dict[str, Tensor] = {}
-    has_bn = any(isinstance(m, _BN) for m in net.modules())
 
-    def set_train_mode() -> None:
-        net.train()
-        if freeze_bn:
-            for m in net.modules():
-                if isinstance(m, _BN):
-                    m.eval()
-
-    def penalty() -> float:
-        if weight_decay == 0:
-            return 0.0
-        with torch.no_grad():
-            tot = 0.0
-            for n, p in params.items():
-                d = p if anchor_t is None else p - anchor_t[n]
-                tot += float(d.double().pow(2).sum())
-        return 0.5 * weight_decay * tot
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_epochs if until_zero_error else epochs, desc="train", unit="ep")
-
+@contextlib.contextmanager
+def _seeded_model_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Model-side randomness (dropout) from a fixed seed; ``fork_rng`` restores the global state
+    on exit, so the caller's RNG stream is unaffected. Only the generator of the training device
+    is seeded (``torch.manual_seed`` would also reseed every GPU)."""
     fork_devices = [device] if device.type == "cuda" else []
-    t_start = time.perf_counter()
-    last_error: float | None = None
     with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
         if seed is not None:
-            # model-side randomness (dropout) from a fixed seed; fork_rng restores the global
-            # state on exit, so the caller's RNG stream is unaffected. Only the generator of the
-            # training device is seeded (torch.manual_seed would also reseed every GPU).
             torch.default_generator.manual_seed(seed)
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(seed)
-        e = 0
-        while True:
-            if e >= epochs:
-                if not until_zero_error:
-                    break
-                if last_error is None:
-                    last_error = _eval_pass(net, eval_batches, loss)["error"]
-                if last_error == 0.0 or e >= max_epochs:
-                    break
-            t_ep = time.perf_counter()
-            cur_lr = lr_at(e, lr=lr, epochs=epochs, schedule=schedule)
-            set_train_mode()
-            for x, y in epoch_iter():
-                if not freeze_bn and has_bn and x.shape[0] == 1:
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                for p in params.values():
-                    p.grad = None
-                out = net(x)
-                _per_sample_loss(out, y, loss).mean().backward()
-                with torch.no_grad():
-                    for n, p in params.items():
-                        g = p.grad if p.grad is not None else torch.zeros_like(p)
-                        if weight_decay > 0:
-                            # gradient of (λ/2)‖w − anchor‖²: λ(w − anchor), added before the
-                            # momentum so it acts exactly like a term of the loss
-                            d = p if anchor_t is None else p - anchor_t[n]
-                            g = g.add(d, alpha=weight_decay)
-                        if momentum > 0:
-                            buf = momentum_buf.get(n)
-                            if buf is None:
-                                buf = momentum_buf[n] = g.clone()
-                            else:
-                                buf.mul_(momentum).add_(g)
-                            g = buf
-                        p.add_(g, alpha=-cur_lr)
-            net.eval()
-            ev = _eval_pass(net, eval_batches, loss)
-            last_error = ev["error"]
-            e += 1
-            log.epochs = e
-            log.train_error.append(ev["error"])
-            log.train_loss.append(ev["loss"])
-            log.lr.append(cur_lr)
-            log.penalty.append(penalty())
-            log.epoch_seconds.append(time.perf_counter() - t_ep)
-            log.seconds = time.perf_counter() - t_start
-            log.reached_zero_error = ev["error"] == 0.0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    error=f"{ev['error']:.4f}", loss=f"{ev['loss']:.4f}", lr=f"{cur_lr:.3g}"
-                )
-            if not math.isfinite(ev["loss"]):
-                log.recipe["diverged_at_epoch"] = e
-                break
-            if callback is not None and callback(e, net, log):
-                log.stopped_by_callback = True
-                break
-    if bar is not None:
-        bar.close()
+        yield
+
+
+@dataclass
+class _SGD:
+    """SGD with heavy-ball momentum and the penalty ``(λ/2)‖w − anchor‖²``, written out (the
+    update of ``torch.optim.SGD`` with dampening 0, no Nesterov): constructing
+    ``torch.optim.SGD`` imports ``torch._dynamo``, seconds per process."""
+
+    params: dict[str, Tensor]
+    anchor: dict[str, Tensor] | None
+    momentum: float
+    weight_decay: float
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for n, p in self.params.items():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if self.weight_decay > 0:
+                # gradient of (λ/2)‖w − anchor‖²: λ(w − anchor), added before the momentum so it
+                # acts exactly like a term of the loss
+                d = p if self.anchor is None else p - self.anchor[n]
+                g = g.add(d, alpha=self.weight_decay)
+            if self.momentum > 0:
+                buf = self.buffers.get(n)
+                if buf is None:
+                    buf = self.buffers[n] = g.clone()
+                else:
+                    buf.mul_(self.momentum).add_(g)
+                g = buf
+            p.add_(g, alpha=-lr)
+
+    @torch.no_grad()
+    def penalty(self) -> float:
+        """``(λ/2)‖w − anchor‖²`` in float64."""
+        if self.weight_decay == 0:
+            return 0.0
+        tot = 0.0
+        for n, p in self.params.items():
+            d = p if self.anchor is None else p - self.anchor[n]
+            tot += float(d.double().pow(2).sum())
+        return 0.5 * self.weight_decay * tot
+
+
+def _train_epoch(
+    net: nn.Module,
+    epoch_iter: Callable[[], Any],
+    sgd: _SGD,
+    loss: str,
+    lr: float,
+    freeze_bn: bool,
+    device: torch.device,
+) -> None:
+    """One pass over the data in training mode (BatchNorm frozen with ``freeze_bn``); a batch of
+    one sample is skipped when BatchNorm trains (its statistics are undefined). Ends in eval."""
+    has_bn = any(isinstance(m, _BN) for m in net.modules())
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, _BN):
+                m.eval()
+    for x, y in epoch_iter():
+        if not freeze_bn and has_bn and x.shape[0] == 1:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for p in sgd.params.values():
+            p.grad = None
+        _per_sample_loss(net(x), y, loss).mean().backward()
+        sgd.step(lr)
     net.eval()
+
+
+def _log_epoch(
+    log: TrainLog,
+    ev: dict[str, float],
+    lr: float,
+    penalty: float,
+    t_epoch: float,
+    t_start: float,
+    bar: Any,
+) -> None:
+    """Append one epoch's measurements to ``log`` (and the progress bar)."""
+    log.epochs += 1
+    log.train_error.append(ev["error"])
+    log.train_loss.append(ev["loss"])
+    log.lr.append(lr)
+    log.penalty.append(penalty)
+    log.epoch_seconds.append(time.perf_counter() - t_epoch)
     log.seconds = time.perf_counter() - t_start
-    log.reached_zero_error = last_error == 0.0
-    return net, log
+    log.reached_zero_error = ev["error"] == 0.0
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(error=f"{ev['error']:.4f}", loss=f"{ev['loss']:.4f}", lr=f"{lr:.3g}")
 
 
 # -------------------------------------------------------------------------------- checkpoints

@@ -710,42 +710,43 @@ def _pct(x: Any) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def _statements(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    L = ["### Statements\n"]
+_STATEMENT_READOUTS = {
+    "error_forget": "error on D_f",
+    "error_retain": "error on D_r",
+    "error_test": "test error",
+    "attack": "membership attack",
+    "relearn": "relearn time",
+    "l1_forget": "softmax L1 to retrain on D_f",
+}
+
+
+def _flat_readouts(summ: dict[str, Any]) -> list[str]:
+    """Readouts on which every model and every retrain has one value (relearn time all at its
+    cap, say): they cannot tell methods apart, so "inside the band" would be vacuous."""
     inside = summ.get("inside_band", {})
-    head = cfg.get("headline", "ntk_ref_trap")
-    names = {
-        "error_forget": "error on D_f",
-        "error_retain": "error on D_r",
-        "error_test": "test error",
-        "attack": "membership attack",
-        "relearn": "relearn time",
-        "l1_forget": "softmax L1 to retrain on D_f",
-    }
-    # A readout on which every model and every retrain has one value (relearn time all at its cap,
-    # say) cannot tell methods apart: "inside the band" would be vacuous, so it is set aside.
     flat = []
-    for r in names:
+    for r in _STATEMENT_READOUTS:
         band = (summ.get("retrain_band") or {}).get(r) or {}
         vals = [(summ.get("table") or {}).get(m, {}).get(r, {}).get("mean") for m in inside]
         vals = [v for v in vals if v is not None] + [band.get("min"), band.get("max")]
         if None not in vals and len(vals) > 2 and max(vals) - min(vals) <= 1e-12:
             flat.append(r)
-    for m in ("ntk_paper", "ntk_paper_trap", "ntk_ref", "ntk_ref_trap", "ntk_noise"):
+    return flat
+
+
+def _statements(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Per NTK variant: the readouts inside / outside the retrain band; then w(D)'s fit of D_f
+    and the information statements."""
+    L = ["### Statements\n"]
+    inside = summ.get("inside_band", {})
+    head = cfg.get("headline", "ntk_ref_trap")
+    names, flat = _STATEMENT_READOUTS, _flat_readouts(summ)
+    for m in (m for m, e in METHODS.items() if e.diagnostics):
         if m not in inside:
             continue
-        ins = [
-            names[r]
-            for r in names
-            if r not in flat and (inside[m].get(r) or {}).get("inside_mean_pm_std")
-        ]
-        outs = [
-            names[r]
-            for r in names
-            if r not in flat
-            and inside[m].get(r) is not None
-            and not inside[m][r]["inside_mean_pm_std"]
-        ]
+        kept = [r for r in names if r not in flat and inside[m].get(r) is not None]
+        ins = [names[r] for r in kept if inside[m][r]["inside_mean_pm_std"]]
+        outs = [names[r] for r in kept if not inside[m][r]["inside_mean_pm_std"]]
         star = " (headline)" if m == head else ""
         L.append(
             f"- **{m}{star}** inside the retrain band for: {', '.join(ins) or 'none'}; "
@@ -763,36 +764,42 @@ def _statements(summ: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             f"- w(D) fits D_f (zero D_f error) per seed: {fits}. Where it does not, "
             "forgetting readouts on D_f are weak evidence."
         )
-    info = summ.get("information")
-    if info:
-        r = info["log10_white_over_black_forget_ntk"]
-        if r.get("mean") is not None:
-            verdict = (
-                "orders of magnitude below over the whole sweep, as the paper reports"
-                if r["min"] >= 2
-                else "at least two orders of magnitude below for part of the sweep only"
-                if r["max"] >= 2
-                else "one to two orders of magnitude below, not the paper's several"
-                if r["max"] >= 1
-                else "NOT below by an order of magnitude"
+    return L + _information_statements(summ.get("information"))
+
+
+def _information_statements(info: dict[str, Any] | None) -> list[str]:
+    """Black box vs white box over the α sweep, and per-query leakage by query set."""
+    if not info:
+        return []
+    L = []
+    r = info["log10_white_over_black_forget_ntk"]
+    if r.get("mean") is not None:
+        verdict = (
+            "orders of magnitude below over the whole sweep, as the paper reports"
+            if r["min"] >= 2
+            else "at least two orders of magnitude below for part of the sweep only"
+            if r["max"] >= 2
+            else "one to two orders of magnitude below, not the paper's several"
+            if r["max"] >= 1
+            else "NOT below by an order of magnitude"
+        )
+        L.append(
+            "- Black box vs white box (NTK scrub; the same α gives the same test error): "
+            f"log10(white-box KL / black-box KL on the 25 D_f queries jointly) ranges "
+            f"{r['min']:.2f} … {r['max']:.2f} over the α sweep (table below) — {verdict}."
+        )
+    pq = info["per_query_mean_kl_ntk"]
+    f, t = pq.get("forget", {}).get("mean"), pq.get("test", {}).get("mean")
+    if f is not None and t is not None:
+        L.append(
+            f"- Per-query information at α={info['alpha']:.0e}: D_f queries "
+            f"{_num(f)} nats, D_r {_num(pq.get('retain', {}).get('mean'))}, test {_num(t)} — "
+            + (
+                "queries from the forget set leak more than test queries (as in the paper)."
+                if f > t
+                else "forget-set queries do NOT leak more than test queries here."
             )
-            L.append(
-                "- Black box vs white box (NTK scrub; the same α gives the same test error): "
-                f"log10(white-box KL / black-box KL on the 25 D_f queries jointly) ranges "
-                f"{r['min']:.2f} … {r['max']:.2f} over the α sweep (table below) — {verdict}."
-            )
-        pq = info["per_query_mean_kl_ntk"]
-        f, t = pq.get("forget", {}).get("mean"), pq.get("test", {}).get("mean")
-        if f is not None and t is not None:
-            L.append(
-                f"- Per-query information at α={info['alpha']:.0e}: D_f queries "
-                f"{_num(f)} nats, D_r {_num(pq.get('retain', {}).get('mean'))}, test {_num(t)} — "
-                + (
-                    "queries from the forget set leak more than test queries (as in the paper)."
-                    if f > t
-                    else "forget-set queries do NOT leak more than test queries here."
-                )
-            )
+        )
     return L
 
 

@@ -38,7 +38,12 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The reproduction's options (shared by ``experiments/reproduce.py`` and ``ntkscrub
     reproduce``)."""
-    p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="smoke",
+        help="smoke (default; CI, < 1 min on a CPU), quick (CPU, ≈ 25-30 min), paper (GPU)",
+    )
     p.add_argument(
         "--data-root",
         type=Path,
@@ -47,10 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "../shared/data/cifar10-jpeg beside the repository. Missing: an error for quick and "
         "paper; smoke falls back to random images (with a banner)",
     )
-    p.add_argument("--model", choices=["allcnn", "resnet18"], default=None)
-    p.add_argument("--width", type=float, default=None)
+    p.add_argument(
+        "--model",
+        choices=["allcnn", "resnet18"],
+        default=None,
+        help="network (default: the preset's, All-CNN; resnet18 defaults to width 0.4)",
+    )
+    p.add_argument("--width", type=float, default=None, help="channel width multiplier")
     p.add_argument("--seeds", type=str, default=None, help="comma-separated, e.g. 0,1,2")
-    p.add_argument("--retrains", type=int, default=None)
+    p.add_argument("--retrains", type=int, default=None, help="K, retrains on D_r (the band)")
     p.add_argument(
         "--out",
         type=Path,
@@ -66,7 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "experiments/cache/<preset> (git-ignored) in the repository, else runs/cache/<preset>",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0, ...")
-    p.add_argument("--budget-seconds", type=float, default=None)
+    p.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="stop between stages once spent and write partial results (≤ 0: no budget; "
+        "default: the preset's)",
+    )
     p.add_argument("--synthetic", action="store_true", help="random data instead of CIFAR")
     p.add_argument(
         "--set",
@@ -83,8 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "threads that spin while their sibling is descheduled made small ops ~7x slower on the "
         "shared 2-core machine), else torch's default",
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-figures", action="store_true", help="skip the four PNG figures")
     p.add_argument(
         "--resummarize",
         type=Path,
