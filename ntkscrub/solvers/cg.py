@@ -476,31 +476,10 @@ def cg(
     B = _check_tensor(B, "B")
     squeeze = B.dim() == 1
     B2 = B.unsqueeze(1) if squeeze else B  # (n, k)
-    n, k = B2.shape
-    if (
-        not isinstance(tol, (int, float))
-        or isinstance(tol, bool)
-        or not math.isfinite(tol)
-        or tol <= 0
-    ):
-        raise ValueError(f"tol: must be a positive finite number, got {tol!r}")
-    if max_iter is None:
-        max_iter = 2 * n
-    elif not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter: must be a positive integer, got {max_iter!r}")
-    max_matvecs = _check_budget(max_matvecs, "max_matvecs", integer=True)
-    max_seconds = _check_budget(max_seconds, "max_seconds", integer=False)
-    if max_seconds is None:
-        max_seconds = DEFAULT_MAX_SECONDS
-    if not (isinstance(scalar_dtype, torch.dtype) and scalar_dtype.is_floating_point):
-        raise TypeError(f"scalar_dtype: expected a floating torch.dtype, got {scalar_dtype!r}")
-    for flag, fname in ((strict, "strict"), (early_stop, "early_stop")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{fname}: expected a bool, got {type(flag).__name__}")
-    if refine is not None and not isinstance(refine, bool):
-        raise TypeError(f"refine: expected True, False or None (auto), got {type(refine).__name__}")
-    if not isinstance(label, str):
-        raise TypeError(f"label: expected a str, got {type(label).__name__}")
+    n = B2.shape[0]
+    max_iter, max_matvecs, max_seconds = _check_cg_options(
+        tol, max_iter, max_matvecs, max_seconds, scalar_dtype, strict, early_stop, refine, label, n
+    )
     progress = check_progress(progress)
     if x0 is not None:
         x0 = _check_tensor(x0, "x0")
@@ -508,17 +487,16 @@ def cg(
             raise ValueError(
                 f"x0: shape {tuple(x0.shape)} does not match B's shape {tuple(B.shape)}"
             )
-    matmul = as_matmul(A, n, name="A")
-    apply_minv = as_precond(precond)
+        x0 = x0.unsqueeze(1) if squeeze else x0
     run = _CGRun(
-        matmul,
-        apply_minv,
+        as_matmul(A, n, name="A"),
+        as_precond(precond),
         B2,
-        x0=(x0.unsqueeze(1) if squeeze and x0 is not None else x0),
+        x0=x0,
         tol=float(tol),
         max_iter=max_iter,
         max_matvecs=max_matvecs,
-        max_seconds=float(max_seconds),
+        max_seconds=max_seconds,
         early_stop=early_stop,
         sd=scalar_dtype,
         label=label,
@@ -527,21 +505,22 @@ def cg(
     )
     try:
         run.iterate()
-        if run.status == "converged" or run.status in ("max_iter", "stalled"):
-            if not all(run.converged()) and _should_refine(refine, A, B2, run):
+        # Refinement finishes a solve that stalled (or ran out of iterations) at the precision
+        # floor; a budget stop or a breakdown is not a precision problem.
+        if run.status in ("converged", "max_iter", "stalled") and not all(run.converged()):
+            if _should_refine(refine, A, B2, run):
                 run.refine(A, precond)
     except _Overflow as exc:
-        run.close_bar()
         info = run.info(status="nonfinite")
-        msg = (
+        info.message = (
             f"cg[{label}]: {exc.what} at iteration {run.it} — the products overflowed (or a NaN "
             f"came in), so no iterate can be trusted. Check the scale of the model's outputs "
             f"(logits of 1e19 overflow float32 products), use float64, or a larger ridge. "
             f"Partial solution (last finite iterate) in err.x."
         )
-        info.message = msg
-        raise CGNonFinite(msg, info, run.x_out(squeeze)) from None
-    run.close_bar()
+        raise CGNonFinite(info.message, info, run.x_out(squeeze)) from None
+    finally:
+        run.close_bar()
     info = run.info()
     X = run.x_out(squeeze)
     if info.message is not None:
@@ -558,6 +537,46 @@ def cg(
             info.seconds,
         )
     return X, info
+
+
+def _check_cg_options(
+    tol: Any,
+    max_iter: Any,
+    max_matvecs: Any,
+    max_seconds: Any,
+    scalar_dtype: Any,
+    strict: Any,
+    early_stop: Any,
+    refine: Any,
+    label: Any,
+    n: int,
+) -> tuple[int, int | None, float]:
+    """Check cg's keywords (errors name the argument); returns the resolved
+    ``(max_iter, max_matvecs, max_seconds)``."""
+    if (
+        not isinstance(tol, (int, float))
+        or isinstance(tol, bool)
+        or not math.isfinite(tol)
+        or tol <= 0
+    ):
+        raise ValueError(f"tol: must be a positive finite number, got {tol!r}")
+    if max_iter is None:
+        max_iter = 2 * n
+    elif not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter: must be a positive integer, got {max_iter!r}")
+    max_matvecs = _check_budget(max_matvecs, "max_matvecs", integer=True)
+    max_seconds = _check_budget(max_seconds, "max_seconds", integer=False)
+    if not (isinstance(scalar_dtype, torch.dtype) and scalar_dtype.is_floating_point):
+        raise TypeError(f"scalar_dtype: expected a floating torch.dtype, got {scalar_dtype!r}")
+    for flag, fname in ((strict, "strict"), (early_stop, "early_stop")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fname}: expected a bool, got {type(flag).__name__}")
+    if refine is not None and not isinstance(refine, bool):
+        raise TypeError(f"refine: expected True, False or None (auto), got {type(refine).__name__}")
+    if not isinstance(label, str):
+        raise TypeError(f"label: expected a str, got {type(label).__name__}")
+    seconds = DEFAULT_MAX_SECONDS if max_seconds is None else float(max_seconds)
+    return max_iter, max_matvecs, seconds
 
 
 def _should_refine(refine: bool | None, A: Any, B2: Tensor, run: _CGRun) -> bool:
@@ -632,7 +651,7 @@ class _CGRun:
         # per column, the running minimum of its relative residual after each iteration
         self.col_best: dict[int, list[float]] = {j: [] for j in self.idx_nz}
         self.bar = progress_bar(max_iter, f"cg[{label}]", progress)
-        self._initial_residual()
+        self.R_full = B2.clone()  # residual b − A x of every column (set by iterate)
 
     # ------------------------------------------------------------------ products
     def apply_A(self, P: Tensor) -> Tensor:
@@ -642,7 +661,7 @@ class _CGRun:
         Y = self.matmul(P)
         self.matvec_time += time.perf_counter() - t0
         if not bool(torch.isfinite(Y).all()):
-            raise _Overflow(f"A ({self.label}): a product returned NaN or infinite values")
+            raise _Overflow("a product of A returned NaN or infinite values")
         return Y
 
     def apply_M(self, R: Tensor) -> Tensor:
@@ -668,7 +687,6 @@ class _CGRun:
     # ------------------------------------------------------------------ phases
     def _initial_residual(self) -> None:
         B2, sd = self.B2, self.sd
-        self.R_full = B2.clone()
         if self.idx_nz and bool(self.X.any()):
             cols = [j for j in self.idx_nz if bool(self.X[:, j].any())]
             sel = torch.tensor(cols, device=B2.device)
@@ -683,6 +701,7 @@ class _CGRun:
 
     def iterate(self) -> None:
         """Recurrence stretches, each followed by a true-residual check and possible restarts."""
+        self._initial_residual()
         active = [j for j in self.idx_nz if float(self.rel_true[j]) > self.tol]
         while active:
             self._stretch(active)
@@ -725,7 +744,7 @@ class _CGRun:
             AP = self.apply_A(P)  # (n, m): only the unconverged columns are multiplied
             pAp = coldot(P, AP, sd)
             if not bool(torch.isfinite(pAp).all()):
-                raise _Overflow(f"A ({self.label}): pᵀAp overflowed")
+                raise _Overflow("pᵀAp overflowed")
             bad = ~(pAp > 0)
             if bool(bad.any()):
                 # Negative curvature pᵀAp ≤ 0: A is not positive definite along p; CG cannot go on.

@@ -429,6 +429,12 @@ def nystrom_preconditioner(
     exceed ``max_seconds`` (default 150 s, half of cg's default budget). An integer ``rank``
     builds a :class:`NystromPreconditioner` of that rank in one pass (the previous behaviour).
 
+    Measured (CPU, 1 thread, float32 NTK of a width-8 torchvision ResNet-10, n = c·N = 200,
+    tol 1e-3; matvecs = build + CG, seconds of the whole solve): ridge 0: plain CG 71 matvecs
+    7.1 s, auto 50 + 20 (rank 50, capped at n/4) 4.4 s; ridge 1e-2: 46 / 3.7 s vs 16 + 19
+    (rank 16) / 1.8 s; ridge 1: 9 / 0.6 s vs 16 + 4 / 0.8 s — a sketch column costs far less
+    than a CG iteration because the build's products are one multi-vector pass.
+
     Args:
         A, n, shift, includes_shift, seed, dtype, device: as for :class:`NystromPreconditioner`.
         rank: ``"auto"`` or a positive integer.
