@@ -10,6 +10,7 @@ from model_zoo import make_cnn, make_data
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from ntkscrub.config import SolverConfig
 from ntkscrub.scrub import (
     diagonal_fisher,
     fisher_noise_variance,
@@ -121,9 +122,15 @@ def test_cg_matches_dense(cnn_problem, linearize_at, loss):
 
 def test_shared_preconditioner_saves_a_build(cnn_problem):
     trained, init, retain, forget = cnn_problem
-    kw = dict(init=init, weight_decay=0.01, solver="cg", tol=1e-10, precond_rank=8)
-    own = scrub(trained, retain, forget, share_precond=False, **kw)
-    shared = scrub(trained, retain, forget, **kw)
+    kw = dict(init=init, weight_decay=0.01, solver="cg", tol=1e-10)
+    own = scrub(
+        trained,
+        retain,
+        forget,
+        solver_config=SolverConfig(precond_rank=8, share_precond=False),
+        **kw,
+    )
+    shared = scrub(trained, retain, forget, solver_config=SolverConfig(precond_rank=8), **kw)
     assert rel(shared.shift, own.shift) <= 1e-7
     d_own, r_own = own.info["solves"]
     d_sh, r_sh = shared.info["solves"]
@@ -257,7 +264,16 @@ def test_cg_not_converging_raises(cnn_problem):
     from ntkscrub.solvers import CGNotConverged
 
     with pytest.raises(CGNotConverged):
-        scrub(trained, retain, forget, init=init, solver="cg", tol=1e-14, max_iter=1, precond=None)
+        scrub(
+            trained,
+            retain,
+            forget,
+            init=init,
+            solver="cg",
+            tol=1e-14,
+            max_iter=1,
+            solver_config=SolverConfig(precond="none"),
+        )
 
 
 def test_tf32_guard_restores_flags():
