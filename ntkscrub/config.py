@@ -127,7 +127,7 @@ class SolverConfig(_Config):
         _int(c, "seed", self.seed, 0)
         _bool(c, "warm_start", self.warm_start)
         _bool(c, "share_precond", self.share_precond)
-        _num(c, "max_dense_bytes", self.max_dense_bytes, positive=True)
+        _num(c, "max_dense_bytes", self.max_dense_bytes)
 
     def tol_for(self, dtype: torch.dtype) -> float:
         """The tolerance in effect for iterates of ``dtype``.

@@ -58,7 +58,10 @@ def NTK(  # noqa: N802 - a named constructor of the paper's Θ
         raise ValueError("jac_b: row and column Jacobians must share p and c")
     if theta is not None and not torch.equal(theta, jac_a.theta):
         raise ValueError("theta: differs from the Jacobians' linearisation point")
-    return (jac_a @ jac_b.mT).add_diagonal(ridge)
+    K = (jac_a @ jac_b.mT).add_diagonal(ridge)
+    # The named constructor records its factors (call sites read K.jac_a, K.ridge).
+    K.jac_a, K.jac_b, K.ridge = jac_a, jac_b, ridge
+    return K
 
 
 def dense_ntk(J_a: Tensor, J_b: Tensor | None = None, *, ridge: float = 0.0) -> Tensor:
