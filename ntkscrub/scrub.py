@@ -257,7 +257,7 @@ def _shift_solves(
 # The least relative residual CG is asked for per dtype: below it the iterates sit at the
 # rounding floor of the products (float32 CG was measured to stall near 1e-4–1e-5). float64 is
 # clamped to its floor; float32 is refused below it.
-_CG_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6}
+_CG_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-5}
 # How much amplification of the inner solve's error the block form accepts before it re-solves.
 _AMP_BUDGET = 10.0
 
@@ -317,10 +317,15 @@ def _refine_block_solve(inv: Inverse, B: Tensor, Z: Tensor, tol: float, amp: flo
     if tol >= inv.config.tol_for(B.dtype):
         return Z
     if tol < floor:
+        need = (
+            f"needs a relative residual of {tol:.1e}"
+            if amp < float("inf")
+            else "is not even positive definite at the current accuracy"
+        )
         raise ValueError(
             f"form: 'block' in {B.dtype} cannot be solved accurately here: the Schur complement "
-            f"amplifies the inner Θ_rr solve's error ≈{amp:.1e}×, so it needs a relative "
-            f"residual of {tol:.1e}, below what {B.dtype} CG reaches (≈{floor:g}). Use "
+            f"Θ_ff + λI − Θ_fr(Θ_rr + λI)⁻¹Θ_rf amplifies the inner Θ_rr solve's error "
+            f"≈{amp:.1e}× and {need}, below what {B.dtype} CG reaches (≈{floor:g}). Use "
             "form='solves' (the default), a float64 model, or a larger ridge"
         )
     tight = Inverse(
