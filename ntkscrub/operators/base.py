@@ -253,7 +253,8 @@ class Operator(LinearOperator):
     def _inverse(self) -> Any:
         """The inverse linear_operator's generic calls use: like linear_operator, Cholesky up to
         ``settings.max_cholesky_size`` rows (when the dense twin fits the default memory cap),
-        else ntkscrub's PCG to 1e-10 (float64) / 1e-3 (float32), strict."""
+        else ntkscrub's PCG to 1e-10 (float64) / 1e-3 (float32), strict, with a rank-100
+        Nyström preconditioner (100 column-products, once per call)."""
         from linear_operator import settings
 
         from ntkscrub.config import SolverConfig
@@ -263,7 +264,8 @@ class Operator(LinearOperator):
         need = sum(getattr(op, "dense_bytes", lambda: 0)() for op in self.leaves())
         small = self.shape[0] <= settings.max_cholesky_size.value()
         method = "dense" if small and need <= cfg.max_dense_bytes else "cg"
-        return Inverse(self, cfg.replace(method=method), label=type(self).__name__)
+        cfg = cfg.replace(method=method, precond_rank=min(100, self.shape[0]))
+        return Inverse(self, cfg, label=type(self).__name__)
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``A⁻¹ R`` (or ``L A⁻¹ R``) by :class:`~ntkscrub.operators.Inverse` with the default
