@@ -13,8 +13,13 @@ printed eq. 10). Two exact forms compute it:
   retain gradients and M the inverse Schur complement; one solve with c·|D_f| + 1 right-hand sides,
   a small dense Schur system, and one more single solve inside P.
 
-``solver="dense"`` forms J and Θ explicitly (the reference; small problems); ``solver="cg"`` never
-forms them (preconditioned CG on the lazy NTK). Both give the same shift.
+Both forms are written with the operator algebra of :mod:`ntkscrub.operators` (Θ = J Jᵀ + λI,
+P = I − J_rᵀ (Θ_rr + λI)⁻¹ J_r) and every system is solved by one
+:class:`~ntkscrub.operators.Inverse`. ``solver="dense"`` makes that inverse a Cholesky solve on
+``to_dense()`` of the same graph (explicit J and Θ; the reference, small problems);
+``solver="cg"`` never forms them (preconditioned CG on the lazy NTK). Both give the same shift.
+Engineering knobs live in :mod:`ntkscrub.config` (``solver_config``, ``products``,
+``noise_config``); the result records the configuration it used.
 """
 
 from __future__ import annotations
@@ -25,24 +30,34 @@ import resource
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ntkscrub._validation import check_choice, check_number
 from ntkscrub.batches import subset_indices
+from ntkscrub.config import Method, NoiseConfig, ProductConfig, SolverConfig
 from ntkscrub.noise import (  # noqa: F401 - re-exported: part of this module's API
     add_fisher_noise,
     diagonal_fisher,
     fisher_noise_variance,
 )
-from ntkscrub.operators.jacobian import Jacobian, StackedJacobian
-from ntkscrub.operators.ntk import NTK
-from ntkscrub.params import ParameterSpace, check_eval_mode
+from ntkscrub.operators import (
+    NTK,
+    Counted,
+    DenseTooLarge,
+    Inverse,
+    Jacobian,
+    MatvecCounter,
+    Projection,
+    StackedJacobian,
+)
+from ntkscrub.params import ParameterSpace, ParamSelector, check_eval_mode
 
 __all__ = [
     "ScrubResult",
+    "ShiftResult",
     "DenseTooLarge",
     "scrub",
     "ntk_shift",
@@ -50,25 +65,10 @@ __all__ = [
     "fisher_noise_variance",
     "diagonal_fisher",
     "load_weights",
+    "full_fp32_precision",
 ]
 
-_OPTIONS = {
-    "form",
-    "params",
-    "batch_size",
-    "precond",
-    "precond_rank",
-    "strict",
-    "weight_decay",
-    "warm_start",
-    "fisher_options",
-    "max_dense_bytes",
-    "autocast",
-    "seed_precond",
-    "vector_chunk",
-    "allow_tf32",
-    "share_precond",
-}
+Form = Literal["solves", "block"]
 
 
 @contextlib.contextmanager
@@ -93,10 +93,6 @@ def full_fp32_precision(enabled: bool = True) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-class DenseTooLarge(MemoryError):
-    """The dense path would need more memory than allowed (``max_dense_bytes``)."""
-
-
 @dataclass
 class ScrubResult:
     """What :func:`scrub` returns.
@@ -105,12 +101,32 @@ class ScrubResult:
         model: a new module holding the scrubbed weights (with noise when ``noise > 0``).
         shift: the deterministic shift ``s·Δ`` ``(p,)`` in ``model.named_parameters()`` order over
             the linearised parameters — after rescaling, before noise.
-        info: solver iterations and residuals, matvecs, seconds, peak memory, rescale factor, ...
+        info: solver records, ``converged`` (all solves), matvecs, seconds, peak memory, the
+            configuration used (``info["config"]``), rescale factor, ...
+        delta: the unrescaled Δ = w_lin(D_r) − w_lin(D) ``(p,)``.
+        scale: the rescale factor s (1 without rescaling); ``shift = scale · delta``.
     """
 
     model: nn.Module
     shift: Tensor
     info: dict = field(default_factory=dict)
+    delta: Tensor | None = None
+    scale: float = 1.0
+
+    def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
+        """A JSON-safe dict: ``info``, ``scale`` and the norms of ``shift`` and ``delta`` (the
+        vectors themselves with ``tensors=True``; p floats each)."""
+        from ntkscrub.io import to_jsonable
+
+        out: dict[str, Any] = {
+            "scale": self.scale,
+            "shift_norm": float(self.shift.norm()),
+            "delta_norm": None if self.delta is None else float(self.delta.norm()),
+            "info": self.info,
+        }
+        if tensors:
+            out["shift"], out["delta"] = self.shift, self.delta
+        return to_jsonable(out)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,143 +183,18 @@ def _peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class _Solver:
-    """Solves (Θ_SS + λI) X = B by PCG or densely, and keeps the records of every solve."""
-
-    def __init__(
-        self,
-        kind: str,
-        *,
-        tol: float,
-        max_iter: int | None,
-        precond: str | None,
-        precond_rank: int | None,
-        strict: bool,
-        seed: int | None,
-        max_dense_bytes: float,
-    ) -> None:
-        self.kind, self.tol, self.max_iter = kind, tol, max_iter
-        self.precond, self.precond_rank, self.strict, self.seed = (
-            precond,
-            precond_rank,
-            strict,
-            seed,
-        )
-        self.max_dense_bytes = max_dense_bytes
-        self.records: list[dict] = []
-        self._dense_J: dict[int, Tensor] = {}
-        self.last_precond: Any = None  # the preconditioner of the latest CG solve (or None)
-
-    def dense_jacobian(self, jac: Jacobian) -> Tensor:
-        """The explicit ``(c·N, p)`` Jacobian, cached; a stacked J_D is allocated once and its
-        parts are views of it, so J_r and J_f are never held twice."""
-        key = id(jac)
-        if key in self._dense_J:
-            return self._dense_J[key]
-        parts = jac.parts if isinstance(jac, StackedJacobian) else (jac,)
-        if any(id(j) in self._dense_J for j in parts) and len(parts) > 1:
-            self._dense_J[key] = torch.cat([self.dense_jacobian(j) for j in parts])
-            return self._dense_J[key]
-        need = jac.c * jac.n * jac.p * torch.finfo(jac.dtype).bits / 8
-        if need > self.max_dense_bytes:
-            raise DenseTooLarge(
-                f"solver='dense': the explicit Jacobian of '{jac.name}' needs "
-                f"{need / 2**20:,.1f} MiB (c·N·p = {jac.c}·{jac.n}·{jac.p}), over "
-                f"max_dense_bytes = {self.max_dense_bytes / 2**20:,.1f} MiB; use solver='cg'"
-            )
-        full = torch.empty(jac.c * jac.n, jac.p, dtype=jac.dtype, device=jac.device)
-        row = 0
-        for j in parts:
-            rows = j.c * j.n
-            view = full[row : row + rows]
-            for r0, r1, block in j.dense_rows():
-                view[r0:r1] = block
-            self._dense_J[id(j)] = view
-            row += rows
-        self._dense_J[key] = full
-        return full
-
-    def solve(
-        self,
-        K: NTK,
-        B: Tensor,
-        label: str,
-        x0: Tensor | None = None,
-        precond_from: tuple[Any, slice] | None = None,
-    ) -> Tensor:
-        """``precond_from = (M, rows)``: precondition with ``M.restrict(rows, K.ridge)`` (K is the
-        principal submatrix ``rows`` of the system M was built for) instead of a new build."""
-        t0 = time.perf_counter()
-        if self.kind == "dense":
-            J = self.dense_jacobian(K.jac_a)
-            A = J @ J.T + K.ridge * torch.eye(J.shape[0], dtype=J.dtype, device=J.device)
-            L, info = torch.linalg.cholesky_ex(A)
-            Bm = B.unsqueeze(1) if B.dim() == 1 else B
-            X = (
-                torch.cholesky_solve(Bm, L)
-                if int(info) == 0
-                else torch.linalg.lstsq(A, Bm).solution
-            )
-            X = X.squeeze(1) if B.dim() == 1 else X
-            rel = (A @ X.reshape(A.shape[0], -1) - B.reshape(A.shape[0], -1)).norm(
-                dim=0
-            ) / B.reshape(A.shape[0], -1).norm(dim=0).clamp_min(1e-300)
-            self.records.append(
-                {
-                    "system": label,
-                    "solver": "dense",
-                    "size": A.shape[0],
-                    "rhs": Bm.shape[1],
-                    "max_residual": float(rel.max()),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            return X
-        from ntkscrub.solvers import NystromPreconditioner, cg
-
-        n = K.shape[0]
-        M = None
-        build: dict[str, Any] = {}
-        # Default rank: none below 2000 rows (measured on CPU: building it costs more matvecs
-        # than it saves on small systems, benchmarks/README.md), else 50.
-        rank = self.precond_rank if self.precond_rank is not None else (0 if n < 2000 else 50)
-        if precond_from is not None and precond_from[0] is not None:
-            M = precond_from[0].restrict(precond_from[1], K.ridge)
-            build = {
-                "precond": "nystrom (restricted from the previous system)",
-                "precond_rank": M.rank,
-                "precond_matvecs": 0,
-                "precond_seconds": time.perf_counter() - t0,
-            }
-        elif self.precond == "nystrom" and rank > 0:
-            before = K.matvecs
-            M = NystromPreconditioner(
-                K,
-                n,
-                rank,
-                shift=K.ridge,
-                includes_shift=True,
-                seed=self.seed,
-                dtype=B.dtype,
-                device=B.device,
-            )
-            build = {
-                "precond": "nystrom",
-                "precond_rank": rank,
-                "precond_matvecs": K.matvecs - before,
-                "precond_seconds": M.seconds,
-            }
-        self.last_precond = M
-        X, info = cg(
-            K, B, precond=M, x0=x0, tol=self.tol, max_iter=self.max_iter, strict=self.strict
-        )
-        rec = {"system": label, "solver": "cg", "size": n, **build, **info.to_dict()}
-        rec["seconds_total"] = time.perf_counter() - t0
-        self.records.append(rec)
-        return X
-
-
 # --------------------------------------------------------------------------- the shift
+@dataclass
+class ShiftResult:
+    """What :func:`ntk_shift` computes: Δ and w_lin(D_r) ``(p,)``, the column-products spent
+    (``matvecs``) and the records of every solve."""
+
+    delta: Tensor
+    w_lin_r: Tensor
+    matvecs: int
+    records: list[dict[str, Any]]
+
+
 def ntk_shift(
     J_r: Jacobian,
     J_f: Jacobian,
@@ -312,34 +203,19 @@ def ntk_shift(
     *,
     ridge_r: float,
     ridge_d: float,
-    form: str,
-    solver: _Solver,
-    warm_start: bool = True,
-    share_precond: bool = True,
-) -> tuple[Tensor, Tensor, int]:
-    """Δ = w_lin(D_r) − w_lin(D) and w_lin(D_r), both ``(p,)``; also the matvec count.
+    form: Form,
+    config: SolverConfig,
+) -> ShiftResult:
+    """Δ = w_lin(D_r) − w_lin(D) (Prop. 2, signs corrected, REFERENCE.md §1).
 
     ``ridge_r``/``ridge_d`` are the λ of the Θ_rr and Θ_DD systems (equal except under the
     ``weight_decay`` convention, where λ = N·wd for each set). ``form`` is ``"solves"`` or
-    ``"block"`` (the latter needs ``ridge_r == ridge_d``).
+    ``"block"`` (the latter needs ``ridge_r == ridge_d``). ``matvecs`` counts column-products:
+    one per column of a Θ product and one per column of a bare J or Jᵀ pass.
     """
-    counter: list = [0]
-    K_rr = NTK(J_r.theta, jac_a=J_r, ridge=ridge_r, counter=counter)
-    cr = e_r.shape[0]
+    counter = MatvecCounter()
     if form == "solves":
-        J_d = StackedJacobian(J_r, J_f)
-        K_dd = NTK(J_r.theta, jac_a=J_d, ridge=ridge_d, counter=counter)
-        x_d = solver.solve(K_dd, torch.cat([e_r, e_f]), "D")  # (c·N_D,)
-        # Θ_rr is the leading principal submatrix of Θ_DD: its preconditioner comes for free
-        shared = (solver.last_precond, slice(0, cr)) if share_precond else None
-        x_r = solver.solve(
-            K_rr, e_r, "r", x0=x_d[:cr].clone() if warm_start else None, precond_from=shared
-        )
-        # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_rᵀ (x_r − x_D[r]) − J_fᵀ x_D[f]
-        delta = J_d.rmatvec(torch.cat([x_r - x_d[:cr], -x_d[cr:]]))
-        w_lin_r = J_r.rmatvec(x_r)
-        counter[0] += 2  # the two VJP passes above
-        return delta, w_lin_r, counter[0]
+        return _shift_solves(J_r, J_f, e_r, e_f, ridge_r, ridge_d, config, counter)
     if form != "block":
         raise ValueError(f"form: expected 'solves' or 'block', got {form!r}")
     if ridge_r != ridge_d:
@@ -347,29 +223,133 @@ def ntk_shift(
             "form: 'block' needs one ridge for Θ_rr and Θ_DD; the weight_decay "
             "convention gives them different ridges — use form='solves'"
         )
-    lam = ridge_r
+    return _shift_block(J_r, J_f, e_r, e_f, ridge_r, config, counter)
+
+
+def _shift_solves(
+    J_r: Jacobian,
+    J_f: Jacobian,
+    e_r: Tensor,
+    e_f: Tensor,
+    ridge_r: float,
+    ridge_d: float,
+    config: SolverConfig,
+    counter: MatvecCounter,
+) -> ShiftResult:
+    """Two solves, one right-hand side each: x_D = (Θ_DD + λI)⁻¹ e_D, x_r = (Θ_rr + λI)⁻¹ e_r."""
+    cr = e_r.shape[0]
+    J_d = StackedJacobian(J_r, J_f)
+    inv_d = Inverse(Counted(NTK(jac_a=J_d, ridge=ridge_d), counter), config, label="Θ_DD")
+    x_d = inv_d.solve(torch.cat([e_r, e_f]))  # (c·N_D,)
+    # Θ_rr is the leading principal submatrix of Θ_DD: its preconditioner comes for free.
+    M = inv_d.preconditioner
+    shared = M.restrict(slice(0, cr), ridge_r) if (config.share_precond and M is not None) else None
+    inv_r = Inverse(
+        Counted(NTK(jac_a=J_r, ridge=ridge_r), counter), config, label="Θ_rr", precond=shared
+    )
+    x_r = inv_r.solve(e_r, x0=x_d[:cr].clone() if config.warm_start else None)
+    # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_rᵀ (x_r − x_D[r]) − J_fᵀ x_D[f]
+    delta = Counted(J_d, counter).mT @ torch.cat([x_r - x_d[:cr], -x_d[cr:]])
+    w_lin_r = Counted(J_r, counter).mT @ x_r
+    return ShiftResult(delta, w_lin_r, counter.count, inv_d.records + inv_r.records)
+
+
+# The least relative residual CG is asked for per dtype: below it the iterates sit at the
+# rounding floor of the products (float32 CG was measured to stall near 1e-4–1e-5). float64 is
+# clamped to its floor; float32 is refused below it.
+_CG_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-5}
+# How much amplification of the inner solve's error the block form accepts before it re-solves.
+_AMP_BUDGET = 10.0
+
+
+def _shift_block(
+    J_r: Jacobian,
+    J_f: Jacobian,
+    e_r: Tensor,
+    e_f: Tensor,
+    lam: float,
+    config: SolverConfig,
+    counter: MatvecCounter,
+) -> ShiftResult:
+    """Eq. 10: Δ = −P J_fᵀ M (e_f − Θ_fr (Θ_rr + λI)⁻¹ e_r), M the inverse Schur complement."""
     cf = e_f.shape[0]
-    if solver.kind == "dense":
-        Jr, Jf = solver.dense_jacobian(J_r), solver.dense_jacobian(J_f)
-        Theta_rf = Jr @ Jf.T
-        Theta_ff = Jf @ Jf.T
-    else:
-        eye_f = torch.eye(cf, dtype=e_f.dtype, device=e_f.device)
-        Theta_rf = J_r.matvec(J_f.rmatvec(eye_f))  # (c·N_r, c·N_f)
-        Theta_ff = J_f.matvec(J_f.rmatvec(eye_f))  # (c·N_f, c·N_f)
-        counter[0] += 2 * cf
-    Theta_ff = 0.5 * (Theta_ff + Theta_ff.T)
-    Z = solver.solve(K_rr, torch.cat([Theta_rf, e_r.unsqueeze(1)], 1), "r|rf")
-    Z_rf, z_r = Z[:, :cf], Z[:, cf]
-    S = Theta_ff + lam * torch.eye(cf, dtype=e_f.dtype, device=e_f.device) - Theta_rf.T @ Z_rf
+    Jr, Jf = Counted(J_r, counter), Counted(J_f, counter)
+    inv_rr = Inverse(Counted(NTK(jac_a=J_r, ridge=lam), counter), config, label="Θ_rr")
+    eye_f = torch.eye(cf, dtype=e_f.dtype, device=e_f.device)
+    Theta_rf = Counted(NTK(jac_a=J_r, jac_b=J_f), counter) @ eye_f  # (c·N_r, c·N_f)
+    Theta_ff = Counted(NTK(jac_a=J_f), counter) @ eye_f  # (c·N_f, c·N_f)
+    B = torch.cat([Theta_rf, e_r.unsqueeze(1)], 1)
+    Z = inv_rr.solve(B)  # (Θ_rr + λI)⁻¹ [Θ_rf | e_r]
+    S, amp = _schur(Theta_ff, Theta_rf, Z[:, :cf], lam)
+    tol = config.tol_for(e_r.dtype)
+    if amp > _AMP_BUDGET and config.method == "cg":
+        # The Schur complement's small eigenvalues amplify the inner solve's relative error
+        # ≈ amp times (issue 12: float32 at tol 1e-3 gave shifts 11–18× wrong, amp ≈ 1e3):
+        # solve again so that the amplified error stays within _AMP_BUDGET · tol.
+        Z = _refine_block_solve(inv_rr, B, Z, tol * _AMP_BUDGET / amp, amp)
+        S, amp = _schur(Theta_ff, Theta_rf, Z[:, :cf], lam)
+    z_r = Z[:, cf]
+    v = e_f.double() - Theta_rf.double().T @ z_r.double()  # forget residual of the retain model
+    Mv = _schur_solve(S, v).to(e_f.dtype)
+    P = Projection(Jr, inverse=inv_rr)  # I − J_rᵀ (Θ_rr + λI)⁻¹ J_r
+    delta = -(P @ (Jf.mT @ Mv))
+    w_lin_r = Jr.mT @ z_r
+    return ShiftResult(delta, w_lin_r, counter.count, inv_rr.records)
+
+
+def _schur(Theta_ff: Tensor, Theta_rf: Tensor, Z_rf: Tensor, lam: float) -> tuple[Tensor, float]:
+    """``S = Θ_ff + λI − Θ_rfᵀ (Θ_rr + λI)⁻¹ Θ_rf`` in float64 and its error amplification
+    ``‖Θ_ff + λI‖₂ / λ_min(S)`` (how much a relative error in the subtracted term grows)."""
+    T = Theta_ff.double()
+    T = 0.5 * (T + T.T) + lam * torch.eye(T.shape[0], dtype=torch.float64, device=T.device)
+    S = T - Theta_rf.double().T @ Z_rf.double()
     S = 0.5 * (S + S.T)
-    v = e_f - Theta_rf.T @ z_r  # residual of the forget targets under the retain-only model
-    g = J_f.rmatvec(torch.linalg.solve(S, v))  # J_fᵀ M v
-    # P g = g − J_rᵀ (Θ_rr + λI)⁻¹ J_r g
-    delta = -(g - J_r.rmatvec(solver.solve(K_rr, J_r.matvec(g), "P")))
-    w_lin_r = J_r.rmatvec(z_r)
-    counter[0] += 4
-    return delta, w_lin_r, counter[0]
+    top = float(torch.linalg.eigvalsh(T)[-1])
+    low = float(torch.linalg.eigvalsh(S)[0])
+    return S, (top / low if low > 0 else float("inf"))
+
+
+def _refine_block_solve(inv: Inverse, B: Tensor, Z: Tensor, tol: float, amp: float) -> Tensor:
+    """Re-solve the block system to ``tol`` (warm start), or refuse when the dtype cannot."""
+    floor = _CG_FLOOR.get(B.dtype, 1e-6)
+    if B.dtype == torch.float64:
+        tol = max(tol, floor)
+    if tol >= inv.config.tol_for(B.dtype):
+        return Z
+    if tol < floor:
+        need = (
+            f"needs a relative residual of {tol:.1e}"
+            if amp < float("inf")
+            else "is not even positive definite at the current accuracy"
+        )
+        raise ValueError(
+            f"form: 'block' in {B.dtype} cannot be solved accurately here: the Schur complement "
+            f"Θ_ff + λI − Θ_fr(Θ_rr + λI)⁻¹Θ_rf amplifies the inner Θ_rr solve's error "
+            f"≈{amp:.1e}× and {need}, below what {B.dtype} CG reaches (≈{floor:g}). Use "
+            "form='solves' (the default), a float64 model, or a larger ridge"
+        )
+    tight = Inverse(
+        inv.A,
+        inv.config.replace(tol=tol),
+        label=f"{inv.label} (refined)",
+        precond=inv.preconditioner,
+    )
+    tight._precond_origin = "reused"
+    Z = tight.solve(B, x0=Z)
+    inv.records.extend(tight.records)
+    return Z
+
+
+def _schur_solve(S: Tensor, v: Tensor) -> Tensor:
+    """``S⁻¹ v`` by Cholesky in float64; a singular Schur complement raises, naming it."""
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0:
+        raise ValueError(
+            "form: the Schur complement Θ_ff + λI − Θ_fr(Θ_rr + λI)⁻¹Θ_rf is singular or not "
+            "positive definite (forget samples duplicated in retain, or λ = 0 with c·N ≥ p); "
+            "give a ridge > 0 or use form='solves'"
+        )
+    return torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1)
 
 
 def trapezium_scale(
@@ -395,16 +375,22 @@ def scrub(
     forget: Any,
     *,
     init: nn.Module | Mapping[str, Tensor],
-    linearize_at: str = "init",
-    loss: str = "mse",
+    linearize_at: Literal["init", "trained"] = "init",
+    loss: Literal["mse", "ce"] = "mse",
     ridge: float = 0.0,
-    solver: str = "cg",
-    rescale: str | None = None,
+    solver: Method | None = None,
+    rescale: Literal["trapezium"] | None = None,
     noise: float = 0.0,
     seed: int | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
-    **options: Any,
+    form: Form = "solves",
+    strict: bool | None = None,
+    weight_decay: float | None = None,
+    params: ParamSelector = None,
+    solver_config: SolverConfig | None = None,
+    products: ProductConfig | None = None,
+    noise_config: NoiseConfig | None = None,
 ) -> ScrubResult:
     """Scrub D_f from ``model`` in one shot: ``S(w) = w(D) + s·Δ + n`` (Prop. 2, eq. 10–11).
 
@@ -419,137 +405,74 @@ def scrub(
         loss: ``"mse"`` (e = onehot − f, eq. 10) or ``"ce"`` (e = onehot − softmax f).
         ridge: λ ≥ 0 on the NTK diagonal; the linearised objective is
             ½Σ‖f_lin(x) − y‖² + ½λ‖w‖² summed over samples and classes.
-        solver: ``"cg"`` (matrix-free PCG) or ``"dense"`` (explicit J and Θ; the reference).
+        solver: ``"cg"`` (default; matrix-free PCG) or ``"dense"`` (Cholesky on the explicit J
+            and Θ; the reference). Overrides ``solver_config.method``.
         rescale: ``None`` or ``"trapezium"`` (the reference code's heuristic, REFERENCE.md §2).
         noise: α ≥ 0: adds ``n ~ N(0, α F⁻¹)``, F the diagonal Fisher on D_r at the shifted
-            weights, with the reference code's clamps (``fisher_options`` overrides them, see
-            :func:`fisher_noise_variance`).
+            weights, with the reference code's clamps (``noise_config``).
         seed: seeds the noise and the preconditioner's sketch; the same seed gives the same result.
         tol: per-column relative residual of CG (default 1e-10 in float64, 1e-3 in float32 —
-            what float32 products deliver; see the comment in the code).
-        max_iter: CG iteration cap (default: the CG default).
-
-    Options:
+            what float32 products deliver, see :meth:`SolverConfig.tol_for`).
+        max_iter: CG iteration cap per solve (default: the CG default).
         form: ``"solves"`` (default; two single-rhs solves) or ``"block"`` (eq. 10's block form).
+        strict: raise :class:`~ntkscrub.operators.SolveNotConverged` (a ``CGNotConverged`` naming
+            the system, with the partial result) if a solve misses ``tol`` (default True).
         weight_decay: the reference code's convention: a mean loss with weight decay wd toward θ0
             equals a ridge λ = N·wd for each system (N = |D| for Θ_DD, |D_r| for Θ_rr); replaces
             ``ridge``.
         params: which parameters are linearised (see :class:`~ntkscrub.params.ParameterSpace`).
-        batch_size: samples per JVP/VJP batch (256).
-        precond: ``"nystrom"`` (default) or ``None``; precond_rank: its rank (default 0 — none —
-            for systems under 2000 rows, else 50);
-            strict: raise if CG does not converge (default True);
-        warm_start: start the D_r solve from the D solution (default True);
-        share_precond: precondition the D_r solve with the D system's Nyström factor restricted
-            to the retain rows (default True: no second build; see
-            :meth:`~ntkscrub.solvers.LowRankPreconditioner.restrict`);
-        max_dense_bytes: the dense path refuses explicit Jacobians larger than this (4 GiB).
-        autocast: a ``torch.autocast`` dtype for the Jacobian products (experimental, see
-            :class:`~ntkscrub.operators.Jacobian`); vector_chunk: vectors per vmap (32).
-        allow_tf32: keep PyTorch's TF32 convolutions/matmuls during the solves (default False:
-            TF32 stalls CG near 3e-2, see :func:`full_fp32_precision`).
+        solver_config: the other solver knobs (:class:`~ntkscrub.config.SolverConfig`:
+            preconditioner and rank, warm start, sharing, dense memory cap, sketch seed). The
+            keywords ``solver``, ``tol``, ``max_iter``, ``strict`` take precedence; giving both a
+            keyword and a different non-default field is an error.
+        products: Jacobian products (:class:`~ntkscrub.config.ProductConfig`: batch size, vector
+            chunk, autocast, TF32).
+        noise_config: the Fisher noise conventions (:class:`~ntkscrub.config.NoiseConfig`).
 
     Returns:
-        :class:`ScrubResult` with ``.model``, ``.shift`` ``(p,)`` and ``.info``.
+        :class:`ScrubResult` with ``.model``, ``.shift`` ``(p,)``, ``.delta``, ``.scale`` and
+        ``.info`` (``info["converged"]``, ``info["config"]``, ``info["solves"]``, ...).
     """
     t_start = time.perf_counter()
-    unknown = set(options) - _OPTIONS
-    if unknown:
-        raise TypeError(f"options: unknown keyword arguments {sorted(unknown)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    check_eval_mode(model, "model")
-    check_choice(linearize_at, "linearize_at", ("init", "trained"))
-    check_choice(loss, "loss", ("mse", "ce"))
-    check_choice(solver, "solver", ("cg", "dense"))
-    check_choice(rescale, "rescale", (None, "trapezium"))
-    form = check_choice(options.get("form", "solves"), "form", ("solves", "block"))
-    ridge = check_number(ridge, "ridge")
-    noise = check_number(noise, "noise")
-    weight_decay = options.get("weight_decay")
+    _check_scrub_args(model, linearize_at, loss, rescale, form, seed)
+    ridge, noise = check_number(ridge, "ridge"), check_number(noise, "noise")
     if weight_decay is not None:
         weight_decay = check_number(weight_decay, "weight_decay")
         if ridge != 0.0:
             raise ValueError("weight_decay: give either ridge or weight_decay, not both")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    precond = check_choice(options.get("precond", "nystrom"), "precond", ("nystrom", None))
-    if tol is not None:
-        tol = check_number(tol, "tol", positive=True)
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
-        raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}")
-    batch_size = options.get("batch_size", 256)
+    cfg = _solver_config(solver_config, solver, tol, max_iter, strict, seed)
+    products = _typed(products, ProductConfig, "products")
+    noise_config = _typed(noise_config, NoiseConfig, "noise_config")
+    _check_overlap(retain, forget)
 
-    # Overlap between retain and forget is only detectable for index-based subsets of one set.
-    sr, sf = subset_indices(retain), subset_indices(forget)
-    if sr is not None and sf is not None and sr[0] == sf[0]:
-        both = sorted(set(sr[1]) & set(sf[1]))
-        if both:
-            raise ValueError(
-                f"forget: {len(both)} sample(s) are also in retain, e.g. indices {both[:10]}"
-            )
-
-    space_w = ParameterSpace(model, options.get("params"))
+    space_w = ParameterSpace(model, params)
     space_w.check_compatible(
         init if isinstance(init, Mapping) else _module_params(init, "init"), "init"
     )
     init_model = load_weights(model, init, "init")
-    w_d = space_w.point()
-    theta0 = space_w.point(init_model)
+    w_d, theta0 = space_w.point(), space_w.point(init_model)
     if not bool(torch.isfinite(theta0).all()):
         raise ValueError("init: parameters contain NaN or infinite values")
-
-    lin_model = init_model if linearize_at == "init" else model
-    space = ParameterSpace(lin_model, space_w.names)
-    autocast = options.get("autocast")
+    space = ParameterSpace(init_model if linearize_at == "init" else model, space_w.names)
     jkw = {
-        "batch_size": batch_size,
-        "autocast": autocast,
-        "vector_chunk": options.get("vector_chunk", 32),
+        "batch_size": products.batch_size,
+        "autocast": products.autocast,
+        "vector_chunk": products.vector_chunk,
     }
     J_r = Jacobian(space, retain, name="retain", **jkw)
     J_f = Jacobian(space, forget, at=J_r.theta, name="forget", **jkw)
     e_r, e_f = _targets(J_r, loss), _targets(J_f, loss)
+    ridge_r = ridge_d = ridge
     if weight_decay is not None:
         ridge_r, ridge_d = J_r.n * weight_decay, (J_r.n + J_f.n) * weight_decay
-    else:
-        ridge_r = ridge_d = ridge
-    if tol is None:
-        # float32: Θ products carry a relative error of 2e-4–4e-4 against float64, and a solve
-        # told to reach 1e-4 ends at a true residual of 4e-4–2e-3 (H200,
-        # benchmarks/results/gpu-h200/suite) — 1e-3 is what float32 honestly delivers. It moves
-        # the shift by ≈ 0.3 % and the D_f outputs by < 1 % of the scrub's own step, for ≈ 20 %
-        # fewer matvecs than 1e-4 (float64 study, benchmarks/results/cpu/tol_study.json).
-        tol = 1e-10 if space.dtype == torch.float64 else 1e-3
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
-    slv = _Solver(
-        solver,
-        tol=tol,
-        max_iter=max_iter,
-        precond=precond,
-        precond_rank=options.get("precond_rank"),
-        strict=options.get("strict", True),
-        seed=seed if seed is not None else options.get("seed_precond", 0),
-        max_dense_bytes=float(options.get("max_dense_bytes", 4 * 2**30)),
-    )
-    with full_fp32_precision(not options.get("allow_tf32", False)):
-        delta, w_lin_r, matvecs = ntk_shift(
-            J_r,
-            J_f,
-            e_r,
-            e_f,
-            ridge_r=ridge_r,
-            ridge_d=ridge_d,
-            form=form,
-            solver=slv,
-            warm_start=options.get("warm_start", True),
-            share_precond=options.get("share_precond", True),
-        )
+    with full_fp32_precision(not products.allow_tf32):
+        res = ntk_shift(J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg)
     scale, cos = 1.0, None
     if rescale == "trapezium":
-        scale, cos = trapezium_scale(delta, w_d, theta0, w_lin_r)
-    shift = scale * delta
+        scale, cos = trapezium_scale(res.delta, w_d, theta0, res.w_lin_r)
+    shift = scale * res.delta
 
     out = copy.deepcopy(model)
     space_w.load_into(out, w_d + shift)
@@ -561,40 +484,119 @@ def scrub(
             noise,
             seed=seed,
             params=space_w.names,
-            **dict(options.get("fisher_options") or {}),
+            batch_size=noise_config.batch_size,
+            **noise_config.fisher_options(),
         )
     out.eval()
-
     info: dict[str, Any] = {
         "linearize_at": linearize_at,
         "loss": loss,
-        "solver": solver,
+        "solver": cfg.method,
         "form": form,
         "ridge_r": ridge_r,
         "ridge_d": ridge_d,
         "weight_decay": weight_decay,
-        "tol": tol,
+        "tol": cfg.tol_for(space.dtype),
+        "converged": all(rec.get("converged", True) for rec in res.records),
         "n_retain": J_r.n,
         "n_forget": J_f.n,
         "num_classes": J_r.c,
         "p": space.p,
         "dtype": str(space.dtype),
         "device": str(space.device),
-        "matvecs": matvecs,
-        "solves": slv.records,
+        "matvecs": res.matvecs,
+        "solves": res.records,
         "rescale": rescale,
         "rescale_factor": scale,
         "rescale_cos": cos,
         "shift_norm": float(shift.norm()),
-        "delta_norm": float(delta.norm()),
+        "delta_norm": float(res.delta.norm()),
         "noise": noise_info,
+        "config": {
+            "solver": cfg.to_dict(),
+            "products": products.to_dict(),
+            "noise": noise_config.to_dict(),
+        },
         "seconds": time.perf_counter() - t_start,
         "peak_memory_mib": _peak_memory(space.device),
         "peak_memory_kind": "cuda_max_allocated"
         if space.device.type == "cuda"
         else "process_max_rss",
     }
-    return ScrubResult(model=out, shift=shift.detach(), info=info)
+    return ScrubResult(
+        model=out, shift=shift.detach(), info=info, delta=res.delta.detach(), scale=scale
+    )
+
+
+def _check_scrub_args(
+    model: Any, linearize_at: Any, loss: Any, rescale: Any, form: Any, seed: Any
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_eval_mode(model, "model")
+    check_choice(linearize_at, "linearize_at", ("init", "trained"))
+    check_choice(loss, "loss", ("mse", "ce"))
+    check_choice(rescale, "rescale", (None, "trapezium"))
+    check_choice(form, "form", ("solves", "block"))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+
+
+def _typed(value: Any, cls: type, name: str) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise TypeError(f"{name}: expected a {cls.__name__} or None, got {type(value).__name__}")
+    return value
+
+
+def _solver_config(
+    config: SolverConfig | None,
+    solver: Any,
+    tol: Any,
+    max_iter: Any,
+    strict: Any,
+    seed: int | None,
+) -> SolverConfig:
+    """The solver configuration in effect: ``config`` with the keywords that were given."""
+    given = config is not None
+    config = _typed(config, SolverConfig, "solver_config")
+    default = SolverConfig()
+    changes: dict[str, Any] = {}
+    for name, field_name, value in (
+        ("solver", "method", solver),
+        ("tol", "tol", tol),
+        ("max_iter", "max_iter", max_iter),
+        ("strict", "strict", strict),
+    ):
+        if value is None:
+            continue
+        current = getattr(config, field_name)
+        if given and current != getattr(default, field_name) and current != value:
+            raise ValueError(
+                f"{name}: given as a keyword ({value!r}) and as solver_config.{field_name} "
+                f"({current!r}); give one"
+            )
+        changes[field_name] = value
+    if seed is not None:
+        changes["seed"] = seed
+    try:
+        return config.replace(**changes)
+    except (TypeError, ValueError) as err:
+        # Name the keyword the user typed, not the dataclass field behind it.
+        msg = str(err).replace("SolverConfig.method", "solver").replace("SolverConfig.", "")
+        raise type(err)(msg) from None
+
+
+def _check_overlap(retain: Any, forget: Any) -> None:
+    """Overlap between retain and forget is only detectable for index subsets of one set."""
+    sr, sf = subset_indices(retain), subset_indices(forget)
+    if sr is not None and sf is not None and sr[0] == sf[0]:
+        both = sorted(set(sr[1]) & set(sf[1]))
+        if both:
+            raise ValueError(
+                f"forget: {len(both)} sample(s) are also in retain, e.g. indices {both[:10]}"
+            )
 
 
 def _module_params(m: Any, name: str) -> dict[str, Tensor]:

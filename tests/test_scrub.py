@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from model_zoo import make_cnn, make_data
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from ntkscrub.config import ProductConfig, SolverConfig
+from ntkscrub.operators import SolveNotConverged
 from ntkscrub.scrub import (
     diagonal_fisher,
     fisher_noise_variance,
@@ -121,9 +124,15 @@ def test_cg_matches_dense(cnn_problem, linearize_at, loss):
 
 def test_shared_preconditioner_saves_a_build(cnn_problem):
     trained, init, retain, forget = cnn_problem
-    kw = dict(init=init, weight_decay=0.01, solver="cg", tol=1e-10, precond_rank=8)
-    own = scrub(trained, retain, forget, share_precond=False, **kw)
-    shared = scrub(trained, retain, forget, **kw)
+    kw = dict(init=init, weight_decay=0.01, solver="cg", tol=1e-10)
+    own = scrub(
+        trained,
+        retain,
+        forget,
+        solver_config=SolverConfig(precond_rank=8, share_precond=False),
+        **kw,
+    )
+    shared = scrub(trained, retain, forget, solver_config=SolverConfig(precond_rank=8), **kw)
     assert rel(shared.shift, own.shift) <= 1e-7
     d_own, r_own = own.info["solves"]
     d_sh, r_sh = shared.info["solves"]
@@ -257,7 +266,16 @@ def test_cg_not_converging_raises(cnn_problem):
     from ntkscrub.solvers import CGNotConverged
 
     with pytest.raises(CGNotConverged):
-        scrub(trained, retain, forget, init=init, solver="cg", tol=1e-14, max_iter=1, precond=None)
+        scrub(
+            trained,
+            retain,
+            forget,
+            init=init,
+            solver="cg",
+            tol=1e-14,
+            max_iter=1,
+            solver_config=SolverConfig(precond="none"),
+        )
 
 
 def test_tf32_guard_restores_flags():
@@ -272,3 +290,104 @@ def test_tf32_guard_restores_flags():
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# --------------------------------------------------------------------------- issue 11/12 additions
+def near_duplicate_problem(dtype, n=40, nf=6, eps=0.05):
+    """Forget = near-copies of retain images: Θ_ff's Schur complement is tiny (λ_min ≈ 1e-2
+    against ‖Θ_ff‖ ≈ 20), so the block form amplifies the inner solve's error ≈ 1.7e3×."""
+    init = make_cnn(seed=0)
+    trained = copy.deepcopy(init)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    X, Y = make_data("cnn", n)
+    Xf = X[:nf] + eps * torch.randn(X[:nf].shape, generator=g, dtype=X.dtype)
+    return init.to(dtype), trained.to(dtype), (X.to(dtype), Y), (Xf.to(dtype), Y[:nf])
+
+
+def test_block_form_float32_is_not_silently_wrong():
+    """Issue 12: float32 ``form="block"`` at the default tol returned a shift 34 % off the
+    float64 answer here (11–18× in the audit), every solve "converged". Now the Schur
+    amplification is measured and the inner solve refined, or float32 is refused clearly."""
+    i64, t64, r64, f64 = near_duplicate_problem(torch.float64)
+    kw = dict(ridge=1e-2, loss="ce")
+    ref = scrub(t64, r64, f64, init=i64, solver="dense", **kw).shift
+    block64 = scrub(t64, r64, f64, init=i64, solver="cg", form="block", **kw)
+    assert rel(block64.shift, ref) <= 1e-6  # float64: refined to tol / amplification
+    i32, t32, r32, f32 = near_duplicate_problem(torch.float32)
+    with pytest.raises(ValueError, match="form: 'block' in torch.float32"):
+        scrub(t32, r32, f32, init=i32, solver="cg", form="block", **kw)
+    solves32 = scrub(t32, r32, f32, init=i32, solver="cg", **kw)
+    assert rel(solves32.shift.double(), ref) <= 0.05
+
+
+def test_result_records_delta_scale_config_and_converged(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    res = scrub(trained, retain, forget, init=init, ridge=0.05, rescale="trapezium", tol=1e-10)
+    assert res.scale == res.info["rescale_factor"] and res.scale >= 1.0
+    assert rel(res.shift, res.scale * res.delta) <= 1e-15
+    assert res.info["converged"] is True
+    cfg = res.info["config"]
+    assert cfg["solver"]["method"] == "cg" and cfg["solver"]["tol"] == 1e-10
+    assert cfg["products"]["batch_size"] == 256 and cfg["noise"]["clamp"] == 1e3
+    d = res.to_dict()
+    text = json.dumps(d, allow_nan=False)  # strict JSON
+    assert json.loads(text)["scale"] == pytest.approx(res.scale)
+    assert d["delta_norm"] == pytest.approx(float(res.delta.norm()))
+    assert len(res.to_dict(tensors=True)["delta"]) == res.delta.numel()
+
+
+def test_configs_replace_options(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    kw = dict(init=init, ridge=0.05, tol=1e-10)
+    a = scrub(trained, retain, forget, products=ProductConfig(batch_size=5, vector_chunk=2), **kw)
+    b = scrub(trained, retain, forget, **kw)
+    assert rel(a.shift, b.shift) <= 1e-8
+    assert a.info["config"]["products"]["batch_size"] == 5
+    with pytest.raises(ValueError, match="SolverConfig.precond_rank"):
+        SolverConfig(precond_rank=-1)
+    with pytest.raises(TypeError, match="ProductConfig.batch_size"):
+        ProductConfig(batch_size="64")
+    with pytest.raises(ValueError, match="tol: given as a keyword"):
+        scrub(trained, retain, forget, solver_config=SolverConfig(tol=1e-6), **kw)
+    with pytest.raises(TypeError, match="products"):
+        scrub(trained, retain, forget, products={"batch_size": 5}, **kw)
+    with pytest.raises(ValueError, match="solver"):
+        scrub(trained, retain, forget, init=init, solver="lu")
+
+
+def test_not_converged_names_the_system_with_partial_result(cnn_problem):
+    trained, init, retain, forget = cnn_problem
+    with pytest.raises(SolveNotConverged, match="Θ_DD") as err:
+        scrub(
+            trained,
+            retain,
+            forget,
+            init=init,
+            tol=1e-14,
+            max_iter=1,
+            solver_config=SolverConfig(precond="none"),
+        )
+    assert err.value.system == "Θ_DD" and err.value.partial.shape == (3 * 16,)
+    with pytest.warns(RuntimeWarning, match="Θ_DD"):
+        res = scrub(
+            trained,
+            retain,
+            forget,
+            init=init,
+            tol=1e-14,
+            max_iter=1,
+            strict=False,
+            solver_config=SolverConfig(precond="none"),
+        )
+    assert res.info["converged"] is False
+
+
+def test_dense_singular_system_raises_not_least_squares():
+    """λ = 0 with c·N > p: Θ_DD is singular; the old dense path fell back to least squares."""
+    model = make_cnn(seed=0)
+    X, Y = make_data("cnn", 100)  # c·N = 300 > p = 267
+    with pytest.raises(ValueError, match="Θ_DD: the dense system is singular"):
+        scrub(model, (X[:90], Y[:90]), (X[90:], Y[90:]), init=make_cnn(seed=1), solver="dense")

@@ -1,18 +1,49 @@
-"""Lazy operators of the linearised network: J, Jᵀ, Θ, P and the GGN (never formed)."""
+"""Lazy operators of the linearised network, composed as LinearOperators: J, Jᵀ, Θ = J Jᵀ + λI,
+P, the GGN Jᵀ H J + δI, the dual H^½ J Jᵀ H^½ + δI, and the one inverse operator that solves them.
+"""
 
-from ntkscrub.operators.ggn import GGN, ggn_diagonal, output_hessian_apply
+from ntkscrub.operators.base import (
+    Counted,
+    Dense,
+    Identity,
+    MatvecCounter,
+    Operator,
+    Product,
+    Scaled,
+    Sum,
+    Transposed,
+    to_scipy,
+)
+from ntkscrub.operators.ggn import GGN, Dual, OutputHessian, ggn_diagonal, output_hessian_apply
+from ntkscrub.operators.inverse import DenseTooLarge, Inverse, SolveNotConverged, pcg_solve
 from ntkscrub.operators.jacobian import Jacobian, StackedJacobian
 from ntkscrub.operators.ntk import NTK, PartitionedNTK, dense_ntk
 from ntkscrub.operators.projection import Projection
 
 __all__ = [
+    "Counted",
+    "Dense",
+    "DenseTooLarge",
+    "Dual",
     "GGN",
+    "Identity",
+    "Inverse",
     "Jacobian",
+    "MatvecCounter",
     "NTK",
+    "Operator",
+    "OutputHessian",
     "PartitionedNTK",
+    "Product",
     "Projection",
+    "Scaled",
+    "SolveNotConverged",
     "StackedJacobian",
+    "Sum",
+    "Transposed",
     "dense_ntk",
     "ggn_diagonal",
     "output_hessian_apply",
+    "pcg_solve",
+    "to_scipy",
 ]

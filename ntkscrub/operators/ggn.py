@@ -2,20 +2,24 @@
 
 For a softmax output the Fisher information of the model's predictive distribution equals the
 GGN: per sample, ``H = diag(π) − ππᵀ`` with ``π = softmax(f_θ(x))`` (``(c, c)``); for the MSE loss
-``H = I``. ``F`` is ``(p, p)``; ``(F + δI) v`` costs one JVP and one VJP pass over D_r. It defines
+``H = I``. ``F`` is ``(p, p)``; ``(F + δI) v`` costs one JVP and one VJP pass over D_r. F and the
+dual system ``H^½ J_r J_rᵀ H^½ + δI`` are compositions of the Jacobian with
+:class:`OutputHessian`. It defines
 the full-covariance noise Σ = α(F + δI)⁻¹ of Proposition 1 and eq. 11; :func:`ggn_diagonal` is the
 diagonal Fisher used by the reference code's noise (exact expectation over y ~ p(y|x)).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ntkscrub.operators.jacobian import Jacobian, check_vector
+from ntkscrub.operators.base import Operator
+from ntkscrub.operators.jacobian import Jacobian
 
-__all__ = ["GGN", "output_hessian_apply", "ggn_diagonal"]
+__all__ = ["GGN", "Dual", "OutputHessian", "output_hessian_apply", "ggn_diagonal"]
 
 
 def output_hessian_apply(probs: Tensor | None, U: Tensor, c: int) -> Tensor:
@@ -33,59 +37,128 @@ def output_hessian_apply(probs: Tensor | None, U: Tensor, c: int) -> Tensor:
     return out.reshape(U.shape) if single else out.reshape(-1, U.shape[1])
 
 
-class GGN(LinearOperator):
-    """``F + δI = J_rᵀ H J_r + δI`` as a lazy ``(p, p)`` operator.
+class OutputHessian(Operator):
+    """The block-diagonal output Hessian ``H`` (or its square root ``H^½``), ``(c·N, c·N)``.
 
-    Args:
-        theta: the point ``(p,)`` where J_r and H are evaluated (the tensor representation).
-        jac: the Jacobian ``J_r`` at ``theta``.
-        loss: ``"ce"`` (softmax Hessian; the Fisher) or ``"mse"`` (``H = I``).
-        damping: δ ≥ 0.
-        probs: precomputed ``softmax(f_θ(D_r))`` ``(N, c)`` (computed when omitted).
+    Per sample ``H_n = diag(π_n) − π_n π_nᵀ`` (softmax cross-entropy; PSD) from ``probs``
+    ``(N, c)``; ``probs=None`` means the MSE loss, ``H = I``. ``power=0.5`` gives the symmetric
+    PSD root ``H^½`` (by a per-sample eigen-decomposition), used by the dual form
+    ``H^½ J Jᵀ H^½ + δI``.
     """
+
+    symmetric = True
+    psd = True
 
     def __init__(
         self,
-        theta: Tensor,
+        probs: Tensor | None,
+        c: int,
+        n: int,
         *,
-        jac: Jacobian,
-        loss: str = "ce",
-        damping: float = 0.0,
-        probs: Tensor | None = None,
+        power: float = 1.0,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
-        if loss not in ("ce", "mse"):
-            raise ValueError(f"loss: expected 'ce' or 'mse', got {loss!r}")
-        damping = float(damping)
-        if not (damping >= 0.0 and damping != float("inf")):
-            raise ValueError(f"damping: must be a finite number ≥ 0, got {damping}")
-        if loss == "ce" and probs is None:
-            probs = torch.softmax(jac.outputs(), dim=1)
-        self.jac, self.loss, self.damping = jac, loss, damping
-        self.probs = probs if loss == "ce" else None
-        super().__init__(theta, jac=jac, loss=loss, damping=damping, probs=self.probs)
+        if power not in (1.0, 0.5):
+            raise ValueError(f"power: expected 1 or 0.5, got {power!r}")
+        super().__init__((c * n, c * n), dtype, device)
+        self.probs, self.c, self.power = probs, c, float(power)
+        self.blocks: Tensor | None = None  # (N, c, c) explicit blocks, when probs are given
+        if probs is not None:
+            pi = probs.to(dtype)
+            H = torch.diag_embed(pi) - pi.unsqueeze(2) * pi.unsqueeze(1)  # (N, c, c)
+            if power == 0.5:
+                lam, V = torch.linalg.eigh(H)
+                H = (V * lam.clamp_min(0.0).sqrt().unsqueeze(1)) @ V.mT
+            self.blocks = H
 
-    def _size(self) -> torch.Size:
-        return torch.Size((self.jac.p, self.jac.p))
+    def _mm(self, X: Tensor) -> Tensor:
+        if self.blocks is None:
+            return X
+        if self.power == 1.0:
+            return output_hessian_apply(self.probs, X, self.c)
+        u = X.reshape(self.blocks.shape[0], self.c, -1)  # (N, c, k)
+        return (self.blocks @ u).reshape(X.shape)
 
-    def _transpose_nonbatch(self) -> GGN:
-        return self
+    _tmm = _mm
 
-    def _matmul(self, rhs: Tensor) -> Tensor:
-        check_vector(rhs, self.jac.p, self.jac.dtype, self.jac.device, "rhs")
-        out = self.jac.rmatvec(output_hessian_apply(self.probs, self.jac.matvec(rhs), self.jac.c))
-        return out + self.damping * rhs if self.damping else out
+    def to_dense(self) -> Tensor:  # type: ignore[override]
+        if self.blocks is None:
+            return torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
+        return torch.block_diag(*self.blocks)
 
-    def _diagonal(self) -> Tensor:
-        return ggn_diagonal(self.jac, self.probs) + self.damping
+    def sandwich_diagonal(self, jac: Any) -> Tensor | None:
+        """``diag(Jᵀ H J)`` from explicit row blocks (the diagonal Fisher), or None."""
+        if self.power != 1.0 or not isinstance(jac, Jacobian):
+            return None
+        return ggn_diagonal(jac, self.probs)
 
-    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        raise NotImplementedError("GGN operators are not batched")
 
-    def dense(self) -> Tensor:
-        """The exact twin ``J_rᵀ H J_r + δI`` from the explicit Jacobian (small problems only)."""
-        J = self.jac.dense()
-        F = J.T @ output_hessian_apply(self.probs, J, self.jac.c)
-        return F + self.damping * torch.eye(J.shape[1], dtype=J.dtype, device=J.device)
+def _probs(jac: Jacobian, loss: str, probs: Tensor | None) -> Tensor | None:
+    if loss not in ("ce", "mse"):
+        raise ValueError(f"loss: expected 'ce' or 'mse', got {loss!r}")
+    if loss == "mse":
+        return None
+    return torch.softmax(jac.outputs(), dim=1) if probs is None else probs
+
+
+def _damping(damping: Any) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise TypeError(f"damping: expected a number, got {type(damping).__name__}")
+    damping = float(damping)
+    if not (damping >= 0.0 and damping != float("inf")):
+        raise ValueError(f"damping: must be a finite number ≥ 0, got {damping}")
+    return damping
+
+
+def GGN(  # noqa: N802 - a named constructor of the paper's F
+    theta: Tensor | None = None,
+    *,
+    jac: Jacobian,
+    loss: str = "ce",
+    damping: float = 0.0,
+    probs: Tensor | None = None,
+) -> Operator:
+    """``F + δI = J_rᵀ H J_r + δI`` as the composition ``(J.mT @ (H @ J)).add_diagonal(δ)``.
+
+    Args:
+        theta: optional, checked against ``jac.theta`` (older call sites pass it).
+        jac: the Jacobian ``J_r`` ``(c·N_r, p)`` at θ.
+        loss: ``"ce"`` (softmax Hessian; the Fisher) or ``"mse"`` (``H = I``).
+        damping: δ ≥ 0.
+        probs: precomputed ``softmax(f_θ(D_r))`` ``(N, c)`` (computed when omitted).
+
+    Returns a ``(p, p)`` operator; ``to_dense()`` is ``J_dᵀ H_d J_d + δI`` from the explicit twins.
+    """
+    if not isinstance(jac, Jacobian):
+        raise TypeError(f"jac: expected a Jacobian, got {type(jac).__name__}")
+    damping = _damping(damping)
+    if theta is not None and not torch.equal(theta, jac.theta):
+        raise ValueError("theta: differs from the Jacobian's linearisation point")
+    H = OutputHessian(_probs(jac, loss, probs), jac.c, jac.n, dtype=jac.dtype, device=jac.device)
+    return (jac.mT @ (H @ jac)).add_diagonal(damping)
+
+
+def Dual(  # noqa: N802 - a named constructor
+    *,
+    jac: Jacobian,
+    loss: str = "ce",
+    damping: float = 0.0,
+    probs: Tensor | None = None,
+) -> Operator:
+    """The dual (Woodbury / NTK) system ``H^½ J_r J_rᵀ H^½ + δI``, ``(c·N_r, c·N_r)``.
+
+    ``J (JᵀHJ + δI)⁻¹ Jᵀ`` is expressed through it (REFERENCE.md §1, a GP posterior covariance).
+    Returned as the composition ``(X @ X.mT).add_diagonal(δ)`` with ``X = H^½ @ J``.
+    """
+    if not isinstance(jac, Jacobian):
+        raise TypeError(f"jac: expected a Jacobian, got {type(jac).__name__}")
+    damping = _damping(damping)
+    root = OutputHessian(
+        _probs(jac, loss, probs), jac.c, jac.n, power=0.5, dtype=jac.dtype, device=jac.device
+    )
+    X = root @ jac
+    return (X @ X.mT).add_diagonal(damping)
 
 
 def ggn_diagonal(jac: Jacobian, probs: Tensor | None = None, *, chunk: int = 8) -> Tensor:

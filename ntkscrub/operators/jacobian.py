@@ -1,13 +1,15 @@
 """The Jacobian J_S of the logits over a data set S, as a streamed, matrix-free operator.
 
 ``J_S = ∂f_θ(x)/∂θ`` stacked over the samples of S has shape ``(c·|S|, p)``, row ``n·c + k`` for
-sample ``n`` and logit ``k`` (the paper's J_r, J_f; eq. 9–10). It is never formed: ``J v`` is a
+sample ``n`` and logit ``k`` (the paper's J_r, J_f; eq. 9–10). It is a rectangular
+:class:`~ntkscrub.operators.base.Operator` (a ``linear_operator.LinearOperator``): ``J @ V``,
+``J.mT @ U`` and compositions such as ``J_a @ J_b.mT`` (the NTK). It is never formed: ``J v`` is a
 forward-mode product (JVP) per mini-batch and ``Jᵀ u`` a reverse-mode product (VJP) per
 mini-batch, accumulated — so memory is that of one batch, whatever |S|. Several vectors are applied
 in one pass by ``vmap`` over the tangents/cotangents, which shares the primal computation.
 
-:meth:`Jacobian.dense` is the exact twin (explicit per-sample Jacobians via ``torch.func.jacrev``,
-chunked) that the tests trust.
+:meth:`Jacobian.to_dense` is the exact twin (explicit per-sample Jacobians via
+``torch.func.jacrev``, chunked, cached) that the tests trust and that ``solver="dense"`` uses.
 """
 
 from __future__ import annotations
@@ -21,24 +23,13 @@ from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
 from ntkscrub.batches import Batches, as_batches
+from ntkscrub.operators.base import Operator, check_vector
 from ntkscrub.params import ParameterSpace
 
 __all__ = ["Jacobian", "StackedJacobian", "check_vector"]
 
 
-def check_vector(v: Tensor, rows: int, dtype: torch.dtype, device: torch.device, name: str) -> None:
-    """Raise unless ``v`` has shape ``(rows,)`` or ``(rows, k)`` and the given dtype/device."""
-    if not isinstance(v, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(v).__name__}")
-    if v.dim() not in (1, 2) or v.shape[0] != rows:
-        raise ValueError(f"{name}: expected shape ({rows},) or ({rows}, k), got {tuple(v.shape)}")
-    if v.dtype != dtype:
-        raise ValueError(f"{name}: dtype {v.dtype} does not match the operator's {dtype}")
-    if v.device != device:
-        raise ValueError(f"{name}: device {v.device} does not match the operator's {device}")
-
-
-class Jacobian:
+class Jacobian(Operator):
     """``J_S`` at a point θ: a ``(c·|S|, p)`` operator applied batch by batch.
 
     Args:
@@ -58,7 +49,8 @@ class Jacobian:
         vector_chunk: the most vectors pushed through one ``vmap`` per batch (memory grows with
             batch_size · vector_chunk); ``None``: all at once.
 
-    Shapes: ``matvec``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)``; ``rmatvec`` the reverse.
+    Shapes: ``J @ V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)``; ``J.mT @ U`` the reverse
+    (``matvec`` / ``rmatvec`` are the same products, with errors naming ``V`` / ``U``).
     """
 
     def __init__(
@@ -96,13 +88,9 @@ class Jacobian:
         self.c: int = out.shape[1]
         self.n: int = len(self.data)
         self.p: int = space.p
-        self.dtype = space.dtype
-        self.device = space.device
         self.data.num_classes = self.c  # labels, when read, are checked against c
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.c * self.n, self.p)
+        self._dense_cache: Tensor | None = None
+        super().__init__((self.c * self.n, self.p), space.dtype, space.device)
 
     def _ctx(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
@@ -131,14 +119,26 @@ class Jacobian:
         return [slice(i, min(i + step, k)) for i in range(0, k, step)]
 
     def matvec(self, V: Tensor) -> Tensor:
-        """``J V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)`` — one JVP pass over S.
+        """``J V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)`` (errors name ``V``)."""
+        check_vector(V, self.p, self.dtype, self.device, "V")
+        return self._matmul(V)
+
+    def rmatvec(self, U: Tensor) -> Tensor:
+        """``Jᵀ U``: ``(c·N,)``→``(p,)`` or ``(c·N, k)``→``(p, k)`` (errors name ``U``)."""
+        check_vector(U, self.shape[0], self.dtype, self.device, "U")
+        return self._tmm(U.unsqueeze(1)).squeeze(1) if U.dim() == 1 else self._tmm(U)
+
+    def _mm(self, V: Tensor) -> Tensor:
+        """``J V`` for ``V`` ``(p, k)`` — one JVP pass over S.
 
         The k tangents of a batch go through one ``vmap`` (sharing the primal computation), at
         most ``vector_chunk`` at a time so that memory stays ∝ batch_size · vector_chunk.
         """
-        check_vector(V, self.p, self.dtype, self.device, "V")
-        if V.dim() == 2 and V.shape[1] == 1:
-            return self.matvec(V[:, 0]).unsqueeze(1)
+        if V.shape[1] == 1:
+            return self._jvp(V[:, 0]).unsqueeze(1)
+        return self._jvp(V)
+
+    def _jvp(self, V: Tensor) -> Tensor:
         single = V.dim() == 1
         V = V if single else V.contiguous()
         out = torch.empty(
@@ -165,15 +165,17 @@ class Jacobian:
                     out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
         return out
 
-    def rmatvec(self, U: Tensor) -> Tensor:
-        """``Jᵀ U``: ``(c·N,)``→``(p,)`` or ``(c·N, k)``→``(p, k)`` — one VJP pass over S.
+    def _tmm(self, U: Tensor) -> Tensor:
+        """``Jᵀ U`` for ``U`` ``(c·N, k)`` — one VJP pass over S.
 
         One forward pass per batch is shared by the k cotangents (``vmap`` over the pullback, at
         most ``vector_chunk`` at a time).
         """
-        check_vector(U, self.c * self.n, self.dtype, self.device, "U")
-        if U.dim() == 2 and U.shape[1] == 1:
-            return self.rmatvec(U[:, 0]).unsqueeze(1)
+        if U.shape[1] == 1:
+            return self._vjp(U[:, 0]).unsqueeze(1)
+        return self._vjp(U)
+
+    def _vjp(self, U: Tensor) -> Tensor:
         single = U.dim() == 1
         acc = torch.zeros(
             self.p, *([] if single else [U.shape[1]]), dtype=self.dtype, device=self.device
@@ -225,11 +227,21 @@ class Jacobian:
         return jacrev(lambda p: self._f(p, xi.unsqueeze(0))[0])(self._params)
 
     def dense(self, chunk: int = 16) -> Tensor:
-        """The explicit Jacobian ``(c·N, p)``: for small problems and tests only."""
-        out = torch.empty(self.c * self.n, self.p, dtype=self.dtype, device=self.device)
-        for r0, r1, block in self.dense_rows(chunk):
-            out[r0:r1] = block
-        return out
+        """The explicit Jacobian ``(c·N, p)`` (cached): for small problems and tests only."""
+        if self._dense_cache is None:
+            out = torch.empty(self.c * self.n, self.p, dtype=self.dtype, device=self.device)
+            for r0, r1, block in self.dense_rows(chunk):
+                out[r0:r1] = block
+            self._dense_cache = out
+        return self._dense_cache
+
+    def to_dense(self) -> Tensor:  # type: ignore[override]
+        """The exact twin: explicit per-sample Jacobians (``jacrev``), ``(c·N, p)``, cached."""
+        return self.dense()
+
+    def dense_bytes(self) -> int:
+        """Memory of the explicit twin ``(c·N, p)`` in bytes."""
+        return self.c * self.n * self.p * torch.finfo(self.dtype).bits // 8
 
     def row_norms_sq(self, chunk: int = 16) -> Tensor:
         """``diag(J Jᵀ)``: squared norms of the rows, ``(c·N,)``, from explicit row blocks."""
@@ -259,7 +271,7 @@ class StackedJacobian(Jacobian):
                 raise ValueError("parts: Jacobians must share the parameter space, c and θ")
         self.parts = parts
         self.space, self.theta, self.c, self.p = first.space, first.theta, first.c, first.p
-        self.dtype, self.device, self.autocast = first.dtype, first.device, first.autocast
+        self.autocast = first.autocast
         self.vector_chunk = first.vector_chunk
         self.name = "+".join(j.name for j in parts)
         self.n = sum(j.n for j in parts)
@@ -268,17 +280,30 @@ class StackedJacobian(Jacobian):
         for j in parts:
             self._bounds.append((r, r + j.c * j.n))
             r += j.c * j.n
+        self._dense_cache = None
+        Operator.__init__(self, (self.c * self.n, self.p), first.dtype, first.device)
+        self.children = tuple(parts)
 
-    def matvec(self, V: Tensor) -> Tensor:
-        return torch.cat([j.matvec(V) for j in self.parts])
+    def _mm(self, V: Tensor) -> Tensor:
+        return torch.cat([j._mm(V) for j in self.parts])
 
-    def rmatvec(self, U: Tensor) -> Tensor:
-        check_vector(U, self.c * self.n, self.dtype, self.device, "U")
+    def _tmm(self, U: Tensor) -> Tensor:
         out = None
         for j, (r0, r1) in zip(self.parts, self._bounds):
-            g = j.rmatvec(U[r0:r1])
+            g = j._tmm(U[r0:r1])
             out = g if out is None else out + g
         return out
+
+    def dense(self, chunk: int = 16) -> Tensor:
+        """The explicit ``(c·ΣN_i, p)`` Jacobian, allocated once: the parts' cached twins become
+        views of it, so J_r and J_f are never held twice."""
+        if self._dense_cache is None:
+            full = torch.empty(self.c * self.n, self.p, dtype=self.dtype, device=self.device)
+            for j, (r0, r1) in zip(self.parts, self._bounds):
+                full[r0:r1] = j.dense(chunk)
+                j._dense_cache = full[r0:r1]
+            self._dense_cache = full
+        return self._dense_cache
 
     def outputs(self) -> Tensor:
         return torch.cat([j.outputs() for j in self.parts])

@@ -1,0 +1,235 @@
+"""Typed configuration of the engine: small frozen dataclasses shared by scrub, the operators and
+(later) the bounds.
+
+The paper's choices (ridge, loss, linearisation point, ...) are keywords of
+:func:`ntkscrub.scrub.scrub`; the engineering knobs that change cost or accuracy but not the
+method live here, each with a documented default, and every result records the values it used
+(``to_dict()``):
+
+* :class:`SolverConfig` — how a system ``A X = B`` is solved (:class:`~ntkscrub.operators.Inverse`):
+  PCG with a Nyström preconditioner, or Cholesky on the dense twin.
+* :class:`ProductConfig` — how Jacobian products are streamed (batch size, vectors per vmap,
+  autocast, TF32).
+* :class:`SLQConfig` — stochastic Lanczos quadrature for log-determinants.
+* :class:`NoiseConfig` — the reference code's conventions for the diagonal Fisher noise (eq. 11).
+
+Validation errors name the field (``SolverConfig.tol: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "Method",
+    "Preconditioner",
+    "SolverConfig",
+    "ProductConfig",
+    "SLQConfig",
+    "NoiseConfig",
+]
+
+Method = Literal["cg", "dense"]
+Preconditioner = Literal["nystrom", "none"]
+
+
+def _num(cls: str, name: str, x: Any, *, positive: bool = False, allow_none: bool = False) -> None:
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{cls}.{name}: expected a number, got {type(x).__name__}")
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise ValueError(
+            f"{cls}.{name}: must be a finite number {'>' if positive else '≥'} 0, got {x}"
+        )
+
+
+def _int(cls: str, name: str, x: Any, minimum: int, *, allow_none: bool = False) -> None:
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{cls}.{name}: expected an integer, got {type(x).__name__}")
+    if x < minimum:
+        raise ValueError(f"{cls}.{name}: must be ≥ {minimum}, got {x}")
+
+
+def _choice(cls: str, name: str, x: Any, allowed: tuple) -> None:
+    if x not in allowed:
+        raise ValueError(f"{cls}.{name}: expected one of {allowed}, got {x!r}")
+
+
+def _bool(cls: str, name: str, x: Any) -> None:
+    if not isinstance(x, bool):
+        raise TypeError(f"{cls}.{name}: expected a bool, got {type(x).__name__}")
+
+
+class _Config:
+    """Shared helpers: a JSON-safe dict and a validated copy with some fields replaced."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, torch.dtype) else v
+        return out
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class SolverConfig(_Config):
+    """How :class:`~ntkscrub.operators.Inverse` solves ``A X = B``.
+
+    Attributes:
+        method: ``"cg"`` — matrix-free PCG (:func:`ntkscrub.solvers.cg`); ``"dense"`` — Cholesky
+            on ``A.to_dense()`` (the exact twin; small problems). A singular dense system raises.
+        tol: per-column relative residual ``‖b − A x‖/‖b‖`` of CG. ``None``: 1e-10 in float64,
+            1e-3 in float32 (what float32 products deliver, see ``scrub``).
+        max_iter: CG iteration cap per solve (``None``: the CG default ``min(2n, 1000)``).
+        strict: raise :class:`~ntkscrub.operators.SolveNotConverged` when a solve misses ``tol``
+            (``False``: warn and record ``converged=False``).
+        precond: ``"nystrom"`` (randomized Nyström, Frangella–Tropp–Udell 2023) or ``"none"``.
+        precond_rank: its rank; ``None``: 0 (none) below 2000 rows, else 50 (building costs
+            ``rank`` matvecs, measured to cost more than it saves on small systems).
+        seed: seed of the Nyström sketch (reproducible preconditioner).
+        warm_start: scrub starts the Θ_rr solve from the Θ_DD solution's retain rows.
+        share_precond: scrub preconditions Θ_rr with the Θ_DD factor restricted to the retain
+            rows (no second build).
+        max_dense_bytes: the dense method refuses operators whose dense twin needs more memory
+            (:class:`~ntkscrub.operators.DenseTooLarge`); 4 GiB.
+    """
+
+    method: Method = "cg"
+    tol: float | None = None
+    max_iter: int | None = None
+    strict: bool = True
+    precond: Preconditioner = "nystrom"
+    precond_rank: int | None = None
+    seed: int = 0
+    warm_start: bool = True
+    share_precond: bool = True
+    max_dense_bytes: float = 4 * 2**30
+
+    def __post_init__(self) -> None:
+        c = "SolverConfig"
+        _choice(c, "method", self.method, ("cg", "dense"))
+        _num(c, "tol", self.tol, positive=True, allow_none=True)
+        _int(c, "max_iter", self.max_iter, 1, allow_none=True)
+        _bool(c, "strict", self.strict)
+        _choice(c, "precond", self.precond, ("nystrom", "none"))
+        _int(c, "precond_rank", self.precond_rank, 0, allow_none=True)
+        _int(c, "seed", self.seed, 0)
+        _bool(c, "warm_start", self.warm_start)
+        _bool(c, "share_precond", self.share_precond)
+        _num(c, "max_dense_bytes", self.max_dense_bytes)
+
+    def tol_for(self, dtype: torch.dtype) -> float:
+        """The tolerance in effect for iterates of ``dtype``.
+
+        float32: Θ products carry a relative error of 2e-4–4e-4 against float64, and a solve told
+        to reach 1e-4 ends at a true residual of 4e-4–2e-3 (H200, benchmarks/results/gpu-h200) —
+        1e-3 is what float32 honestly delivers.
+        """
+        if self.tol is not None:
+            return float(self.tol)
+        return 1e-10 if dtype == torch.float64 else 1e-3
+
+    def rank_for(self, n: int) -> int:
+        """The Nyström rank in effect for a system of ``n`` rows (0: no preconditioner)."""
+        if self.precond == "none":
+            return 0
+        if self.precond_rank is not None:
+            return min(self.precond_rank, n)
+        return 0 if n < 2000 else 50
+
+
+@dataclass(frozen=True)
+class ProductConfig(_Config):
+    """How Jacobian products ``J V`` / ``Jᵀ U`` are streamed (:class:`ntkscrub.operators.Jacobian`).
+
+    Attributes:
+        batch_size: samples per JVP/VJP batch (memory ∝ batch_size · activations · vectors).
+        vector_chunk: the most vectors pushed through one ``vmap`` per batch; ``None``: all.
+        autocast: a ``torch.autocast`` dtype for the products (experimental: bf16 products are
+            2–3 % off, too coarse for CG); ``None`` computes in the parameters' dtype.
+        allow_tf32: keep PyTorch's TF32 convolutions/matmuls during solves (default ``False``:
+            TF32 products stall CG near 3e-2, see :func:`ntkscrub.scrub.full_fp32_precision`).
+    """
+
+    batch_size: int = 256
+    vector_chunk: int | None = 32
+    autocast: torch.dtype | None = None
+    allow_tf32: bool = False
+
+    def __post_init__(self) -> None:
+        c = "ProductConfig"
+        _int(c, "batch_size", self.batch_size, 1)
+        _int(c, "vector_chunk", self.vector_chunk, 1, allow_none=True)
+        if self.autocast is not None and not isinstance(self.autocast, torch.dtype):
+            raise TypeError(f"{c}.autocast: expected a torch.dtype or None, got {self.autocast!r}")
+        _bool(c, "allow_tf32", self.allow_tf32)
+
+
+@dataclass(frozen=True)
+class SLQConfig(_Config):
+    """Stochastic Lanczos quadrature (:func:`ntkscrub.solvers.slq_logdet`) for ``log det A``.
+
+    Attributes:
+        probes: Rademacher probe vectors (Monte-Carlo error ∝ 1/√probes).
+        steps: Lanczos steps per probe.
+        seed: seed of the probes (``None``: torch's global generator).
+    """
+
+    probes: int = 30
+    steps: int = 30
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        c = "SLQConfig"
+        _int(c, "probes", self.probes, 1)
+        _int(c, "steps", self.steps, 1)
+        _int(c, "seed", self.seed, 0, allow_none=True)
+
+
+@dataclass(frozen=True)
+class NoiseConfig(_Config):
+    """The diagonal Fisher noise ``n ~ N(0, α F⁻¹)`` of eq. 11 with the reference code's clamps
+    (:func:`ntkscrub.noise.fisher_noise_variance`, REFERENCE.md §2).
+
+    Attributes:
+        eps: added to F before inverting (1e-8).
+        clamp: cap of ``1/(F + eps)`` (1e3); ``head_clamp`` for the classifier head (1e2).
+        head_scale, vector_scale: ×10 for the head and for other 1-D tensors.
+        average_inputs: average the variance over the input dimension of each ≥2-D tensor.
+        reduction: ``"mean"`` (Fisher averaged over samples) or ``"sum"``.
+        batch_size: samples per batch of the Fisher pass.
+    """
+
+    eps: float = 1e-8
+    clamp: float = 1e3
+    head_clamp: float = 1e2
+    head_scale: float = 10.0
+    vector_scale: float = 10.0
+    average_inputs: bool = True
+    reduction: Literal["mean", "sum"] = "mean"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        c = "NoiseConfig"
+        for name in ("eps", "clamp", "head_clamp", "head_scale", "vector_scale"):
+            _num(c, name, getattr(self, name))
+        _bool(c, "average_inputs", self.average_inputs)
+        _choice(c, "reduction", self.reduction, ("mean", "sum"))
+        _int(c, "batch_size", self.batch_size, 1)
+
+    def fisher_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`ntkscrub.noise.add_fisher_noise` (clamps, reduction)."""
+        d = self.to_dict()
+        d.pop("batch_size")
+        return d

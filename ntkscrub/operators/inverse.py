@@ -1,0 +1,300 @@
+"""The one inverse operator: ``A⁻¹`` as a lazy operator whose product is a solve.
+
+:class:`Inverse` is where every system of scrub and of the projection P is solved, so solver
+features (preconditioning, precision, refinement, records) land in one place:
+
+* ``SolverConfig.method == "cg"``: preconditioned CG (:func:`ntkscrub.solvers.cg`) with a
+  randomized Nyström factor (Frangella–Tropp–Udell 2023) built once per inverse from the same
+  operator, through the single function :func:`pcg_solve`;
+* ``method == "dense"``: Cholesky of ``A.to_dense()`` (the exact twin of the same graph), cached.
+  A singular or indefinite dense system raises, naming the system — no least-squares fallback.
+
+Every solve appends a record to :attr:`Inverse.records` (system label, iterations, residuals,
+matvecs, seconds, converged). A solve that misses its tolerance raises
+:class:`SolveNotConverged` (a :class:`~ntkscrub.solvers.CGNotConverged`) naming the system, with
+the partial result attached, unless ``strict=False`` (then a warning and ``converged=False``).
+``logdet()`` is exact (Cholesky) when dense, else stochastic Lanczos quadrature.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from ntkscrub.config import SLQConfig, SolverConfig
+from ntkscrub.operators.base import Operator, check_vector
+from ntkscrub.solvers import (
+    CGInfo,
+    CGNotConverged,
+    LowRankPreconditioner,
+    NystromPreconditioner,
+    cg,
+)
+
+__all__ = ["Inverse", "SolveNotConverged", "DenseTooLarge", "pcg_solve"]
+
+
+class DenseTooLarge(MemoryError):
+    """The dense path would need more memory than allowed (``SolverConfig.max_dense_bytes``)."""
+
+
+class SolveNotConverged(CGNotConverged):
+    """A solve of :class:`Inverse` missed its tolerance.
+
+    Attributes:
+        system: the label of the system (``"Θ_DD"``, ``"Θ_rr"``, ``"P: Θ_rr"``, ...).
+        info: the :class:`~ntkscrub.solvers.CGInfo` of the solve.
+        partial: the iterate reached, with the right-hand side's shape (the partial result).
+        record: the solve record (also appended to the inverse's ``records``).
+    """
+
+    def __init__(
+        self, message: str, info: CGInfo, *, system: str, partial: Tensor, record: dict
+    ) -> None:
+        super().__init__(message, info)
+        self.system, self.partial, self.record = system, partial, record
+
+
+def pcg_solve(
+    A: Any,
+    B: Tensor,
+    *,
+    tol: float,
+    max_iter: int | None,
+    precond: LowRankPreconditioner | None,
+    x0: Tensor | None = None,
+) -> tuple[Tensor, CGInfo]:
+    """The single entry to :func:`ntkscrub.solvers.cg` (non-strict: the caller decides)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", RuntimeWarning
+        )  # Inverse raises or warns, naming the system
+        return cg(A, B, precond=precond, x0=x0, tol=tol, max_iter=max_iter, strict=False)
+
+
+class Inverse(Operator):
+    """``A⁻¹`` of a symmetric positive definite operator ``A`` ``(n, n)``, applied by solves.
+
+    Args:
+        A: the system (an ntkscrub operator, e.g. ``Θ_rr + λI``, or any square LinearOperator).
+        config: the :class:`~ntkscrub.config.SolverConfig` (default: ``SolverConfig()``).
+        label: the system's name in records and errors (``"Θ_rr"``).
+        precond: a preconditioner to use instead of building one (e.g. a factor restricted
+            from a larger system, :meth:`~ntkscrub.solvers.LowRankPreconditioner.restrict`).
+        slq: the :class:`~ntkscrub.config.SLQConfig` of :meth:`logdet` (CG method).
+
+    ``Inverse(A) @ B`` is ``A⁻¹ B`` for ``B`` ``(n,)`` or ``(n, k)``; :meth:`solve` also takes a
+    warm start. :attr:`preconditioner` is the Nyström factor built at the first CG solve (or the
+    one given) and reused by every later solve; :attr:`records` lists the solves.
+    """
+
+    symmetric = True
+
+    def __init__(
+        self,
+        A: LinearOperator,
+        config: SolverConfig | None = None,
+        *,
+        label: str = "A",
+        precond: LowRankPreconditioner | None = None,
+        slq: SLQConfig | None = None,
+    ) -> None:
+        if not isinstance(A, LinearOperator):
+            raise TypeError(f"A: expected a LinearOperator, got {type(A).__name__}")
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"A: expected a square (n, n) operator, got {tuple(A.shape)}")
+        config = SolverConfig() if config is None else config
+        if not isinstance(config, SolverConfig):
+            raise TypeError(f"config: expected a SolverConfig, got {type(config).__name__}")
+        super().__init__(tuple(A.shape), A.dtype, A.device)
+        self.A, self.config, self.label = A, config, str(label)
+        self.slq = SLQConfig() if slq is None else slq
+        self.children = (A,) if isinstance(A, Operator) else ()
+        self.preconditioner: LowRankPreconditioner | None = precond
+        self._precond_origin = "given" if precond is not None else None
+        self._chol: Tensor | None = None
+        self._dense_A: Tensor | None = None
+        self.records: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ products
+    def _mm(self, B: Tensor) -> Tensor:
+        return self._solve_block(B, None)
+
+    _tmm = _mm
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.solve(rhs)  # a partial result keeps the right-hand side's shape
+
+    def solve(
+        self, B: Tensor, left_tensor: Tensor | None = None, *, x0: Tensor | None = None
+    ) -> Tensor:  # type: ignore[override]
+        """``A⁻¹ B`` for ``B`` ``(n,)`` or ``(n, k)`` (``L A⁻¹ B`` with ``left_tensor``), starting
+        CG from ``x0`` (B's shape) when given."""
+        check_vector(B, self.shape[0], self.dtype, self.device, "B")
+        if x0 is not None and x0.shape != B.shape:
+            raise ValueError(f"x0: shape {tuple(x0.shape)} does not match B's {tuple(B.shape)}")
+        single = B.dim() == 1
+        try:
+            X = self._solve_block(
+                B.unsqueeze(1) if single else B,
+                None if x0 is None else (x0.unsqueeze(1) if single else x0),
+            )
+        except SolveNotConverged as err:
+            err.partial = err.partial.reshape(B.shape)
+            raise
+        X = X.squeeze(1) if single else X
+        return X if left_tensor is None else left_tensor @ X
+
+    def _solve_block(self, B: Tensor, x0: Tensor | None) -> Tensor:
+        t0 = time.perf_counter()
+        if self.config.method == "dense":
+            return self._dense_solve(B, t0)
+        return self._cg_solve(B, x0, t0)
+
+    # ------------------------------------------------------------------ dense
+    def _check_dense_memory(self) -> None:
+        cap = self.config.max_dense_bytes
+        n = self.shape[0]
+        leaves = list(self.A.leaves()) if isinstance(self.A, Operator) else []
+        sized = [
+            (getattr(op, "name", type(op).__name__), op.dense_bytes())
+            for op in leaves
+            if hasattr(op, "dense_bytes")
+        ]
+        need = sum(b for _, b in sized) + n * n * torch.finfo(self.dtype).bits // 8
+        if need > cap:
+            parts = ", ".join(f"'{name}' {b / 2**20:,.1f} MiB" for name, b in sized)
+            raise DenseTooLarge(
+                f"solver='dense': {self.label} needs {need / 2**20:,.1f} MiB for its explicit "
+                f"Jacobians ({parts}) and the {n}×{n} matrix, over max_dense_bytes = "
+                f"{cap / 2**20:,.1f} MiB; use solver='cg'"
+            )
+
+    def cholesky(self) -> Tensor:  # type: ignore[override]
+        """The lower Cholesky factor of ``A.to_dense()`` (cached); raises if A is not SPD."""
+        if self._chol is None:
+            self._check_dense_memory()
+            Ad = self.A.to_dense()
+            Ad = 0.5 * (Ad + Ad.T)
+            L, info = torch.linalg.cholesky_ex(Ad)
+            if int(info) != 0:
+                raise ValueError(
+                    f"{self.label}: the dense system is singular or not positive definite "
+                    f"(Cholesky failed at pivot {int(info)} of {Ad.shape[0]}); give a ridge > 0 "
+                    "(or weight_decay) so that the system is solvable"
+                )
+            self._chol, self._dense_A = L, Ad
+        return self._chol
+
+    def _dense_solve(self, B: Tensor, t0: float) -> Tensor:
+        L = self.cholesky()
+        X = torch.cholesky_solve(B, L)
+        rel = (self._dense_A @ X - B).norm(dim=0) / B.norm(dim=0).clamp_min(1e-300)
+        self.records.append(
+            {
+                "system": self.label,
+                "solver": "dense",
+                "size": self.shape[0],
+                "rhs": B.shape[1],
+                "max_residual": float(rel.max()),
+                "converged": True,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        return X
+
+    # ------------------------------------------------------------------ cg
+    def _build_precond(self) -> dict[str, Any]:
+        """Build the Nyström factor at the first solve (or note the one given/reused)."""
+        if self.preconditioner is not None:
+            origin = self._precond_origin
+            self._precond_origin = "reused"
+            return {
+                "precond": "nystrom (restricted from the previous system)"
+                if origin == "given"
+                else "nystrom (reused)",
+                "precond_rank": self.preconditioner.rank,
+                "precond_matvecs": 0,
+                "precond_seconds": 0.0,
+            }
+        n = self.shape[0]
+        rank = self.config.rank_for(n)
+        if rank == 0 or self._precond_origin == "none":
+            self._precond_origin = "none"
+            return {}
+        shift = self.A.ridge_shift() if isinstance(self.A, Operator) else None
+        M = NystromPreconditioner(
+            self.A,
+            n,
+            rank,
+            shift=shift or 0.0,
+            includes_shift=True,
+            seed=self.config.seed,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.preconditioner, self._precond_origin = M, "reused"
+        return {
+            "precond": "nystrom",
+            "precond_rank": rank,
+            "precond_matvecs": M.matvecs,
+            "precond_seconds": M.seconds,
+        }
+
+    def _cg_solve(self, B: Tensor, x0: Tensor | None, t0: float) -> Tensor:
+        build = self._build_precond()
+        X, info = pcg_solve(
+            self.A,
+            B,
+            tol=self.config.tol_for(B.dtype),
+            max_iter=self.config.max_iter,
+            precond=self.preconditioner,
+            x0=x0,
+        )
+        rec = {"system": self.label, "solver": "cg", "size": self.shape[0], **build}
+        rec.update(info.to_dict())
+        rec["converged_per_column"] = rec.pop("converged")
+        rec["converged"] = info.all_converged
+        rec["seconds_total"] = time.perf_counter() - t0
+        self.records.append(rec)
+        if not info.all_converged:
+            message = f"{self.label}: {info.message}"
+            if self.config.strict:
+                raise SolveNotConverged(message, info, system=self.label, partial=X, record=rec)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return X
+
+    # ------------------------------------------------------------------ dense twin, logdet
+    def to_dense(self) -> Tensor:  # type: ignore[override]
+        """``(A.to_dense())⁻¹`` by Cholesky (small problems and tests)."""
+        return torch.cholesky_inverse(self.cholesky())
+
+    def logdet(self) -> float:  # type: ignore[override]
+        """``log det A``: exact by Cholesky when the method is dense, else SLQ (with the
+        Gauss–Radau bracket when A is ``K + s·I`` with K PSD by construction)."""
+        if self.config.method == "dense":
+            return float(2.0 * torch.log(torch.diagonal(self.cholesky())).sum())
+        from ntkscrub.solvers import slq_logdet
+
+        shift = self.A.ridge_shift() if isinstance(self.A, Operator) else None
+        est = slq_logdet(
+            self.A,
+            self.shape[0],
+            probes=self.slq.probes,
+            steps=min(self.slq.steps, self.shape[0]),
+            seed=self.slq.seed,
+            shift=shift,
+        )
+        self.records.append({"system": self.label, "solver": "slq", **est.to_dict()})
+        return est.value
+
+    def _inverse(self) -> Any:
+        raise NotImplementedError(f"{self.label}: solving with an Inverse is a product with A")
+
+    def __repr__(self) -> str:
+        return f"Inverse({self.label}: {self.A!r})"
