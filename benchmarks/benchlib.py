@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ntkscrub.operators import NTK, Jacobian
+from ntkscrub.operators import NTK, Counted, Jacobian
 from ntkscrub.params import ParameterSpace
 from ntkscrub.recipes.models import build_model, count_parameters  # noqa: F401 - re-exported
 
@@ -425,7 +425,7 @@ def make_ntk(
     else:
         space = ParameterSpace(model)
         J = Jacobian(space, (X, Y), batch_size=batch_size, name="data")
-    return NTK(J.theta, jac_a=J, ridge=ridge)
+    return Counted(NTK(jac_a=J, ridge=ridge))  # counts the matvecs a solve costs
 
 
 def random_block(rows: int, k: int, device: torch.device, dtype: torch.dtype, seed: int) -> Tensor:
@@ -496,8 +496,8 @@ def precision_accuracy(
     out["rel_error_vs_fp64"] = float((err / ref.norm(dim=0).clamp_min(1e-300)).max())
     out["normwise_error"] = float((err / (lam * V64.norm(dim=0)).clamp_min(1e-300)).max())
     # The same operators with the ridge, for the solve (Θ + λI) x = e.
-    K64r = NTK(K64.jac_a.theta, jac_a=K64.jac_a, ridge=ridge)
-    Kp = K64r if Kp is K64 else NTK(Kp.jac_a.theta, jac_a=Kp.jac_a, ridge=ridge)
+    K64r = Counted(NTK(jac_a=K64.jac_a, ridge=ridge))
+    Kp = K64r if Kp is K64 else Counted(NTK(jac_a=Kp.jac_a, ridge=ridge))
     e = ce_residual(K64r)
     with precision_flags(prec, device), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -674,6 +674,7 @@ def run_scrub(
     ``DenseTooLarge`` and out-of-memory errors become a record with ``status`` ``'skipped'`` /
     ``'oom'`` and the message.
     """
+    from ntkscrub.config import ProductConfig, SolverConfig
     from ntkscrub.scrub import DenseTooLarge, scrub
 
     rec: dict[str, Any] = {
@@ -697,23 +698,22 @@ def run_scrub(
         "solver": solver,
         "tol": tol,
         "max_iter": max_iter,
-        "batch_size": batch_size,
-        "precond": "nystrom" if precond_rank else None,
         "strict": False,
         "form": form,
-        "max_dense_bytes": max_dense_bytes,
-        "warm_start": warm_start,
-        "share_precond": share_precond,
         "seed": seed,
+        "solver_config": SolverConfig(
+            precond="nystrom" if precond_rank else "none",
+            precond_rank=precond_rank or None,
+            max_dense_bytes=max_dense_bytes,
+            warm_start=warm_start,
+            share_precond=share_precond,
+        ),
+        "products": ProductConfig(batch_size=batch_size, autocast=autocast),
     }
     if ridge is not None:
         kwargs["ridge"] = ridge
     else:
         kwargs["weight_decay"] = RECIPE["weight_decay"]
-    if precond_rank:
-        kwargs["precond_rank"] = precond_rank
-    if autocast is not None:
-        kwargs["autocast"] = autocast
     mem = MemoryMeter(device)
     try:
         with mem, warnings.catch_warnings():

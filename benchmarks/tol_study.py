@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from benchlib import ModelSpec  # noqa: E402
 
 from ntkscrub import readouts, scrub  # noqa: E402
+from ntkscrub.config import ProductConfig, SolverConfig  # noqa: E402
 from ntkscrub.io import write_record  # noqa: E402
 from ntkscrub.recipes.runtime import hardware  # noqa: E402
 
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         prob = benchlib.make_scrub_problem(
             spec, n, dev, dtype=torch.float64, pretrain_epochs=1, finetune_epochs=3
         )
-        kw = dict(init=prob.init, loss="ce", weight_decay=0.1, solver="cg", batch_size=128)
-        kw |= dict(strict=False, precond_rank=0)
+        kw = dict(init=prob.init, loss="ce", weight_decay=0.1, solver="cg", strict=False)
+        kw |= dict(
+            products=ProductConfig(batch_size=128), solver_config=SolverConfig(precond="none")
+        )
         ref = scrub(prob.model, prob.retain, prob.forget, tol=1e-10, **kw)
         p_ref = readouts.predict_proba(ref.model, prob.forget)
         step = float((p_ref - readouts.predict_proba(prob.model, prob.forget)).abs().sum(1).mean())

@@ -198,8 +198,8 @@ def finetune(
         seed: seeds the shuffling (and any dropout); ``None`` is unseeded.
         **train_options: ``momentum``, ``batch_size``, ``schedule``, ``loss``, ``freeze_bn``,
             ``max_epochs``, ``shuffle``, ``callback``, ``progress``, ``device`` — see
-            :func:`ntkscrub.recipes.training.train`; ``progress`` (a tqdm bar over epochs) defaults to
-            ``None``: shown only when stderr is a terminal.
+            :func:`ntkscrub.recipes.training.train`; ``progress`` (a tqdm bar over epochs)
+            defaults to ``None``: shown only when stderr is a terminal.
 
     Returns:
         :class:`ForgetResult`; ``.info["log"]`` is the :class:`~ntkscrub.recipes.training.TrainLog`

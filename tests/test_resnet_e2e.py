@@ -68,7 +68,7 @@ def test_torchvision_resnet_scrubbed_end_to_end_with_dataloaders():
     finally:
         assert time.perf_counter() - t0 < 60  # seconds in CI; never a silent hang
     solves = res.info["solves"]
-    assert [s["system"] for s in solves] == ["D", "r"]
+    assert [s["system"] for s in solves] == ["Θ_DD", "Θ_rr"]
     assert all(s["all_converged"] for s in solves)
     assert all(s["status"] == "converged" and s["kappa"] > 1 for s in solves)
     # The float32 CG shift against the dense float64 reference (same data, same θ0).

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ntkscrub import baselines, readouts
+from ntkscrub.config import ProductConfig, SolverConfig
 from ntkscrub.recipes.reproduction.caching import train_cached
 from ntkscrub.recipes.reproduction.data import data_sets
 from ntkscrub.recipes.reproduction.failures import log_summary, training_failure
@@ -141,9 +142,9 @@ def scrub_form(run: SeedRun, form: str) -> Any:
         weight_decay=run.cfg.train.finetune.weight_decay,
         seed=run.seed,
         max_iter=cfg.cg_max_iter if cfg.solver == "cg" else None,
-        batch_size=cfg.jac_batch,
         strict=False,
-        max_dense_bytes=40 * 2**30,
+        products=ProductConfig(batch_size=cfg.jac_batch),
+        solver_config=SolverConfig(max_dense_bytes=40 * 2**30),
         **NTK_FORMS[form],
     )
     info = {k: v for k, v in r.info.items() if k != "solves"}
@@ -161,7 +162,7 @@ def _ntk(form: str, trapezium: bool) -> Callable[[SeedRun], nn.Module]:
         r = run.scrubbed(form)
         if trapezium:
             return r.model.eval()
-        delta = r.shift / float(r.info["rescale_factor"])  # un-rescaled Δ = w_lin(D_r) − w_lin(D)
+        delta = r.delta  # un-rescaled Δ = w_lin(D_r) − w_lin(D)
         return load_flat(run.w_d, flat_params(run.w_d) + delta.float().cpu())
 
     return make
