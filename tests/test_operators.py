@@ -364,6 +364,8 @@ class TestGGN(OperatorContract):
         assert rel(F.diagonal(), ref.diagonal()) <= TOL
         assert rel(F.dense(), ref) <= TOL
         assert F.ridge_shift() == pytest.approx(0.05)
+        # s·F + δI (the bounds' mean-loss precision) is still K + δI with K PSD
+        assert (F.terms[0] * 0.1).add_diagonal(0.2).ridge_shift() == pytest.approx(0.2)
 
 
 class TestGGNMSE(TestGGN):
