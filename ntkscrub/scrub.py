@@ -445,15 +445,7 @@ def scrub(
     noise_config = _typed(noise_config, NoiseConfig, "noise_config")
     _check_overlap(retain, forget)
 
-    space_w = ParameterSpace(model, params)
-    space_w.check_compatible(
-        init if isinstance(init, Mapping) else _module_params(init, "init"), "init"
-    )
-    init_model = load_weights(model, init, "init")
-    w_d, theta0 = space_w.point(), space_w.point(init_model)
-    if not bool(torch.isfinite(theta0).all()):
-        raise ValueError("init: parameters contain NaN or infinite values")
-    space = ParameterSpace(init_model if linearize_at == "init" else model, space_w.names)
+    space_w, space, w_d, theta0 = _spaces(model, init, params, linearize_at)
     jkw = {
         "batch_size": products.batch_size,
         "autocast": products.autocast,
@@ -488,7 +480,7 @@ def scrub(
             **noise_config.fisher_options(),
         )
     out.eval()
-    info: dict[str, Any] = {
+    info = {
         "linearize_at": linearize_at,
         "loss": loss,
         "solver": cfg.method,
@@ -497,20 +489,11 @@ def scrub(
         "ridge_d": ridge_d,
         "weight_decay": weight_decay,
         "tol": cfg.tol_for(space.dtype),
-        "converged": all(rec.get("converged", True) for rec in res.records),
-        "n_retain": J_r.n,
-        "n_forget": J_f.n,
-        "num_classes": J_r.c,
-        "p": space.p,
-        "dtype": str(space.dtype),
-        "device": str(space.device),
-        "matvecs": res.matvecs,
-        "solves": res.records,
+        **_solve_info(res, J_r, J_f, space),
         "rescale": rescale,
         "rescale_factor": scale,
         "rescale_cos": cos,
         "shift_norm": float(shift.norm()),
-        "delta_norm": float(res.delta.norm()),
         "noise": noise_info,
         "config": {
             "solver": cfg.to_dict(),
@@ -526,6 +509,41 @@ def scrub(
     return ScrubResult(
         model=out, shift=shift.detach(), info=info, delta=res.delta.detach(), scale=scale
     )
+
+
+def _spaces(
+    model: nn.Module, init: Any, params: ParamSelector, linearize_at: str
+) -> tuple[ParameterSpace, ParameterSpace, Tensor, Tensor]:
+    """The parameter space of ``model`` (w(D)) and the one linearised at θ0 or w(D), with the
+    flat points w(D) and θ0 ``(p,)``."""
+    space_w = ParameterSpace(model, params)
+    space_w.check_compatible(
+        init if isinstance(init, Mapping) else _module_params(init, "init"), "init"
+    )
+    init_model = load_weights(model, init, "init")
+    w_d, theta0 = space_w.point(), space_w.point(init_model)
+    if not bool(torch.isfinite(theta0).all()):
+        raise ValueError("init: parameters contain NaN or infinite values")
+    space = ParameterSpace(init_model if linearize_at == "init" else model, space_w.names)
+    return space_w, space, w_d, theta0
+
+
+def _solve_info(
+    res: ShiftResult, J_r: Jacobian, J_f: Jacobian, space: ParameterSpace
+) -> dict[str, Any]:
+    """The solver part of ``ScrubResult.info``: convergence, sizes, matvecs and solve records."""
+    return {
+        "converged": all(rec.get("converged", True) for rec in res.records),
+        "n_retain": J_r.n,
+        "n_forget": J_f.n,
+        "num_classes": J_r.c,
+        "p": space.p,
+        "dtype": str(space.dtype),
+        "device": str(space.device),
+        "matvecs": res.matvecs,
+        "solves": res.records,
+        "delta_norm": float(res.delta.norm()),
+    }
 
 
 def _check_scrub_args(

@@ -364,6 +364,8 @@ class TestGGN(OperatorContract):
         assert rel(F.diagonal(), ref.diagonal()) <= TOL
         assert rel(F.dense(), ref) <= TOL
         assert F.ridge_shift() == pytest.approx(0.05)
+        # s·F + δI (the bounds' mean-loss precision) is still K + δI with K PSD
+        assert (F.terms[0] * 0.1).add_diagonal(0.2).ridge_shift() == pytest.approx(0.2)
 
 
 class TestGGNMSE(TestGGN):
@@ -618,3 +620,19 @@ def test_to_scipy_runs_scipy_solvers():
     s = sla.svds(J.to_scipy(), k=3, return_singular_vectors=False)
     assert np.allclose(np.sort(s), np.linalg.svd(J.dense().numpy(), compute_uv=False)[:3][::-1])
     assert sla.aslinearoperator(K.to_scipy()).shape == Kd.shape
+
+
+@pytest.mark.parametrize("method", ["cg", "dense"])
+def test_inverse_float32_against_float64(method):
+    """Every solve path in float32 lands within its tolerance's reach of the float64 answer."""
+    model = make_cnn()
+    X, Y = make_data("cnn", 30)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        m = copy.deepcopy(model).to(dtype)
+        J = Jacobian(ParameterSpace(m), (X.to(dtype), Y), batch_size=16)
+        inv = Inverse(NTK(jac_a=J, ridge=0.5), SolverConfig(method=method), label="Θ")
+        b = torch.linspace(-1, 1, J.shape[0], dtype=torch.float64)
+        out[dtype] = (inv @ b.to(dtype)).double()
+        assert inv.records[-1]["converged"]
+    assert rel(out[torch.float32], out[torch.float64]) <= 1e-2

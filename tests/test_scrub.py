@@ -371,7 +371,7 @@ def test_not_converged_names_the_system_with_partial_result(cnn_problem):
             solver_config=SolverConfig(precond="none"),
         )
     assert err.value.system == "Θ_DD" and err.value.partial.shape == (3 * 16,)
-    with pytest.warns(RuntimeWarning, match="Θ_DD"):
+    with pytest.warns(RuntimeWarning, match="Θ_(DD|rr)") as caught:
         res = scrub(
             trained,
             retain,
@@ -383,6 +383,8 @@ def test_not_converged_names_the_system_with_partial_result(cnn_problem):
             solver_config=SolverConfig(precond="none"),
         )
     assert res.info["converged"] is False
+    assert {str(w.message)[:4] for w in caught} == {"Θ_DD", "Θ_rr"}  # each system named
+    assert all(w.filename == __file__ for w in caught)  # the warning points at the call site
 
 
 def test_dense_singular_system_raises_not_least_squares():

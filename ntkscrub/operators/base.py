@@ -428,7 +428,7 @@ class Sum(Operator):
 
 def _is_gram(op: Operator) -> bool:
     """Whether ``op`` is PSD by construction: ``X Xᵀ``, ``Xᵀ X`` or ``Xᵀ (H X)`` with H PSD."""
-    if isinstance(op, Counted):
+    if isinstance(op, Counted) or (isinstance(op, Scaled) and op.scale > 0):
         return _is_gram(op.base)
     if not isinstance(op, Product):
         return False

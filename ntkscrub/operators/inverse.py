@@ -77,6 +77,19 @@ def pcg_solve(
         return cg(A, B, precond=precond, x0=x0, tol=tol, max_iter=max_iter, strict=False)
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside ntkscrub (the
+    user's call site), however deep the solve sits in the package."""
+    import os
+    import sys
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class Inverse(Operator):
     """``A⁻¹`` of a symmetric positive definite operator ``A`` ``(n, n)``, applied by solves.
 
@@ -266,7 +279,7 @@ class Inverse(Operator):
             message = f"{self.label}: {info.message}"
             if self.config.strict:
                 raise SolveNotConverged(message, info, system=self.label, partial=X, record=rec)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
         return X
 
     # ------------------------------------------------------------------ dense twin, logdet
