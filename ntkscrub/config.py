@@ -91,12 +91,21 @@ class SolverConfig(_Config):
             on ``A.to_dense()`` (the exact twin; small problems). A singular dense system raises.
         tol: per-column relative residual ``‖b − A x‖/‖b‖`` of CG. ``None``: 1e-10 in float64,
             1e-3 in float32 (what float32 products deliver, see ``scrub``).
-        max_iter: CG iteration cap per solve (``None``: the CG default ``min(2n, 1000)``).
+        max_iter: CG iteration cap per solve (``None``: the CG default ``2n``; the time budget
+            ``max_seconds`` is what normally limits a large solve).
+        max_seconds: time budget of one solve (``None``: :data:`ntkscrub.solvers.cg`'s default,
+            300 s). CG measures the cost of its first matvecs, stops *early* when the residual's
+            decay says the budget cannot be met, and reports a diagnosis: the estimated condition
+            number κ and the ridge that would converge (see :func:`ntkscrub.solvers.cg`).
+        refine: iterative refinement with float64 residuals for float32 solves (``None``: only
+            when the operator really computes in float64; see :func:`ntkscrub.solvers.cg`).
+        progress: a tqdm bar per solve and per Nyström build (``None``: only on a terminal).
         strict: raise :class:`~ntkscrub.operators.SolveNotConverged` when a solve misses ``tol``
             (``False``: warn and record ``converged=False``).
         precond: ``"nystrom"`` (randomized Nyström, Frangella–Tropp–Udell 2023) or ``"none"``.
-        precond_rank: its rank; ``None``: 0 (none) below 2000 rows, else 50 (building costs
-            ``rank`` matvecs, measured to cost more than it saves on small systems).
+        precond_rank: its rank; ``None``: adaptive (rank doubling until the sketch's smallest
+            kept eigenvalue is within a factor of the ridge, Frangella–Tropp–Udell 2023 §5.4;
+            :func:`ntkscrub.solvers.nystrom_preconditioner`); ``0``: no preconditioner.
         seed: seed of the Nyström sketch (reproducible preconditioner).
         warm_start: scrub starts the Θ_rr solve from the Θ_DD solution's retain rows.
         share_precond: scrub preconditions Θ_rr with the Θ_DD factor restricted to the retain
@@ -108,6 +117,9 @@ class SolverConfig(_Config):
     method: Method = "cg"
     tol: float | None = None
     max_iter: int | None = None
+    max_seconds: float | None = None
+    refine: bool | None = None
+    progress: bool | None = None
     strict: bool = True
     precond: Preconditioner = "nystrom"
     precond_rank: int | None = None
@@ -121,6 +133,10 @@ class SolverConfig(_Config):
         _choice(c, "method", self.method, ("cg", "dense"))
         _num(c, "tol", self.tol, positive=True, allow_none=True)
         _int(c, "max_iter", self.max_iter, 1, allow_none=True)
+        _num(c, "max_seconds", self.max_seconds, positive=True, allow_none=True)
+        for name in ("refine", "progress"):
+            if getattr(self, name) is not None:
+                _bool(c, name, getattr(self, name))
         _bool(c, "strict", self.strict)
         _choice(c, "precond", self.precond, ("nystrom", "none"))
         _int(c, "precond_rank", self.precond_rank, 0, allow_none=True)
@@ -140,13 +156,14 @@ class SolverConfig(_Config):
             return float(self.tol)
         return 1e-10 if dtype == torch.float64 else 1e-3
 
-    def rank_for(self, n: int) -> int:
-        """The Nyström rank in effect for a system of ``n`` rows (0: no preconditioner)."""
+    def rank_for(self, n: int) -> int | Literal["auto"]:
+        """The Nyström rank in effect for a system of ``n`` rows (0: no preconditioner;
+        ``"auto"``: the adaptive rank of :func:`ntkscrub.solvers.nystrom_preconditioner`)."""
         if self.precond == "none":
             return 0
         if self.precond_rank is not None:
             return min(self.precond_rank, n)
-        return 0 if n < 2000 else 50
+        return "auto"
 
 
 @dataclass(frozen=True)

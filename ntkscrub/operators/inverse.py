@@ -32,8 +32,8 @@ from ntkscrub.solvers import (
     CGInfo,
     CGNotConverged,
     LowRankPreconditioner,
-    NystromPreconditioner,
     cg,
+    nystrom_preconditioner,
 )
 
 __all__ = ["Inverse", "SolveNotConverged", "DenseTooLarge", "pcg_solve"]
@@ -64,17 +64,33 @@ def pcg_solve(
     A: Any,
     B: Tensor,
     *,
-    tol: float,
-    max_iter: int | None,
+    config: SolverConfig,
+    label: str,
     precond: LowRankPreconditioner | None,
     x0: Tensor | None = None,
 ) -> tuple[Tensor, CGInfo]:
-    """The single entry to :func:`ntkscrub.solvers.cg` (non-strict: the caller decides)."""
+    """The single entry to :func:`ntkscrub.solvers.cg` (non-strict: the caller decides).
+
+    CG's own budget, early stop and diagnosis (κ from its Lanczos coefficients, the ridge that
+    would converge) run here; :class:`Inverse` turns a miss into :class:`SolveNotConverged`.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", RuntimeWarning
         )  # Inverse raises or warns, naming the system
-        return cg(A, B, precond=precond, x0=x0, tol=tol, max_iter=max_iter, strict=False)
+        return cg(
+            A,
+            B,
+            precond=precond,
+            x0=x0,
+            tol=config.tol_for(B.dtype),
+            max_iter=config.max_iter,
+            max_seconds=config.max_seconds,
+            refine=config.refine,
+            progress=config.progress,
+            label=label,
+            strict=False,
+        )
 
 
 def _caller_stacklevel() -> int:
@@ -241,7 +257,7 @@ class Inverse(Operator):
             self._precond_origin = "none"
             return {}
         shift = self.A.ridge_shift() if isinstance(self.A, Operator) else None
-        M = NystromPreconditioner(
+        M = nystrom_preconditioner(
             self.A,
             n,
             rank,
@@ -250,11 +266,12 @@ class Inverse(Operator):
             seed=self.config.seed,
             dtype=self.dtype,
             device=self.device,
+            progress=self.config.progress,
         )
         self.preconditioner, self._precond_origin = M, "reused"
         return {
-            "precond": "nystrom",
-            "precond_rank": rank,
+            "precond": "nystrom (adaptive rank)" if rank == "auto" else "nystrom",
+            "precond_rank": M.rank,
             "precond_matvecs": M.matvecs,
             "precond_seconds": M.seconds,
         }
@@ -262,12 +279,7 @@ class Inverse(Operator):
     def _cg_solve(self, B: Tensor, x0: Tensor | None, t0: float) -> Tensor:
         build = self._build_precond()
         X, info = pcg_solve(
-            self.A,
-            B,
-            tol=self.config.tol_for(B.dtype),
-            max_iter=self.config.max_iter,
-            precond=self.preconditioner,
-            x0=x0,
+            self.A, B, config=self.config, label=self.label, precond=self.preconditioner, x0=x0
         )
         rec = {"system": self.label, "solver": "cg", "size": self.shape[0], **build}
         rec.update(info.to_dict())
