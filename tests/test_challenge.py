@@ -45,7 +45,7 @@ def test_unlearning_forgets_the_cohort_within_the_validation_budget(setup, resul
     # ... at no more validation error than allowed, and D_r stays fitted
     val0 = result.info["val_error_original"]
     assert val0 == readouts.error(w_d, setup.val)
-    assert readouts.error(result.model, setup.val) <= val0 + 0.01
+    assert readouts.error(result.model, setup.val) <= val0 + 0.02
     assert readouts.error(result.model, setup.retain) <= 0.01
 
 
@@ -53,7 +53,7 @@ def test_unlearning_chooses_the_longest_step_within_budget(result):
     info = result.info
     cands = info["candidates"]
     assert [c["scale"] for c in cands] == [1.0, 2.0, 4.0, 8.0]
-    ok = [c["scale"] for c in cands if c["val_error"] <= info["val_error_original"] + 0.01]
+    ok = [c["scale"] for c in cands if c["val_error"] <= info["val_error_original"] + 0.02]
     assert ok and result.scale == max(ok)
     assert info["settings"]["linearize_at"] == "trained"
     assert info["scrub_info"]["solver"] == "cg" and info["scrub_info"]["matvecs"] > 0
