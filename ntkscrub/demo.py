@@ -21,6 +21,11 @@ two are far apart on D_f, so every forgetting method can be placed between them:
    *other* retrains); D_r and test errors; the scrubbing line (softmax L1 along
    w(D) + a·(NTK − w(D)), Fig. 4 of the paper).
 
+The membership attack reads this cohort the other way round from the paper's: w(D) fits the
+wrong labels with high-entropy outputs, so it already looks like a non-member (≈ 12 % of D_f
+called member), while a retrain classifies the images confidently as "0" (≈ 99 %). The reading
+says where NTK lands on each readout, whichever way it points.
+
 It prints the table and a one-line reading, the ``scrub()`` call it made and why, then writes the
 JSON report and a PNG figure (atomically). ``--out`` is checked for writability first.
 

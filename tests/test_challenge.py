@@ -80,3 +80,31 @@ def test_unlearning_rejects_bad_input(setup):
         unlearning(setup.original, *loaders, scales=[1.0, -2.0])
     with pytest.raises(ValueError, match="max_val_increase"):
         unlearning(setup.original, *loaders, max_val_increase=2.0)
+
+
+def test_unlearn_with_init_and_noise_on_a_tiny_network():
+    """``init=θ0`` linearises at θ0; ``noise`` adds Fisher noise to the chosen weights; neither
+    the network nor θ0 is modified (a tiny MLP, so this runs in a second)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    theta0 = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        for p, q in zip(net.parameters(), theta0.parameters()):
+            p.copy_(q + 0.1 * torch.randn_like(q))
+    X = torch.randn(70, 6)
+    Y = (X @ torch.randn(6, 3)).argmax(1)
+    loaders = [_loader((X[a:b], Y[a:b])) for a, b in ((0, 40), (40, 50), (50, 70))]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in (net, theta0)]
+    plain = unlearn(net, *loaders, init=theta0, weight_decay=0.01, precond_rank=None)
+    noisy = unlearn(net, *loaders, init=theta0, weight_decay=0.01, noise=1e-6, precond_rank=None)
+    for m, s in zip((net, theta0), saved):
+        assert all(torch.equal(v, s[k]) for k, v in m.state_dict().items())
+    assert plain.info["settings"]["linearize_at"] == "init"
+    assert plain.info["scrub_info"]["linearize_at"] == "init"
+    assert noisy.scale == plain.scale and noisy.info["noise"]["alpha"] == 1e-6
+    moved = [
+        not torch.equal(a, b) for a, b in zip(noisy.model.parameters(), plain.model.parameters())
+    ]
+    assert any(moved)
