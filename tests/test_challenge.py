@@ -41,7 +41,7 @@ def test_unlearning_forgets_the_cohort_within_the_validation_budget(setup, resul
     w_d = setup.original
     # the memorised wrong labels are dropped on a large part of D_f ...
     assert readouts.error(w_d, setup.forget) == 0.0
-    assert readouts.error(result.model, setup.forget) >= 0.4
+    assert readouts.error(result.model, setup.forget) >= 0.6  # measured: 0.92 (scale 8)
     # ... at no more validation error than allowed, and D_r stays fitted
     val0 = result.info["val_error_original"]
     assert val0 == readouts.error(w_d, setup.val)
