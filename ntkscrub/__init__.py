@@ -11,8 +11,15 @@ import warnings
 with warnings.catch_warnings():
     # linear_operator's import calls torch.jit.script, which torch ≥ 2.10 deprecates with a
     # FutureWarning about linear_operator's internals — nothing a user of ntkscrub can act on.
+    # torch's own JVP decompositions do the same when the first torch.func.jvp imports them
+    # (the first scrub); importing them here, inside the filter, keeps that warning away too.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     import linear_operator  # noqa: F401
+
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # a private module: absent in some torch versions, then nothing to hide
+        pass
 
 from ntkscrub import bounds, readouts  # noqa: E402
 from ntkscrub.baselines import ForgetResult, finetune, fisher_forget, retrain
@@ -35,4 +42,5 @@ __all__ = [
     "retrain",
     "scrub",
 ]
+#: The one source of the version: pyproject.toml reads it (``dynamic = ["version"]``).
 __version__ = "0.1.0"

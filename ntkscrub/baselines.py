@@ -88,6 +88,18 @@ class ForgetResult:
     info: dict = field(default_factory=dict)
     shift: Tensor | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe record: ``info`` (settings, seeds, seconds, training log), the shift's
+        norm and size. The model and the ``(p,)`` shift themselves are not included (save them
+        with ``torch.save``)."""
+        from ntkscrub.io import to_jsonable
+
+        return {
+            "info": to_jsonable(self.info),
+            "shift_norm": None if self.shift is None else float(self.shift.norm()),
+            "shift_numel": None if self.shift is None else int(self.shift.numel()),
+        }
+
 
 # --------------------------------------------------------------------------- validation
 
