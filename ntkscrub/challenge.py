@@ -40,6 +40,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ntkscrub.config import SolverConfig
+
 __all__ = ["UnlearnResult", "sequential", "unlearn", "unlearning"]
 
 #: Step scales tried on the validation set (s = 1 is the linear step itself).
@@ -155,8 +157,8 @@ def unlearn(
         weight_decay=weight_decay,
         solver="cg",
         seed=seed,
-        precond_rank=precond_rank,
         strict=strict,
+        solver_config=SolverConfig(precond_rank=precond_rank),
     )
     space = ParameterSpace(model)
     w_d = space.point()
