@@ -12,7 +12,8 @@ One case at size N, all measured in the same process, one after another:
    request 2 (another |D_f| samples; the result removes both).
 
 Recorded: seconds and matvecs of each, the ratios to the retrain and to the fresh scrub, and the
-agreement of request 1's shift with the fresh scrub's. Data: Gaussian class clusters (learnable,
+agreement of request 1's shift with the fresh scrub's and, up to N = 1024, the error of both
+against a float64 scrub (tol 1e-10). Data: Gaussian class clusters (learnable,
 seeded); model: an MLP 64-128-128-c from ``build_model`` (float32, θ0 its seeded init).
 Benchmarks record time; they assert nothing about it.
 
@@ -24,6 +25,7 @@ CLI (writes one JSON with every case):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -45,6 +47,7 @@ IN_FEATURES, HIDDEN, CLASSES = 64, (128, 128), 5
 # fine-tuning length (recipes/reproduction/config.py, finetune_epochs=10).
 EPOCHS = 10
 FORGET_FRACTION = 0.02
+REFERENCE_MAX_N = 1024  # float64 reference shift up to this N (cost: a float64 scrub)
 
 
 def make_problem(n: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -96,6 +99,7 @@ def run_case(n: int, seed: int = 0) -> dict[str, Any]:
     req2 = s.forget(list(range(nf, 2 * nf)))
     req2_s = time.perf_counter() - t0
 
+    ref = _reference(model, init, X, Y, nf) if n <= REFERENCE_MAX_N else None
     prep_mv, mv1, mv2 = s.prepare_info["matvecs"], req1.info["matvecs"], req2.info["matvecs"]
     scrub_mv = fresh.info["matvecs"]
     agree = float((req1.shift - fresh.shift).norm() / fresh.shift.norm())
@@ -124,6 +128,13 @@ def run_case(n: int, seed: int = 0) -> dict[str, Any]:
         "request_1": {"seconds": req1_s, **req1.info["request"]},
         "request_2": {"seconds": req2_s, **req2.info["request"]},
         "request_1_vs_scrub_shift_rel_diff": agree,
+        "float64_reference": None
+        if ref is None
+        else {
+            "scrub_shift_rel_error": _rel(fresh.shift, ref),
+            "request_1_shift_rel_error": _rel(req1.shift, ref),
+            "what": "scrub in float64 (same w(D), θ0, data), tol 1e-10",
+        },
         "ratios": {
             "scrub_over_retrain": scrub_s / retrain_s,
             "prepare_over_retrain": prep_s / retrain_s,
@@ -135,6 +146,20 @@ def run_case(n: int, seed: int = 0) -> dict[str, Any]:
             "prepare_plus_request_over_scrub_matvecs": (prep_mv + mv1) / scrub_mv,
         },
     }
+
+
+def _reference(model: Any, init: Any, X: Any, Y: Any, nf: int) -> torch.Tensor:
+    """The float64 shift of the same scrub (tol 1e-10): what both float32 shifts should match."""
+    m64, i64, X64 = copy.deepcopy(model).double(), copy.deepcopy(init).double(), X.double()
+    wd = FINETUNE_RECIPE["weight_decay"]
+    res = scrub(
+        m64, (X64[nf:], Y[nf:]), (X64[:nf], Y[:nf]), init=i64, loss="ce", weight_decay=wd, tol=1e-10
+    )
+    return res.shift
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
 
 
 def _plain(info: dict[str, Any]) -> dict[str, Any]:
