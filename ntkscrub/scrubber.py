@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ntkscrub._validation import check_number
-from ntkscrub.batches import Batches
+from ntkscrub.batches import Batches, as_batches
 from ntkscrub.config import Method, ProductConfig, SolverConfig
 from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter
 from ntkscrub.params import ParameterSpace, ParamSelector
@@ -110,6 +110,9 @@ class Scrubber:
             solver_config, products: as :func:`~ntkscrub.scrub.scrub` (same defaults; the
             ``weight_decay`` convention λ = |S|·wd is applied to each system: λ_D = N·wd for the
             prepared Θ_DD, λ_R = |R|·wd for each retained system).
+        cache_prefix: when ``params`` leaves a frozen prefix ``model[:k]`` of an
+            ``nn.Sequential``, compute its activations on D once and linearise only the suffix
+            on them (same result, cheaper products; ``info["prepare"]["prefix_cached"]``).
 
     Preparation solves α = (Θ_DD + λ_D I)⁻¹ e_D ``(c·N,)`` and keeps α and the Nyström factor of
     Θ_DD (``info["prepare"]`` records matvecs, seconds, iterations, converged). The module
@@ -134,8 +137,11 @@ class Scrubber:
         seed: int | None = None,
         solver_config: SolverConfig | None = None,
         products: ProductConfig | None = None,
+        cache_prefix: bool = True,
     ) -> None:
         t0 = time.perf_counter()
+        if not isinstance(cache_prefix, bool):
+            raise TypeError(f"cache_prefix: expected a bool, got {type(cache_prefix).__name__}")
         _check_scrub_args(model, linearize_at, loss, None, "solves", seed)
         ridge = check_number(ridge, "ridge")
         if weight_decay is not None:
@@ -148,7 +154,9 @@ class Scrubber:
         self.linearize_at, self.loss = linearize_at, loss
         self.ridge, self.weight_decay = ridge, weight_decay
         self._build_spaces(model, init, params)
-        self.J_D = self._jacobian(data, "data")
+        # What the products stream: D itself, or (prefix activations, labels) of D.
+        self._rows_data, prefix_info = self._cache_prefix(data) if cache_prefix else (data, None)
+        self.J_D = self._jacobian(self._rows_data, "data")
         self.n, self.c = self.J_D.n, self.J_D.c
         self.ridge_d = ridge if weight_decay is None else self.n * weight_decay
         counter = MatvecCounter()
@@ -168,6 +176,7 @@ class Scrubber:
             "converged": all(r.get("converged", True) for r in self._inv_d.records),
             "solves": self._inv_d.records,
             "ridge_d": self.ridge_d,
+            "prefix_cached": prefix_info,
         }
 
     def _build_spaces(self, model: nn.Module, init: Any, params: ParamSelector) -> None:
@@ -182,6 +191,45 @@ class Scrubber:
             raise ValueError("init: parameters contain NaN or infinite values")
         at = init_model if self.linearize_at == "init" else model
         self.space = ParameterSpace(at, self.space_w.names)
+
+    def _cache_prefix(self, data: Any) -> tuple[Any, dict[str, Any] | None]:
+        """Item 6 of issue 14: when ``params`` selects parameters only in ``model[k:]`` of an
+        ``nn.Sequential`` (k ≥ 1, e.g. the head), the frozen prefix ``model[:k]`` (at the
+        linearisation point, its buffers included) is applied to D once, and every product
+        runs only the suffix on the cached activations ``H`` ``(N, *shape of model[k-1]'s
+        output)`` — exact, since f(x) = suffix(prefix(x)) and no linearised weight is in the
+        prefix. Memory: H is held for all of D. Other models or selections stream D as is.
+        """
+        at = self.space.model
+        if not isinstance(at, nn.Sequential):
+            return data, None
+        chosen = set(self.space.names)
+        keys = list(at._modules)
+        owners = [
+            i
+            for i, key in enumerate(keys)
+            if any(f"{key}.{n}" in chosen for n, _ in at[i].named_parameters())
+        ]
+        k = min(owners)
+        if k == 0:
+            return data, None
+        t0 = time.perf_counter()
+        prefix, suffix = at[:k], at[k:]  # slices share the modules and keep their keys
+        batches = as_batches(
+            data,
+            batch_size=self.products.batch_size,
+            device=self.space.device,
+            dtype=self.space.dtype,
+            name="data",
+        )
+        with torch.no_grad():
+            H = torch.cat([prefix(x) for x, _ in batches])
+        space = ParameterSpace(suffix, self.space.names)
+        if space.names != self.space.names:  # the same tensors in the same order, or no cache
+            return data, None
+        self.space = space
+        info = {"modules": k, "shape": list(H.shape), "seconds": time.perf_counter() - t0}
+        return (H, batches.labels()), info
 
     def _jacobian(self, data: Any, name: str) -> Jacobian:
         p = self.products
@@ -268,8 +316,8 @@ class Scrubber:
         self, F: list[int], R: list[int], counter: MatvecCounter
     ) -> tuple[Tensor, Tensor, Tensor, float, list[dict[str, Any]]]:
         """Δ = J_Rᵀ y − J_Fᵀ α_F with (Θ_RR + λ_R I) y = J_R J_Fᵀ α_F + (λ_D − λ_R) α_R."""
-        J_r = self._jacobian(_subset(self.data, R), "retain")
-        J_f = self._jacobian(_subset(self.data, F), "forget")
+        J_r = self._jacobian(_subset(self._rows_data, R), "retain")
+        J_f = self._jacobian(_subset(self._rows_data, F), "forget")
         rows_r = _rows(R, self.c, self.alpha.device)
         rows_f = _rows(F, self.c, self.alpha.device)
         a_r, a_f = self.alpha[rows_r], self.alpha[rows_f]

@@ -157,3 +157,34 @@ def test_bad_arguments():
         Scrubber(model, (X, Y), init=init, solver="lu")
     with pytest.raises(TypeError, match="model"):
         Scrubber("net", (X, Y), init=init)
+
+
+# --------------------------------------------------------------------------- cached prefix
+@pytest.mark.parametrize(
+    "kind,params,k",
+    [("mlp", ["2.weight", "2.bias"], 2), ("cnn", r"^7\.", 7), ("cnn", r"^(4|7)\.", 4)],
+)
+@pytest.mark.parametrize("point", ["init", "trained"])
+def test_cached_prefix_equals_full_products(kind, params, k, point):
+    """params selecting a suffix of an nn.Sequential: the frozen prefix runs once, and the
+    request still equals a fresh scrub with the same params (and the uncached Scrubber)."""
+    model, init, X, Y = setup(kind, n=16)
+    kw = {"loss": "ce", "ridge": 0.3, "tol": 1e-12, "params": params, "linearize_at": point}
+    s = Scrubber(model, (X, Y), init=init, **kw)
+    assert s.prepare_info["prefix_cached"]["modules"] == k
+    plain = Scrubber(model, (X, Y), init=init, cache_prefix=False, **kw)
+    assert plain.prepare_info["prefix_cached"] is None
+    got = s.forget([1, 6])
+    want = fresh(model, init, X, Y, [1, 6], **kw)
+    assert rel(got.shift, want.shift) <= 1e-6
+    assert rel(got.shift, plain.forget([1, 6]).shift) <= 1e-8
+    assert rel(flat(got.model), flat(want.model)) <= 1e-10
+    assert got.shift.shape[0] == want.info["p"] < sum(p.numel() for p in model.parameters())
+
+
+def test_no_prefix_to_cache():
+    model, init, X, Y = setup(n=10)
+    s = Scrubber(model, (X, Y), init=init, ridge=0.5)  # all parameters: nothing frozen
+    assert s.prepare_info["prefix_cached"] is None
+    with pytest.raises(TypeError, match="cache_prefix"):
+        Scrubber(model, (X, Y), init=init, ridge=0.5, cache_prefix=1)
