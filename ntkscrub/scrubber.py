@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -86,6 +87,23 @@ def _subset(data: Any, positions: list[int]) -> Any:
     if isinstance(data, Dataset):
         return Subset(data, positions)
     raise TypeError(f"data: cannot take a subset of a {type(data).__name__}")
+
+
+def _as_sequential(model: nn.Module, data: Any, space: ParameterSpace) -> nn.Sequential | None:
+    """``model`` as an ``nn.Sequential`` with the same parameter names, or ``None``."""
+    if isinstance(model, nn.Sequential):
+        return model
+    if [n for n, _ in model.named_children()] != ["features", "classifier"]:
+        return None
+    if any("." not in n for n, _ in model.named_parameters()) or any(
+        "." not in n for n, _ in model.named_buffers()
+    ):
+        return None  # tensors of the root module itself: not a pure composition
+    view = nn.Sequential(OrderedDict(features=model.features, classifier=model.classifier))
+    x, _ = as_batches(data, batch_size=8, device=space.device, dtype=space.dtype).first()
+    with torch.no_grad():
+        same = torch.equal(view(x), model(x))
+    return view if same else None
 
 
 def _rows(positions: list[int], c: int, device: torch.device) -> Tensor:
@@ -198,10 +216,13 @@ class Scrubber:
         linearisation point, its buffers included) is applied to D once, and every product
         runs only the suffix on the cached activations ``H`` ``(N, *shape of model[k-1]'s
         output)`` — exact, since f(x) = suffix(prefix(x)) and no linearised weight is in the
-        prefix. Memory: H is held for all of D. Other models or selections stream D as is.
+        prefix. A model made of exactly ``features`` and ``classifier`` (ntkscrub's MLP, All-CNN,
+        SmallCNN) counts as the Sequential (features, classifier) when that reproduces its
+        output on the first batch. Memory: H is held for all of D. Other models or selections
+        stream D as is.
         """
-        at = self.space.model
-        if not isinstance(at, nn.Sequential):
+        at = _as_sequential(self.space.model, data, self.space)
+        if at is None:
             return data, None
         chosen = set(self.space.names)
         keys = list(at._modules)

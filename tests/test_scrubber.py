@@ -188,3 +188,21 @@ def test_no_prefix_to_cache():
     assert s.prepare_info["prefix_cached"] is None
     with pytest.raises(TypeError, match="cache_prefix"):
         Scrubber(model, (X, Y), init=init, ridge=0.5, cache_prefix=1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "smallcnn"])
+def test_cached_prefix_on_features_classifier_models(name):
+    """ntkscrub's own models (features → classifier): the head is linearised on cached
+    features, with the same result as a fresh head-only scrub."""
+    from ntkscrub.recipes.models import build_model
+
+    kw_model = {"in_features": 36, "hidden": (16,)} if name == "mlp" else {"in_channels": 1}
+    model = build_model(name, 3, 1.0, seed=0, **kw_model).double().eval()
+    init = build_model(name, 3, 1.0, seed=5, **kw_model).double().eval()
+    X, Y = make_data("cnn", 14)
+    kw = {"loss": "mse", "weight_decay": 0.05, "tol": 1e-12, "params": r"^classifier\."}
+    s = Scrubber(model, (X, Y), init=init, **kw)
+    assert s.prepare_info["prefix_cached"]["modules"] == 1
+    got = s.forget([0, 13])
+    want = fresh(model, init, X, Y, [0, 13], **kw)
+    assert rel(got.shift, want.shift) <= 1e-6
