@@ -148,6 +148,43 @@ def run_case(n: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def run_prefix_case(n: int, arch: str = "mlp", seed: int = 0) -> dict[str, Any]:
+    """Issue 14 item 6: head-only linearisation (``params=r"^classifier\\."``) with the frozen
+    features computed once (``cache_prefix=True``) vs streamed through every product.
+    ``arch``: the MLP, or ``"smallcnn"`` (three 3×3 convolutions + BN) on the same data as
+    1×8×8 images."""
+    init, X, Y = make_problem(n, seed)
+    if arch == "smallcnn":
+        X = X.reshape(n, 1, 8, 8)
+        init = build_model("smallcnn", CLASSES, 1.0, in_channels=1, seed=seed).float().eval()
+    nf = max(1, round(FORGET_FRACTION * n))
+    model = _train(init, (X, Y), seed)[0].model.eval()
+    kw = {"init": init, "loss": "ce", "weight_decay": FINETUNE_RECIPE["weight_decay"]}
+    out: dict[str, Any] = {"n": n, "arch": arch, "params": r"^classifier\.", "n_forget": nf}
+    shifts = {}
+    for cache in (True, False):
+        t0 = time.perf_counter()
+        s = Scrubber(model, (X, Y), params=r"^classifier\.", cache_prefix=cache, **kw)
+        prep_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = s.forget(list(range(nf)))
+        req_s = time.perf_counter() - t0
+        shifts[cache] = res.shift
+        out["cached" if cache else "streamed"] = {
+            "prepare_seconds": prep_s,
+            "request_seconds": req_s,
+            "prepare_matvecs": s.prepare_info["matvecs"],
+            "request_matvecs": res.info["matvecs"],
+            "p": res.info["p"],
+            "prefix_cached": s.prepare_info["prefix_cached"],
+        }
+    c, st = out["cached"], out["streamed"]
+    out["speedup_prepare"] = st["prepare_seconds"] / c["prepare_seconds"]
+    out["speedup_request"] = st["request_seconds"] / c["request_seconds"]
+    out["shift_rel_diff"] = _rel(shifts[True], shifts[False].double())
+    return out
+
+
 def _reference(model: Any, init: Any, X: Any, Y: Any, nf: int) -> torch.Tensor:
     """The float64 shift of the same scrub (tol 1e-10): what both float32 shifts should match."""
     m64, i64, X64 = copy.deepcopy(model).double(), copy.deepcopy(init).double(), X.double()
@@ -189,17 +226,49 @@ def test_scrubber_vs_retrain(benchmark, record, device, scrubber_n) -> None:
     record(**rec)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "smallcnn"])
+def test_scrubber_cached_prefix(benchmark, record, device, scrubber_n, arch) -> None:
+    if device.type != "cpu":
+        pytest.skip("the Scrubber yardstick runs on the CPU (float32 MLP)")
+    box: dict[str, Any] = {}
+
+    def case() -> None:
+        box["rec"] = run_prefix_case(scrubber_n, arch)
+
+    benchmark.pedantic(case, rounds=1, iterations=1, warmup_rounds=0)
+    rec = box["rec"]
+    assert rec["cached"]["prefix_cached"] is not None and rec["streamed"]["prefix_cached"] is None
+    record(**rec)
+
+
 # --------------------------------------------------------------------------- CLI
+def _write(path: Path, t0: float, cases: list, prefix_cases: list) -> None:
+    """Write everything measured so far (after every case: a cut run keeps its results)."""
+    out = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "total_seconds": time.perf_counter() - t0,
+        "cases": cases,
+        "prefix_cases": prefix_cases,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(out), indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=SIZES["cpu"])
+    ap.add_argument("--prefix-n", type=int, nargs="*", default=[4096])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run_case(32)  # warm-up (imports, first-call allocations); not recorded
     t0 = time.perf_counter()
-    cases = []
+    cases: list[dict[str, Any]] = []
+    prefix_cases: list[dict[str, Any]] = []
     for n in args.n:
         rec = run_case(n)
         cases.append(rec)
@@ -213,18 +282,17 @@ def main(argv: list[str] | None = None) -> int:
             f"request/retrain {r['request_1_over_retrain']:.3f}",
             flush=True,
         )
-        out = {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
-            "total_seconds": time.perf_counter() - t0,
-            "cases": cases,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps(to_jsonable(out), indent=1)
-        )  # after every N: a cut run keeps results
+        _write(args.out, t0, cases, prefix_cases)
+    for n, arch in [(n, a) for n in args.prefix_n for a in ("mlp", "smallcnn")]:
+        rec = run_prefix_case(n, arch)
+        prefix_cases.append(rec)
+        print(
+            f"head-only {arch} N={n}: cached prefix, speed-up prepare "
+            f"{rec['speedup_prepare']:.2f}x, "
+            f"request {rec['speedup_request']:.2f}x (shift rel diff {rec['shift_rel_diff']:.1e})",
+            flush=True,
+        )
+        _write(args.out, t0, cases, prefix_cases)
     return 0
 
 
