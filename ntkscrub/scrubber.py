@@ -34,6 +34,9 @@ Requests compose: F accumulates, and each request solves for the whole F, warm-s
 previous request's y restricted to the rows still retained (it differs from the new y only by
 the effect of the newly forgotten samples). The Θ_RR system is preconditioned by the prepared
 Nyström factor of Θ_DD restricted to the rows R (``LowRankPreconditioner.restrict``, no matvec).
+
+Partial linearisation (issue 14.6): when ``params`` selects only a suffix of the network, the
+frozen prefix's activations on D are computed once and every product runs the suffix alone.
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ class Scrubber:
             ``weight_decay`` convention λ = |S|·wd is applied to each system: λ_D = N·wd for the
             prepared Θ_DD, λ_R = |R|·wd for each retained system).
         cache_prefix: when ``params`` leaves a frozen prefix ``model[:k]`` of an
-            ``nn.Sequential``, compute its activations on D once and linearise only the suffix
-            on them (same result, cheaper products; ``info["prepare"]["prefix_cached"]``).
+            ``nn.Sequential`` (or the ``features`` of a features → classifier model), compute
+            its activations on D once and linearise only the suffix on them (same result,
+            cheaper products; ``info["prepare"]["prefix_cached"]``, see :meth:`_cache_prefix`).
 
     Preparation solves α = (Θ_DD + λ_D I)⁻¹ e_D ``(c·N,)`` and keeps α and the Nyström factor of
     Θ_DD (``info["prepare"]`` records matvecs, seconds, iterations, converged). The module
