@@ -26,6 +26,7 @@ from ntkscrub.baselines import ForgetResult, finetune, fisher_forget, retrain
 from ntkscrub.batches import Batches, as_batches
 from ntkscrub.params import ParameterSpace, check_eval_mode
 from ntkscrub.scrub import DenseTooLarge, ScrubResult, scrub
+from ntkscrub.scrubber import Scrubber
 
 __all__ = [
     "Batches",
@@ -33,6 +34,7 @@ __all__ = [
     "ForgetResult",
     "ParameterSpace",
     "ScrubResult",
+    "Scrubber",
     "as_batches",
     "bounds",
     "check_eval_mode",
