@@ -548,7 +548,7 @@ def make_scrub_problem(
     linearisation point is "not just random" when asked). w(D): θ0 fine-tuned on D with the
     recipe (:data:`RECIPE`) for ``finetune_epochs`` epochs (0: w(D) = θ0).
     """
-    from ntkscrub.recipes.training import train
+    from ntkscrub.training import train
 
     X, Y = random_cifar(n, spec.num_classes, device, dtype, seed=seed + 1)
     init = calibrate_bn(make_model(spec, device, dtype, seed=seed), X)
@@ -613,14 +613,14 @@ def warm_up_scrub(
 def measure_retrain(
     problem: ScrubProblem, device: torch.device, *, epochs: int = 1, seed: int = 0
 ) -> dict[str, Any]:
-    """Time the retraining recipe on D_r from θ0 (``ntkscrub.recipes.training.train``), per epoch.
+    """Time the retraining recipe on D_r from θ0 (``ntkscrub.training.train``), per epoch.
 
     Returns the measured epoch times and ``retrain_seconds`` = mean epoch time ×
     :data:`RETRAIN_EPOCHS` (the reference run's 25 fine-tuning epochs). The epoch time is that of
     the library's training loop, which also evaluates the training error once per epoch (the
     "until zero error" criterion needs it).
     """
-    from ntkscrub.recipes.training import train
+    from ntkscrub.training import train
 
     with MemoryMeter(device) as mem:
         sync(device)

@@ -244,7 +244,7 @@ class Suite:
             "conventions": {
                 "data": f"random N(0,1) images {'x'.join(map(str, benchlib.IMAGE_SHAPE))}, "
                 "uniform random labels, seeded, created on the device",
-                "retrain": f"measured epoch of ntkscrub.recipes.training.train on D_r with "
+                "retrain": f"measured epoch of ntkscrub.training.train on D_r with "
                 f"{benchlib.RECIPE} x {benchlib.RETRAIN_EPOCHS} epochs",
                 "scrub": "linearize_at=init, loss=ce, weight_decay=0.1 (ridge N*0.1), "
                 "form=solves, tol 1e-4 per column, strict=False",

@@ -9,7 +9,7 @@ Nyström preconditioner of the size's rank. Dense: the library's explicit-Jacobi
 ``max_dense_bytes``; where it refuses (``DenseTooLarge``) the point is recorded with
 ``status='skipped'`` and the message, and the run goes on.
 
-Retrain time = (measured seconds per epoch of ``ntkscrub.recipes.training.train`` on D_r with the
+Retrain time = (measured seconds per epoch of ``ntkscrub.training.train`` on D_r with the
 recipe: lr 0.01, momentum 0.9, wd 0.1 toward θ0, batch 128, BN frozen) × 25 epochs (the reference
 run's fine-tuning length); ``ratio_scrub_to_retrain`` = scrub seconds / that.
 

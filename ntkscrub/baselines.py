@@ -57,7 +57,7 @@ FINETUNE_RECIPE: dict[str, Any] = {
     "freeze_bn": True,
 }
 
-# Options of ntkscrub.recipes.training.train that finetune/retrain pass through unchanged.
+# Options of ntkscrub.training.train that finetune/retrain pass through unchanged.
 _TRAIN_OPTIONS = {
     "momentum",
     "batch_size",
@@ -210,11 +210,11 @@ def finetune(
         seed: seeds the shuffling (and any dropout); ``None`` is unseeded.
         **train_options: ``momentum``, ``batch_size``, ``schedule``, ``loss``, ``freeze_bn``,
             ``max_epochs``, ``shuffle``, ``callback``, ``progress``, ``device`` — see
-            :func:`ntkscrub.recipes.training.train`; ``progress`` (a tqdm bar over epochs)
+            :func:`ntkscrub.training.train`; ``progress`` (a tqdm bar over epochs)
             defaults to ``None``: shown only when stderr is a terminal.
 
     Returns:
-        :class:`ForgetResult`; ``.info["log"]`` is the :class:`~ntkscrub.recipes.training.TrainLog`
+        :class:`ForgetResult`; ``.info["log"]`` is the :class:`~ntkscrub.training.TrainLog`
         as a dict (per-epoch training error: check the curve).
     """
     return _train_baseline(
@@ -296,7 +296,7 @@ def _train_baseline(
     until_zero_error: bool,
     train_options: dict[str, Any],
 ) -> ForgetResult:
-    from ntkscrub.recipes.training import train  # imported late: training imports are heavier
+    from ntkscrub.training import train  # imported late: training imports are heavier
 
     t0 = time.perf_counter()
     check_model(model)

@@ -201,7 +201,7 @@ class Batches:
     ``(b,)`` (``None`` when the data carry no labels). ``len(batches)`` is ``|S|``.
     """
 
-    def __init__(
+    def __init__(  # noqa: C901, PLR0915 - listed in pyproject.toml
         self,
         data: Any,
         *,

@@ -90,7 +90,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from ntkscrub.demo import run_demo
+    from ntkscrub.recipes.demo import run_demo
 
     if args.seed < 0:
         print("ntkscrub demo: error: --seed must be ≥ 0", file=sys.stderr)

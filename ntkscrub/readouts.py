@@ -38,7 +38,7 @@ from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches
 from ntkscrub.params import check_eval_mode
 
 # The losses are training's own, so "ce"/"mse" here are exactly what train() minimises.
-from ntkscrub.recipes.training import LOSSES, _int, _num, _per_sample_loss, train
+from ntkscrub.training import LOSSES, _int, _num, _per_sample_loss, train
 
 __all__ = [
     "error",
@@ -179,7 +179,7 @@ def loss(model: nn.Module, data: DataLike, *, kind: str = "ce", batch_size: int 
 
     ``kind="ce"``: cross-entropy of the softmax (the loss of the relearn-time readout, §5.4 (iv));
     ``kind="mse"``: ``½‖f(x) − onehot(y)‖²`` summed over the ``c`` logits, averaged over samples
-    (the losses of :func:`ntkscrub.recipes.training.train`).
+    (the losses of :func:`ntkscrub.training.train`).
     """
     check_eval_mode(model, "model")
     return _error_and_loss(model, data, "data", _check_kind(kind), batch_size)[1]
@@ -415,7 +415,7 @@ def _subset(data: DataLike, idx: Tensor) -> Any:
     return Subset(data, idx.tolist())
 
 
-def relearn_time(
+def relearn_time(  # noqa: C901, PLR0915 - listed in pyproject.toml
     model: nn.Module,
     data_full: DataLike,
     forget: DataLike,
@@ -437,7 +437,7 @@ def relearn_time(
 
     As in the reference code (REFERENCE.md §2): a copy of the (scrubbed) ``model`` is fine-tuned
     on ``data_full`` = D with plain SGD (``lr`` 0.01, batch 128, BatchNorm statistics frozen, no
-    weight decay) with :func:`ntkscrub.recipes.training.train`; after each epoch the
+    weight decay) with :func:`ntkscrub.training.train`; after each epoch the
     cross-entropy on ``forget`` = D_f is measured, and the relearn time is the first epoch ``k``
     (``k ≥ 1``) at which it is ``≤ target_loss + tol``. ``target_loss`` defaults to the forget
     loss of ``reference`` (the original model w(D)); give exactly one of the two. The original

@@ -21,8 +21,8 @@ from ntkscrub.baselines import (
     fisher_forget,
     retrain,
 )
-from ntkscrub.recipes.training import train
 from ntkscrub.scrub import diagonal_fisher, fisher_noise_variance, scrub
+from ntkscrub.training import train
 
 
 # --------------------------------------------------------------------------- helpers

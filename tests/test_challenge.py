@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ntkscrub import readouts
 from ntkscrub.challenge import UnlearnResult, sequential, unlearn, unlearning
-from ntkscrub.demo import FINETUNE, prepare_demo
+from ntkscrub.recipes.demo import FINETUNE, prepare_demo
 
 
 @pytest.fixture(scope="module")

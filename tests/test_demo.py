@@ -1,4 +1,4 @@
-"""Tests of ``ntkscrub demo`` (ntkscrub.demo, ntkscrub.cli, ``python -m ntkscrub``).
+"""Tests of ``ntkscrub demo`` (ntkscrub.recipes.demo, ntkscrub.cli, ``python -m ntkscrub``).
 
 The demo runs once at ``--size small`` (about 40 s on two shared CPU cores, most of it the NTK
 scrub's CG) and its report is shared by the tests below.
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import ntkscrub
-from ntkscrub import cli, demo
-from ntkscrub.demo import (
+from ntkscrub import cli
+from ntkscrub.recipes import demo
+from ntkscrub.recipes.demo import (
     METHODS,
     NTK_DEFAULTS,
     READOUTS,

@@ -35,7 +35,7 @@ from ntkscrub.batches import (
     check_model_accepts,
 )
 from ntkscrub.io import atomic_write, atomic_write_json
-from ntkscrub.recipes.training import load_checkpoint, save_checkpoint
+from ntkscrub.training import load_checkpoint, save_checkpoint
 
 X, Y = make_data("mlp", 24)
 DS = TensorDataset(X, Y)

@@ -57,7 +57,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_matplotlib_only_where_figures_are_drawn():
     proc = _run(
-        "import sys, ntkscrub, ntkscrub.demo, ntkscrub.cli, ntkscrub.challenge\n"
+        "import sys, ntkscrub, ntkscrub.recipes.demo, ntkscrub.cli, ntkscrub.challenge\n"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n"
     )
     assert proc.returncode == 0, proc.stderr
@@ -89,3 +89,27 @@ def test_forget_result_to_dict_is_json():
         assert set(d) == {"info", "shift_norm", "shift_numel"}
         assert d["shift_numel"] == sum(p.numel() for p in model.parameters())
         assert d["shift_norm"] == float(res.shift.norm()) and "info" in json.loads(text)
+
+
+# Layers (README "Architecture"): the engine in the package root never imports the applications
+# in ntkscrub.recipes; only the command line (the top layer) reaches them.
+_TOP_LAYER = {"cli.py", "challenge.py", "__main__.py"}
+
+
+def test_engine_never_imports_the_recipes():
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "ntkscrub").rglob("*.py")):
+        rel = path.relative_to(ROOT / "ntkscrub")
+        if rel.parts[0] == "recipes" or str(rel) in _TOP_LAYER:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.startswith("ntkscrub.recipes") for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, f"the engine imports ntkscrub.recipes at {offenders}"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ntkscrub import readouts
 from ntkscrub.recipes.models import MLP, SmallCNN
-from ntkscrub.recipes.training import (
+from ntkscrub.training import (
     TrainLog,
     load_checkpoint,
     lr_at,

@@ -1,17 +1,18 @@
-"""Applications built on the ntkscrub engine: data sets, models and training recipes, the pipeline
-runtime, and the §5 reproduction.
+"""Applications built on the ntkscrub engine: data sets, models, the demo, the pipeline runtime,
+and the §5 reproduction with its training recipes.
 
 Where things live:
 
-* :mod:`.datasets`, :mod:`.models`, :mod:`.training` — CIFAR splits and the digits demo data,
-  All-CNN / ResNet-18 / MLP / small CNN, the SGD training loop and checkpoints.
+* :mod:`.datasets`, :mod:`.models` — CIFAR splits and the digits demo data, All-CNN / ResNet-18 /
+  MLP / small CNN.
+* :mod:`.demo` — ``ntkscrub demo``: a mislabeled cohort forgotten by every method.
 * :mod:`.runtime` — stages under one budget, their timings, the hardware record, cache keys.
 * :mod:`.reproduction` — the paper's §5 pipeline (``ntkscrub reproduce``).
 * :func:`data_root` — where the CIFAR-10 image folder is found (one rule everywhere).
 
-The engine (params, batches, operators, solvers, scrub, noise, bounds, readouts, baselines) sits in
-the package root; of this sub-package it uses only the training loop (the relearn readout and the
-training baselines run it).
+The engine (params, batches, operators, solvers, scrub, noise, bounds, readouts, baselines and the
+SGD training loop they run, :mod:`ntkscrub.training`) sits in the package root and never imports
+this sub-package.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ntkscrub.recipes import data_root
-from ntkscrub.recipes.training import atomic_torch_save, check_json_like
+from ntkscrub.training import atomic_torch_save, check_json_like
 
 __all__ = [
     "CIFAR_MEAN",

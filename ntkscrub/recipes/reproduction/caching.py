@@ -20,7 +20,7 @@ from ntkscrub.recipes.reproduction.config import Config, Recipe
 from ntkscrub.recipes.reproduction.data import pretrain_params, small_split_params
 from ntkscrub.recipes.reproduction.weights import flat_params
 from ntkscrub.recipes.runtime import cache_key
-from ntkscrub.recipes.training import atomic_torch_save, load_checkpoint, save_checkpoint, train
+from ntkscrub.training import atomic_torch_save, load_checkpoint, save_checkpoint, train
 
 __all__ = ["train_cached", "seed_cache_dir", "pretrain_checkpoint", "finished_seed_path"]
 

@@ -40,7 +40,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Recipe:
-    """One SGD recipe of :func:`ntkscrub.recipes.training.train` (for relearning, the readout's
+    """One SGD recipe of :func:`ntkscrub.training.train` (for relearning, the readout's
     own loop reads ``epochs`` as its cap, ``lr`` and ``momentum``).
 
     ``until_zero_error`` and ``max_epochs`` are passed to ``train`` only when set (``None``

@@ -85,6 +85,7 @@ def small_split_params(cfg: Config, seed: int) -> dict[str, Any]:
 
 
 def small_cache_name(cfg: Config, seed: int) -> str:
+    """File name of the cached small-CIFAR split of ``seed`` (keyed by its parameters)."""
     return f"small_{cache_key(small_split_params(cfg, seed))}.pt"
 
 

@@ -49,7 +49,7 @@ def log_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 def training_failure(entry: dict[str, Any], num_classes: int) -> str | None:
     """Why a training run (a :func:`log_summary` entry) is no sample of the recipe, or None:
-    ``diverged`` (non-finite loss; ``ntkscrub.recipes.training.train`` stops and records the
+    ``diverged`` (non-finite loss; ``ntkscrub.training.train`` stops and records the
     epoch) or ``collapsed`` (see the module docstring)."""
     e = (entry.get("recipe") or {}).get("diverged_at_epoch")
     if e is not None:

@@ -871,6 +871,7 @@ def _information(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``figures.py RESULTS_JSON [OUT_DIR]``: redraw the figures and the report from its JSON."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         raise SystemExit("usage: figures.py path/to/results.json [out_dir]")

@@ -112,6 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The reproduction's command-line arguments (see ``--help``)."""
     p = argparse.ArgumentParser(description=DESCRIPTION)
     add_arguments(p)
     return p.parse_args(argv)

@@ -45,6 +45,7 @@ def flat(model: nn.Module) -> Tensor:
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of two flat vectors ``(p,)`` (NaN when either is zero)."""
     na, nb = float(a.norm()), float(b.norm())
     return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
 

@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, "experiments")
 import reproduce as R  # noqa: E402
+from ntkscrub.recipes.training import train  # noqa: E402
 
 from ntkscrub.recipes.models import build_model  # noqa: E402
-from ntkscrub.recipes.training import train  # noqa: E402
 
 CACHE = Path("/tmp/w1")
 torch.set_num_threads(2)

@@ -278,7 +278,7 @@ def _epoch_batches(
     raise TypeError("data: training needs an (X, Y) pair, a Dataset or a DataLoader")
 
 
-def train(
+def train(  # noqa: PLR0915 - listed in pyproject.toml
     model: nn.Module,
     data: Any,
     *,

@@ -285,7 +285,7 @@ def prepare_demo(size: str = "full", seed: int = 0, *, stages: _Stages | None = 
     from ntkscrub import readouts
     from ntkscrub.recipes.datasets import digits_split
     from ntkscrub.recipes.models import build_model, count_parameters, reset_head
-    from ntkscrub.recipes.training import train
+    from ntkscrub.training import train
 
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
@@ -461,7 +461,7 @@ def _settings_text(ntk: dict[str, Any]) -> str:
         "conflicting labels); the trapezium factor lengthens the too-short linear step, as in the "
         "reference code; the ridge is the training's weight decay (λ = N·wd); the solver settings "
         "are the library's defaults (PCG, Nyström factor of adaptive rank) (see "
-        "`python -c 'import ntkscrub.demo as d; help(d)'`)."
+        "`python -c 'import ntkscrub.recipes.demo as d; help(d)'`)."
     )
 
 
