@@ -102,6 +102,8 @@ class SolverConfig(_Config):
         progress: a tqdm bar per solve and per Nyström build (``None``: only on a terminal).
         strict: raise :class:`~ntkscrub.operators.SolveNotConverged` when a solve misses ``tol``
             (``False``: warn and record ``converged=False``).
+        scalar_dtype: dtype of CG's scalars (α, β, residual norms): float64 keeps fp32 solves
+            from failing at small ridge.
         precond: ``"nystrom"`` (randomized Nyström, Frangella–Tropp–Udell 2023) or ``"none"``.
         precond_rank: its rank; ``None``: adaptive (rank doubling until the sketch's smallest
             kept eigenvalue is within a factor of the ridge, Frangella–Tropp–Udell 2023 §5.4;
@@ -121,6 +123,7 @@ class SolverConfig(_Config):
     refine: bool | None = None
     progress: bool | None = None
     strict: bool = True
+    scalar_dtype: torch.dtype = torch.float64
     precond: Preconditioner = "nystrom"
     precond_rank: int | None = None
     seed: int = 0
@@ -138,6 +141,11 @@ class SolverConfig(_Config):
             if getattr(self, name) is not None:
                 _bool(c, name, getattr(self, name))
         _bool(c, "strict", self.strict)
+        if self.scalar_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"{c}.scalar_dtype: expected torch.float32 or torch.float64, "
+                f"got {self.scalar_dtype!r}"
+            )
         _choice(c, "precond", self.precond, ("nystrom", "none"))
         _int(c, "precond_rank", self.precond_rank, 0, allow_none=True)
         _int(c, "seed", self.seed, 0)

@@ -199,7 +199,7 @@ def test_inverse_backends_match_a_dense_solve():
         inv = Inverse(cfg, n=12, label="primal", op=lambda V: A @ V, shift=0.5)
         torch.testing.assert_close(inv(B), exact, rtol=1e-8, atol=1e-10)
         inv(B[:, 0])  # a second solve reuses the preconditioner
-        assert (inv._precond is not None) == (rank > 0)
+        assert (inv.preconditioner is not None) == (rank > 0)
         assert [r["rhs"] for r in inv.records] == [3, 1]
         assert all(r["converged"] and r["system"] == "primal" for r in inv.records)
     with pytest.raises(ValueError, match="exactly one"):

@@ -89,6 +89,7 @@ def pcg_solve(
             refine=config.refine,
             progress=config.progress,
             label=label,
+            scalar_dtype=config.scalar_dtype,
             strict=False,
         )
 
