@@ -24,7 +24,7 @@ from ntkscrub.operators import Jacobian
 from ntkscrub.params import ParameterSpace
 from ntkscrub.solvers import cg
 
-RIDGE = 0.1
+RIDGE = 1.0
 # Shard sizes per world size: uneven retain shards, and an empty forget shard on rank 1.
 SHARDS = {2: ([8, 5], [4, 0]), 3: ([6, 3, 4], [2, 0, 3])}
 
@@ -176,7 +176,18 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def _spawn(world: int, tmp: Any) -> list[dict[str, Any]]:
-    mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, join=True)
+    # Forked, not spawned: a fresh interpreter re-imports torch and torch.func's compiler stack
+    # (≈ 10 s each on 2 busy cores); a fork inherits them, warmed by one product here.
+    pb = _problem("cnn", world)
+    J = Jacobian(ParameterSpace(pb["init"]), pb["retain"])
+    J.mT @ (J @ torch.ones(J.p, 2, dtype=torch.float64))
+    mp.start_processes(
+        _worker,
+        args=(world, str(tmp / "store"), str(tmp)),
+        nprocs=world,
+        join=True,
+        start_method="fork",
+    )
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

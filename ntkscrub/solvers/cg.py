@@ -677,6 +677,14 @@ class _CGRun:
         d = coldot(a, b, dtype)
         return d if self.allreduce is None else self.allreduce(d)
 
+    def _dots(self, *pairs: tuple[Tensor, Tensor], dtype: torch.dtype) -> list[Tensor]:
+        """Several column inner products, summed over the ranks in one reduction."""
+        local = [coldot(a, b, dtype) for a, b in pairs]
+        if self.allreduce is None:
+            return local
+        summed = self.allreduce(torch.cat(local))
+        return list(summed.split([d.shape[0] for d in local]))
+
     def _norm(self, a: Tensor, dtype: torch.dtype) -> Tensor:
         return self._dot(a, a, dtype).sqrt()
 
@@ -688,12 +696,16 @@ class _CGRun:
         return float(self.allreduce(bad)[0]) == 0.0
 
     # ------------------------------------------------------------------ products
-    def apply_A(self, P: Tensor) -> Tensor:
+    def apply_A(self, P: Tensor, *, dotted: bool = False) -> Tensor:
+        """``A P``; ``dotted``: the caller reduces ``Pᵀ(A P)`` at once and checks it, so a
+        non-finite product is caught there on every rank without a collective of its own."""
         t0 = time.perf_counter()
         self.matvecs += P.shape[1]
         self.calls += 1
         Y = self.matmul(P)
         self.matvec_time += time.perf_counter() - t0
+        if dotted and self.allreduce is not None:
+            return Y
         if not self._agree(bool(torch.isfinite(Y).all())):
             raise _Overflow("a product of A returned NaN or infinite values")
         return Y
@@ -778,8 +790,8 @@ class _CGRun:
         while idx.numel() > 0:
             if self._out_of_budget(idx):
                 return
-            AP = self.apply_A(P)  # (n, m): only the unconverged columns are multiplied
-            pAp = self._dot(P, AP, sd)
+            AP = self.apply_A(P, dotted=True)  # (n, m): only the unconverged columns
+            pAp, pp = self._dots((P, AP), (P, P), dtype=sd)  # one collective if data-parallel
             if not bool(torch.isfinite(pAp).all()):
                 raise _Overflow("pᵀAp overflowed")
             bad = ~(pAp > 0)
@@ -789,17 +801,18 @@ class _CGRun:
                     self.neg_curv = float(pAp[bad][0])
                 self.broken.extend(idx[bad].tolist())
                 keep = ~bad
-                idx, R, P, AP, rz, pAp = (
+                idx, R, P, AP, rz, pAp, pp = (
                     idx[keep],
                     R[:, keep],
                     P[:, keep],
                     AP[:, keep],
                     rz[keep],
                     pAp[keep],
+                    pp[keep],
                 )
                 if idx.numel() == 0:
                     return
-            self.a_norm = max(self.a_norm, float((pAp / self._dot(P, P, sd)).max()))
+            self.a_norm = max(self.a_norm, float((pAp / pp).max()))
             alpha = rz / pAp  # (m,) scalar dtype
             a_v = alpha.to(B2.dtype)  # the same rounded α for x and r keeps them consistent
             self.X[:, idx] += P * a_v
@@ -807,7 +820,8 @@ class _CGRun:
             self.it += 1
             idx_cpu = idx.cpu()
             alpha_cpu = alpha.cpu().tolist()
-            rel = (self._norm(R, sd) / self.bnorm[idx]).cpu()
+            rr = self._dot(R, R, sd)
+            rel = (rr.sqrt() / self.bnorm[idx]).cpu()
             for i, j in enumerate(idx_cpu.tolist()):
                 self.its[j] += 1
                 self.stale[j] = True
@@ -824,10 +838,12 @@ class _CGRun:
             if not bool(keep.all()):
                 keep_d = keep.to(B2.device)
                 idx, R, P, rz = idx[keep_d], R[:, keep_d], P[:, keep_d], rz[keep_d]
+                rr = rr[keep_d]
                 if idx.numel() == 0:
                     return
             Z = self.apply_M(R)
-            rz_new = self._dot(R, Z, sd)
+            # Without a preconditioner Z is R: ⟨r, z⟩ is ⟨r, r⟩, already reduced (same bits).
+            rz_new = rr if self.apply_minv is None else self._dot(R, Z, sd)
             beta = rz_new / rz
             for i, j in enumerate(idx.cpu().tolist()):
                 self.betas[j].append(float(beta[i]))
