@@ -8,7 +8,8 @@ shard of retain and forget (``--mode strong``: N samples in all; ``--mode weak``
 runs ``ntkscrub.scrub`` under the default process group. It then records
 
 * the time of one Θ product (k = 1) on the row-sharded operator, median of ``--products`` runs,
-  and the all-reduce volume per product (p + 1 float64: Jᵀv and the error flag);
+  the all-reduce volume per product (p + 1 float64: Jᵀv and the error flag) and the time of that
+  all-reduce alone and of one CG scalar reduction (all-gather of 3 float64);
 * the scrub's seconds, matvecs, CG iterations, all-reduce calls and bytes;
 * on rank 0 (``--check``), the one-process scrub of the concatenated shards: the shift norm of
   both and their largest absolute difference.
@@ -103,6 +104,21 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     per_product = statistics.median(times[1:])  # the first one warms up
     bytes_per_product = comm.block_bytes // comm.block_calls
+    # The communication alone: the (p + 1) all-reduce of a product, and a CG scalar reduction.
+    block, scalars = (
+        torch.zeros(space.p, 1, dtype=torch.float64),
+        torch.zeros(2, dtype=torch.float64),
+    )
+    t_block, t_scalar = [], []
+    for _ in range(args.products):
+        dist.barrier()
+        t0 = time.perf_counter()
+        comm.sum_block(block)
+        t_block.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        comm.sum_scalars(scalars)
+        t_scalar.append(time.perf_counter() - t0)
 
     dist.barrier()
     t0 = time.perf_counter()
@@ -119,6 +135,8 @@ def main() -> None:
         "c": info["num_classes"],
         "theta_product_seconds": per_product,
         "allreduce_bytes_per_product": bytes_per_product,
+        "allreduce_seconds": statistics.median(t_block),
+        "scalar_reduction_seconds": statistics.median(t_scalar),
         "scrub_seconds": seconds,
         "matvecs": info["matvecs"],
         "cg_iterations": [s["iterations"] for s in info["solves"]],
