@@ -360,7 +360,13 @@ def sharded_scrub(
     (not data-parallel yet).
     """
     from ntkscrub.config import ProductConfig, SolverConfig
-    from ntkscrub.scrub import ScrubResult, _targets, load_weights, trapezium_scale
+    from ntkscrub.scrub import (
+        ScrubResult,
+        _module_params,
+        _targets,
+        load_weights,
+        trapezium_scale,
+    )
 
     t_start = time.perf_counter()
     cfg = solver_config if solver_config is not None else SolverConfig()
@@ -374,8 +380,13 @@ def sharded_scrub(
     comm = Comm(process_group)
     with comm.guard("reading the model and init"):
         space_w = ParameterSpace(model, params)
+        space_w.check_compatible(
+            init if isinstance(init, Mapping) else _module_params(init, "init"), "init"
+        )
         init_model = load_weights(model, init, "init")
         w_d, theta0 = space_w.point(), space_w.point(init_model)
+        if not bool(torch.isfinite(theta0).all()):
+            raise ValueError("init: parameters contain NaN or infinite values")
     _check_same_everywhere(
         comm,
         {

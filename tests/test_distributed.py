@@ -106,6 +106,14 @@ def _scrub(rank: int, world: int, kind: str, **kw: Any) -> dict[str, Any]:
     return {"shift": res.shift, "weights": w, "info": res.info["distributed"]}
 
 
+def _scrub_other_model(rank: int, world: int) -> Any:
+    pb = _problem("mlp", world)
+    model = make_mlp(seed=rank)  # rank 1 holds other weights than rank 0
+    return ntkscrub.scrub(
+        model, pb["retain_shards"][rank], pb["forget_shards"][rank], init=pb["init"], ridge=RIDGE
+    )
+
+
 def _bad_labels(rank: int, world: int) -> Any:
     pb = _problem("mlp", world)
     X, Y = pb["retain_shards"][rank]
@@ -165,6 +173,10 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             )
             results["bad_labels"] = _catch(lambda: _bad_labels(rank, world))
             results["failing_product"] = _catch(lambda: _failing_product(rank, world))
+            results["ridge_differs"] = _catch(
+                lambda: _scrub(rank, world, "mlp", ridge=RIDGE * (1 + rank))
+            )
+            results["model_differs"] = _catch(lambda: _scrub_other_model(rank, world))
             results["not_converged"] = _catch(
                 lambda: _scrub(rank, world, "mlp", ridge=RIDGE, max_iter=2)
             )
@@ -305,6 +317,18 @@ def test_failing_product_on_one_rank_raises_everywhere(two: list[dict[str, Any]]
     assert errs[0]["message"] == errs[1]["message"]
     assert "rank 1 failed while computing Jᵀ u" in errs[0]["message"]
     assert "simulated failure in a VJP" in errs[0]["message"]
+
+
+def test_arguments_or_weights_differing_between_ranks_raise_everywhere(
+    two: list[dict[str, Any]],
+) -> None:
+    for case, start in (
+        ("ridge_differs", "ridge: differs between ranks"),
+        ("model_differs", "model: the parameters differ between ranks"),
+    ):
+        errs = [res[case] for res in two]
+        assert all(e.get("error") == "ValueError" for e in errs), errs
+        assert all(e["message"].startswith(start) for e in errs), errs
 
 
 def test_non_convergence_raises_on_every_rank(two: list[dict[str, Any]]) -> None:
