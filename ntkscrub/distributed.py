@@ -47,12 +47,13 @@ from torch import Tensor, nn
 
 from ntkscrub.operators import Jacobian, Operator, SolveNotConverged, StackedJacobian
 from ntkscrub.params import ParameterSpace
-from ntkscrub.solvers import cg
+from ntkscrub.solvers import LowRankPreconditioner, cg
 
 __all__ = [
     "Comm",
     "DistributedError",
     "ShardedJacobian",
+    "ShardedNystrom",
     "active",
     "init",
     "sharded_ntk",
@@ -273,8 +274,10 @@ def sharded_cg(
     max_iter: int | None = None,
     x0: Tensor | None = None,
     label: str = "A",
+    precond: LowRankPreconditioner | None = None,
 ) -> tuple[Tensor, Any]:
-    """PCG (no preconditioner) on row-sharded ``B`` ``(n_k,)``/``(n_k, k)``: inner products and
+    """PCG on row-sharded ``B`` ``(n_k,)``/``(n_k, k)`` (``precond``: ``None`` or a
+    :class:`ShardedNystrom` of the same rows): inner products and
     norms summed over the ranks in float64 (:meth:`Comm.sum_scalars`), so every rank takes the
     same steps and stops at the same iteration. ``max_iter`` defaults to ``2·n_global``. Not
     strict: returns ``(X_k, info)``, the caller decides on ``info.all_converged`` (the same on
@@ -285,6 +288,7 @@ def sharded_cg(
             A,
             B,
             x0=x0,
+            precond=precond,
             tol=tol,
             max_iter=2 * n_global if max_iter is None else max_iter,
             strict=False,
@@ -292,6 +296,79 @@ def sharded_cg(
             label=label,
             allreduce=comm.sum_scalars,
         )
+
+
+class ShardedNystrom(LowRankPreconditioner):
+    """The randomized Nyström preconditioner (Frangella–Tropp–Udell 2023, Alg. 2.1) of a
+    row-sharded ``A = K + μI`` ``(n, n)``: this rank holds rows ``rows`` of Û.
+
+    Ω ``(n, ℓ)`` is drawn from ``seed`` on every rank exactly as
+    :class:`~ntkscrub.solvers.NystromPreconditioner` draws it (so the factor is the one-process
+    one up to rounding; every rank holds Ω, n·ℓ numbers, while it is built) and each rank keeps its
+    rows. ``Y_k = A Ω_k`` is one block product (one all-reduce of ``p × ℓ``); the ``ℓ × ℓ`` core
+    matrices ``Ωᵀ Y_ν`` and ``Bᵀ B`` are summed over the ranks, and the thin SVD of the sharded
+    ``B = Y_ν C⁻ᵀ`` comes from the eigen-decomposition of ``Bᵀ B`` (Λ̂ = σ² − ν, Û_k = B_k V Σ⁻¹).
+    :meth:`solve` sums ``Ûᵀ R`` (``r × m``) over the ranks: one more reduction per CG iteration.
+    """
+
+    def __init__(
+        self,
+        A: Any,
+        comm: Comm,
+        *,
+        n_global: int,
+        rows: slice,
+        rank: int,
+        shift: float,
+        seed: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        t0 = time.perf_counter()
+        f64 = torch.float64
+        ell = min(rank, n_global)
+        omega = torch.randn(n_global, ell, dtype=f64, generator=_seeded(seed))
+        omega = torch.linalg.qr(omega).Q[rows].to(device=device, dtype=dtype)
+        Y = A.matmul(omega).to(f64)  # (n_k, ℓ): the single block product
+        omega = omega.to(f64)
+        if shift:
+            Y = Y - shift * omega  # K Ω = A Ω − μ Ω
+        nu = max(torch.finfo(dtype).eps * float(comm.sum_scalars((Y * Y).sum().reshape(1))) ** 0.5,
+                 torch.finfo(f64).tiny)  # fmt: skip
+        for _ in range(12):
+            Y_nu = Y + nu * omega
+            C = comm.sum_scalars((omega.T @ Y_nu).reshape(-1)).reshape(ell, ell)
+            L, info = torch.linalg.cholesky_ex(0.5 * (C + C.T))
+            if int(info) == 0:
+                break
+            nu *= 10.0
+        else:
+            raise ValueError("A: Ωᵀ A Ω is not positive definite even after shifting")
+        B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # (n_k, ℓ)
+        G = comm.sum_scalars((B.T @ B).reshape(-1)).reshape(ell, ell)
+        s2, V = torch.linalg.eigh(0.5 * (G + G.T))  # ascending σ²
+        keep = s2 > s2.max() * 1e-14
+        U = B @ (V[:, keep] / s2[keep].sqrt())
+        super().__init__(U, (s2[keep] - nu).clamp_min(0.0), shift)
+        self.comm, self.nu, self.n_global = comm, nu, n_global
+        self.matvecs, self.block_matvecs = ell, 1
+        self.seconds = time.perf_counter() - t0
+
+    def solve(self, R: Tensor) -> Tensor:
+        """``P⁻¹ R`` on this rank's rows (``R`` ``(n_k,)`` or ``(n_k, m)``)."""
+        R2 = R.unsqueeze(1) if R.dim() == 1 else R
+        U, dm1 = self._factors(R.dtype, R.device)
+        UtR = self.comm.sum_scalars((U.T @ R2).reshape(-1)).reshape(U.shape[1], R2.shape[1])
+        out = R2 + U @ (dm1.unsqueeze(1) * UtR)
+        return out.squeeze(1) if R.dim() == 1 else out
+
+    __call__ = solve
+
+
+def _seeded(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
 # --------------------------------------------------------------------------- scrub
@@ -428,17 +505,22 @@ def sharded_scrub(
     cr = e_r.shape[0]
     records = []
 
-    def solve(A: Any, B: Tensor, n_glob: int, label: str, x0: Tensor | None) -> Tensor:
-        X, info = sharded_cg(
-            A, B, comm, n_global=n_glob, tol=tol, max_iter=cfg.max_iter, x0=x0, label=label
-        )
-        rec = {
-            "system": label,
-            "solver": "cg (data-parallel)",
-            "size": n_glob,
-            "precond": "none (not data-parallel yet)",
-            **info.to_dict(),
-        }
+    def nystrom(A: Any, ridge: float, per_rank: list[int], label: str) -> dict[str, Any]:
+        n_glob, start = sum(per_rank), sum(per_rank[: comm.rank])
+        rank = cfg.rank_for(n_glob)
+        if rank == 0:
+            return {"precond": None, "record": {"precond": "none"}}
+        M = ShardedNystrom(A, comm, n_global=n_glob, rows=slice(start, start + per_rank[comm.rank]),
+                           rank=rank, shift=ridge, seed=cfg.seed, dtype=dt, device=dev)  # fmt: skip
+        rec = {"precond": "nystrom (row-sharded)", "precond_rank": M.rank,
+               "precond_matvecs": M.matvecs, "precond_seconds": M.seconds}  # fmt: skip
+        return {"precond": M, "record": rec}
+
+    def solve(A: Any, B: Tensor, n_glob: int, label: str, x0: Tensor | None, pc: dict) -> Tensor:
+        X, info = sharded_cg(A, B, comm, n_global=n_glob, tol=tol, max_iter=cfg.max_iter, x0=x0,
+                             label=label, precond=pc["precond"])  # fmt: skip
+        rec = {"system": label, "solver": "cg (data-parallel)", "size": n_glob, **pc["record"],
+               **info.to_dict()}  # fmt: skip
         rec["converged_per_column"] = rec.pop("converged")
         rec["converged"] = info.all_converged
         records.append(rec)
@@ -448,9 +530,15 @@ def sharded_scrub(
             )
         return X
 
-    x_d = solve(sharded_ntk(Jd, ridge_d), torch.cat([e_r, e_f]), c * (n_r + n_f), "Θ_DD", None)
+    # Each system gets its own row-sharded Nyström factor when the configuration asks for one
+    # (restricting Θ_DD's factor to the retain rows, as one process does, is not sharded yet).
+    rows_d, rows_r = [c * (a + b) for a, b in sizes], [c * a for a, _ in sizes]
+    A_d, A_r = sharded_ntk(Jd, ridge_d), sharded_ntk(Jr, ridge_r)
+    pc_d = nystrom(A_d, ridge_d, rows_d, "Θ_DD")
+    x_d = solve(A_d, torch.cat([e_r, e_f]), sum(rows_d), "Θ_DD", None, pc_d)
     x0 = x_d[:cr].clone() if cfg.warm_start else None
-    x_r = solve(sharded_ntk(Jr, ridge_r), e_r, c * n_r, "Θ_rr", x0)
+    pc_r = nystrom(A_r, ridge_r, rows_r, "Θ_rr")
+    x_r = solve(A_r, e_r, sum(rows_r), "Θ_rr", x0, pc_r)
     # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_Dᵀ [x_r − x_D[r]; −x_D[f]]  (one all-reduce each)
     delta = Jd._tmm(torch.cat([x_r - x_d[:cr], -x_d[cr:]]).unsqueeze(1)).squeeze(1)
     w_lin_r = Jr._tmm(x_r.unsqueeze(1)).squeeze(1)
@@ -479,7 +567,7 @@ def sharded_scrub(
         "p": p,
         "dtype": str(dt),
         "device": str(dev),
-        "matvecs": sum(r["matvecs"] for r in records) + 2,
+        "matvecs": sum(r["matvecs"] + r.get("precond_matvecs", 0) for r in records) + 2,
         "solves": records,
         "rescale": rescale,
         "rescale_factor": scale,

@@ -20,9 +20,10 @@ from model_zoo import make_cnn, make_data, make_mlp
 
 import ntkscrub
 from ntkscrub import distributed as nd
+from ntkscrub.config import SolverConfig
 from ntkscrub.operators import Jacobian
 from ntkscrub.params import ParameterSpace
-from ntkscrub.solvers import cg
+from ntkscrub.solvers import NystromPreconditioner, cg
 
 RIDGE = 1.0
 # Shard sizes per world size: uneven retain shards, and an empty forget shard on rank 1.
@@ -83,7 +84,24 @@ def _operators(rank: int, world: int) -> dict[str, Any]:
     bytes_per_product = comm.block_bytes - b0
     theta = nd.sharded_ntk(J, RIDGE)
     X, info = nd.sharded_cg(theta, U_loc[:, 0], comm, n_global=U.shape[0], tol=1e-12)
+    M = nd.ShardedNystrom(
+        theta,
+        comm,
+        n_global=U.shape[0],
+        rows=slice(r0, r0 + J.shape[0]),
+        rank=8,
+        shift=RIDGE,
+        seed=3,
+        dtype=torch.float64,
+        device=torch.device("cpu"),
+    )
+    X_pc, info_pc = nd.sharded_cg(
+        theta, U_loc[:, 0], comm, n_global=U.shape[0], tol=1e-12, precond=M
+    )
     return {
+        "nystrom_apply": M.solve(U_loc),
+        "pcg_nystrom": X_pc,
+        "pcg_nystrom_converged": info_pc.all_converged,
         "Jv": J @ V,
         "Jtu": Jtu,
         "theta_u": theta @ U_loc,
@@ -103,7 +121,8 @@ def _scrub(rank: int, world: int, kind: str, **kw: Any) -> dict[str, Any]:
         **kw,
     )
     w = torch.cat([p.detach().reshape(-1) for p in res.model.parameters()])
-    return {"shift": res.shift, "weights": w, "info": res.info["distributed"]}
+    precond = [s["precond"] for s in res.info["solves"]]
+    return {"shift": res.shift, "weights": w, "info": res.info["distributed"], "precond": precond}
 
 
 def _scrub_other_model(rank: int, world: int) -> Any:
@@ -173,6 +192,11 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             )
             results["bad_labels"] = _catch(lambda: _bad_labels(rank, world))
             results["failing_product"] = _catch(lambda: _failing_product(rank, world))
+            results["scrub_nystrom"] = _catch(
+                lambda: _scrub(
+                    rank, world, "mlp", ridge=RIDGE, solver_config=SolverConfig(precond_rank=10)
+                )
+            )
             results["ridge_differs"] = _catch(
                 lambda: _scrub(rank, world, "mlp", ridge=RIDGE * (1 + rank))
             )
@@ -264,6 +288,22 @@ def test_sharded_pcg_matches_one_process(two: list[dict[str, Any]]) -> None:
     assert (x_dist - exact).norm() <= 1e-9 * exact.norm()
 
 
+def test_sharded_nystrom_matches_one_process(two: list[dict[str, Any]]) -> None:
+    ranks = _ok(two, "operators")
+    pb = _problem("mlp", 2)
+    J = Jacobian(ParameterSpace(pb["init"]), pb["retain"])
+    g = torch.Generator().manual_seed(5)
+    torch.randn(J.p, 2, generator=g, dtype=torch.float64)
+    U = torch.randn(J.shape[0], 2, generator=g, dtype=torch.float64)
+    theta = (J @ J.mT).add_diagonal(RIDGE)
+    M = NystromPreconditioner(theta, J.shape[0], 8, shift=RIDGE, includes_shift=True, seed=3)
+    applied = torch.cat([r["nystrom_apply"] for r in ranks])
+    assert (applied - M.solve(U)).norm() <= 1e-8 * U.norm()
+    assert all(r["pcg_nystrom_converged"] for r in ranks)
+    x = torch.linalg.solve(theta.to_dense(), U[:, 0])
+    assert (torch.cat([r["pcg_nystrom"] for r in ranks]) - x).norm() <= 1e-9 * x.norm()
+
+
 # --------------------------------------------------------------------------- scrub
 @pytest.mark.parametrize(
     "case, kw",
@@ -288,6 +328,15 @@ def test_sharded_scrub_two_ranks(two: list[dict[str, Any]], case: str, kw: dict)
     assert torch.equal(ranks[0]["shift"], ranks[1]["shift"])  # bit for bit on every rank
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     assert ranks[0]["info"]["shards"] == [(8, 4), (5, 0)]  # uneven, rank 1's forget empty
+
+
+def test_sharded_scrub_with_nystrom(two: list[dict[str, Any]]) -> None:
+    ranks = _ok(two, "scrub_nystrom")
+    ref = _reference_scrub("mlp", 2, ridge=RIDGE, solver_config=SolverConfig(precond_rank=10))
+    for r in ranks:
+        assert (r["shift"] - ref.shift).abs().max() <= 1e-10 * max(1.0, float(ref.shift.norm()))
+    assert torch.equal(ranks[0]["shift"], ranks[1]["shift"])
+    assert ranks[0]["precond"] == ["nystrom (row-sharded)"] * 2  # Θ_DD and Θ_rr
 
 
 def test_sharded_scrub_three_ranks(three: list[dict[str, Any]]) -> None:
