@@ -26,9 +26,10 @@ error instead of waiting in a collective. A solve that misses its tolerance is a
 What a flag cannot catch — a rank that dies or hangs — is bounded by the process group's
 collective timeout (``init_process_group(timeout=...)``; :func:`init` sets 10 minutes).
 
-Not (yet) data-parallel: the Nyström preconditioner (solves run unpreconditioned PCG), SLQ,
-``form="block"``, the Fisher noise, ``solver="dense"`` (each raises or is recorded, see
-:func:`sharded_scrub`).
+The Nyström preconditioner is row-sharded (:class:`ShardedNystrom`): one block product for the
+sketch, ``ℓ × ℓ`` core matrices summed over the ranks. Not (yet) data-parallel: sharing the
+Θ_DD factor with Θ_rr (each system builds its own), SLQ, ``form="block"``, the Fisher noise,
+``solver="dense"`` (each raises or is recorded, see :func:`sharded_scrub`).
 """
 
 from __future__ import annotations
@@ -364,6 +365,10 @@ class ShardedNystrom(LowRankPreconditioner):
 
     __call__ = solve
 
+    def restrict(self, rows: slice | Tensor, shift: float) -> LowRankPreconditioner:
+        """Not sharded yet (the restricted factor needs a distributed re-orthonormalisation)."""
+        raise NotImplementedError("restrict: a row-sharded Nyström factor cannot be restricted yet")
+
 
 def _seeded(seed: int | None) -> torch.Generator | None:
     if seed is None:
@@ -430,7 +435,8 @@ def sharded_scrub(
     one-process scrub of the shards concatenated in rank order. ``info["distributed"]`` records
     the world size, the shard sizes and the all-reduce volume.
 
-    Data-parallel here: ``form="solves"``, ``solver="cg"`` (unpreconditioned PCG with the
+    Data-parallel here: ``form="solves"``, ``solver="cg"`` (PCG with a row-sharded Nyström
+    factor per system at ``SolverConfig.rank_for(c·N)``; ``share_precond`` is not applied; the
     iteration cap ``max_iter`` or 2·c·N; no time budget: the ranks' clocks differ), ``loss``,
     ``linearize_at``, ``ridge``/``weight_decay`` (N counted over all ranks), ``rescale``,
     ``params``. Raises ValueError for ``form="block"``, ``solver="dense"`` and ``noise > 0``
@@ -505,7 +511,7 @@ def sharded_scrub(
     cr = e_r.shape[0]
     records = []
 
-    def nystrom(A: Any, ridge: float, per_rank: list[int], label: str) -> dict[str, Any]:
+    def nystrom(A: Any, ridge: float, per_rank: list[int]) -> dict[str, Any]:
         n_glob, start = sum(per_rank), sum(per_rank[: comm.rank])
         rank = cfg.rank_for(n_glob)
         if rank == 0:
@@ -534,10 +540,10 @@ def sharded_scrub(
     # (restricting Θ_DD's factor to the retain rows, as one process does, is not sharded yet).
     rows_d, rows_r = [c * (a + b) for a, b in sizes], [c * a for a, _ in sizes]
     A_d, A_r = sharded_ntk(Jd, ridge_d), sharded_ntk(Jr, ridge_r)
-    pc_d = nystrom(A_d, ridge_d, rows_d, "Θ_DD")
+    pc_d = nystrom(A_d, ridge_d, rows_d)
     x_d = solve(A_d, torch.cat([e_r, e_f]), sum(rows_d), "Θ_DD", None, pc_d)
     x0 = x_d[:cr].clone() if cfg.warm_start else None
-    pc_r = nystrom(A_r, ridge_r, rows_r, "Θ_rr")
+    pc_r = nystrom(A_r, ridge_r, rows_r)
     x_r = solve(A_r, e_r, sum(rows_r), "Θ_rr", x0, pc_r)
     # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_Dᵀ [x_r − x_D[r]; −x_D[f]]  (one all-reduce each)
     delta = Jd._tmm(torch.cat([x_r - x_d[:cr], -x_d[cr:]]).unsqueeze(1)).squeeze(1)
