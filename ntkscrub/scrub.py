@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 Form = Literal["solves", "block"]
+ShiftMethod = Literal["one_shot", "projected", "ce_newton"]
 
 
 @contextlib.contextmanager
@@ -391,6 +392,7 @@ def scrub(
     solver_config: SolverConfig | None = None,
     products: ProductConfig | None = None,
     noise_config: NoiseConfig | None = None,
+    method: ShiftMethod = "one_shot",
 ) -> ScrubResult:
     """Scrub D_f from ``model`` in one shot: ``S(w) = w(D) + s·Δ + n`` (Prop. 2, eq. 10–11).
 
@@ -428,6 +430,11 @@ def scrub(
         products: Jacobian products (:class:`~ntkscrub.config.ProductConfig`: batch size, vector
             chunk, autocast, TF32).
         noise_config: the Fisher noise conventions (:class:`~ntkscrub.config.NoiseConfig`).
+        method: how Δ is computed (:mod:`ntkscrub.shifts`): ``"one_shot"`` (default; eq. 10),
+            ``"projected"`` (Δ′ = −P J_fᵀ(J_f P J_fᵀ + λI)⁻¹J_f P (w(D) − θ0), λ = the retain
+            ridge) or ``"ce_newton"`` (Δ_ce = w_ce(D_r) − w_ce(D) of the linearised
+            cross-entropy + ridge model by damped Newton; needs ``loss="ce"`` and a ridge > 0).
+            ``form`` applies to ``"one_shot"`` only; rescale and noise apply to every method.
 
     Returns:
         :class:`ScrubResult` with ``.model``, ``.shift`` ``(p,)``, ``.delta``, ``.scale`` and
@@ -435,6 +442,7 @@ def scrub(
     """
     t_start = time.perf_counter()
     _check_scrub_args(model, linearize_at, loss, rescale, form, seed)
+    _check_method(method, loss, ridge, weight_decay, form)
     ridge, noise = check_number(ridge, "ridge"), check_number(noise, "noise")
     if weight_decay is not None:
         weight_decay = check_number(weight_decay, "weight_decay")
@@ -468,7 +476,12 @@ def scrub(
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
     with full_fp32_precision(not products.allow_tf32):
-        res = ntk_shift(J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg)
+        if method == "one_shot":
+            res = ntk_shift(
+                J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg
+            )
+        else:
+            res = _method_shift(method, J_r, J_f, e_r, w_d - theta0, ridge_r, ridge_d, cfg)
     scale, cos = 1.0, None
     if rescale == "trapezium":
         scale, cos = trapezium_scale(res.delta, w_d, theta0, res.w_lin_r)
@@ -493,11 +506,14 @@ def scrub(
         "loss": loss,
         "solver": cfg.method,
         "form": form,
+        "method": method,
+        **({"method_info": res.extra} if method != "one_shot" else {}),
         "ridge_r": ridge_r,
         "ridge_d": ridge_d,
         "weight_decay": weight_decay,
         "tol": cfg.tol_for(space.dtype),
-        "converged": all(rec.get("converged", True) for rec in res.records),
+        "converged": all(rec.get("converged", True) for rec in res.records)
+        and bool(getattr(res, "extra", {}).get("converged", True)),
         "n_retain": J_r.n,
         "n_forget": J_f.n,
         "num_classes": J_r.c,
@@ -540,6 +556,40 @@ def _check_scrub_args(
     check_choice(form, "form", ("solves", "block"))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+
+
+def _check_method(method: Any, loss: Any, ridge: Any, weight_decay: Any, form: Any) -> None:
+    check_choice(method, "method", ("one_shot", "projected", "ce_newton"))
+    if method != "one_shot" and form != "solves":
+        raise ValueError(f"form: applies to method='one_shot' only, got form={form!r}")
+    if method == "ce_newton":
+        if loss != "ce":
+            raise ValueError(
+                "loss: method='ce_newton' fits the linearised cross-entropy; pass loss='ce'"
+            )
+        if not ridge and not weight_decay:
+            raise ValueError(
+                "ridge: method='ce_newton' needs a ridge > 0 (or weight_decay > 0); the "
+                "cross-entropy alone has no unique minimiser"
+            )
+
+
+def _method_shift(
+    method: str,
+    J_r: Jacobian,
+    J_f: Jacobian,
+    e_r: Tensor,
+    displacement: Tensor,
+    ridge_r: float,
+    ridge_d: float,
+    cfg: SolverConfig,
+) -> Any:
+    """The shift of a method of :mod:`ntkscrub.shifts` (a :class:`~ntkscrub.shifts.MethodShift`)."""
+    from ntkscrub import shifts  # shifts imports this module's block-form helpers
+
+    if method == "projected":
+        return shifts.projected_shift(J_r, J_f, displacement, e_r, ridge=ridge_r, config=cfg)
+    return shifts.ce_newton_shift(J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg)
 
 
 def _typed(value: Any, cls: type, name: str) -> Any:
