@@ -58,8 +58,8 @@ class NewtonConfig:
     Attributes:
         max_iter: Newton steps at most (the issue's probe converged in 6–10).
         rtol: stop after the step whose half squared Newton decrement ``½ gᵀ(∇²L)⁻¹g`` (the
-            predicted decrease of L, affine invariant) is ≤ ``rtol · max(1, L)``. ``None``: 1e-14 in float64,
-            1e-7 in float32.
+            predicted decrease of L, affine invariant) is ≤ ``rtol · max(1, L)``. ``None``: 1e-14
+            in float64, 1e-7 in float32.
         forcing: inexact Newton: the inner PCG tolerance of step k is
             ``max(tol, min(forcing, δ_{k−1}))`` with δ the previous decrement (loose while far
             from the minimum, the solver's tol near it).
