@@ -106,6 +106,9 @@ class ScrubResult:
             configuration used (``info["config"]``), rescale factor, ...
         delta: the unrescaled Δ = w_lin(D_r) − w_lin(D) ``(p,)``.
         scale: the rescale factor s (1 without rescaling); ``shift = scale · delta``.
+        w_lin_r: the retain-only linear model's displacement from the linearisation point
+            ``(p,)`` (w_lin(D_r), or w_ce(D_r) for ``method="ce_newton"``): the kernel prediction
+            of a retrain is ``f(θ_lin) + J w_lin_r``.
     """
 
     model: nn.Module
@@ -113,6 +116,7 @@ class ScrubResult:
     info: dict = field(default_factory=dict)
     delta: Tensor | None = None
     scale: float = 1.0
+    w_lin_r: Tensor | None = None
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         """A JSON-safe dict: ``info``, ``scale`` and the norms of ``shift`` and ``delta`` (the
@@ -540,7 +544,12 @@ def scrub(
         else "process_max_rss",
     }
     return ScrubResult(
-        model=out, shift=shift.detach(), info=info, delta=res.delta.detach(), scale=scale
+        model=out,
+        shift=shift.detach(),
+        info=info,
+        delta=res.delta.detach(),
+        scale=scale,
+        w_lin_r=res.w_lin_r.detach(),
     )
 
 
