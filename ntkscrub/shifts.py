@@ -61,14 +61,14 @@ class NewtonConfig:
             predicted decrease of L, affine invariant) is ≤ ``rtol · max(1, L)``. ``None``: 1e-14
             in float64, 1e-7 in float32.
         forcing: inexact Newton: the inner PCG tolerance of step k is
-            ``max(tol, min(forcing, δ_{k−1}))`` with δ the previous decrement (loose while far
-            from the minimum, the solver's tol near it).
+            ``max(tol, min(forcing, δ_{k−1}/δ_1))`` with δ the Newton decrement (loose while far
+            from the minimum, tightening as the gradient vanishes: superlinear convergence).
         armijo: sufficient decrease of the backtracking line search (halving the step).
     """
 
     max_iter: int = 50
     rtol: float | None = None
-    forcing: float = 1e-2
+    forcing: float = 1e-3
     armijo: float = 0.25
 
     def __post_init__(self) -> None:
@@ -137,6 +137,7 @@ def ce_newton_fit(
     counter: MatvecCounter | None = None,
     label: str = "S",
     records: list[dict[str, Any]] | None = None,
+    precond: Any = None,
 ) -> CEModel:
     """Minimise ``Σ_i CE(f(x_i) + J_i w, y_i) + ½λ‖w‖²`` over ``w = Jᵀα`` by damped Newton.
 
@@ -155,6 +156,8 @@ def ce_newton_fit(
         counter: shared column-product counter.
         label: the set's name in the solve records.
         records: list the solve records are appended to.
+        precond: a Nyström factor to start from (e.g. restricted from the D fit's); built at
+            the first CG step when None.
     """
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise TypeError(f"ridge: expected a number, got {type(ridge).__name__}")
@@ -176,18 +179,18 @@ def ce_newton_fit(
     z = f0.clone()
     obj = _ce_objective(z, onehot, alpha, q, lam)
     tol_final, rtol = config.tol_for(dt), newton.rtol_for(dt)
-    precond, history, converged, dec_prev = None, [], False, 1.0
+    history, converged, dec_prev, dec_first = [], False, 1.0, None
     it = 0
     for it in range(1, newton.max_iter + 1):
         probs = torch.softmax(z, dim=1)
         r = (probs - onehot).reshape(-1) + lam * alpha
         Tr = Theta @ r
         S = Counted(Dual(jac=jac, loss="ce", damping=lam, probs=probs), counter)
-        tol_k = max(tol_final, min(newton.forcing, dec_prev))
+        tol_k = max(tol_final, min(newton.forcing, dec_prev))  # dec_prev: relative to step 1
         inv = Inverse(
             S, config.replace(tol=tol_k), label=f"CE Newton {label} #{it}", precond=precond
         )
-        if precond is not None:
+        if precond is not None and it > 1:  # built (or given) at step 1: reused since
             inv._precond_origin = "reused"
         Hh = OutputHessian(probs, c, jac.n, power=0.5, dtype=dt, device=jac.device).blocks
         u = inv.solve(_apply_blocks(Hh, Tr))
@@ -209,7 +212,8 @@ def ce_newton_fit(
             t *= 0.5
         history.append({"objective": obj_new, "decrement2": dec2, "inner_tol": tol_k, "step": t})
         alpha, q, z, obj = a_new, q_new, z_new, obj_new
-        dec_prev = math.sqrt(dec2)
+        dec_first = dec2 if dec_first is None else dec_first
+        dec_prev = math.sqrt(dec2 / dec_first)
         if done:  # the last (full, quadratically convergent) step was still taken
             converged = True
             break
@@ -263,6 +267,13 @@ def ce_newton_shift(
         label="D",
         records=records,
     )
+    # S_rr is the leading principal block of S_DD (retain rows first): its sketch restricts.
+    M = fit_d.precond
+    shared = (
+        M.restrict(slice(0, J_r.c * J_r.n), ridge_r)
+        if config.share_precond and M is not None
+        else None
+    )
     fit_r = ce_newton_fit(
         J_r,
         ridge=ridge_r,
@@ -271,6 +282,7 @@ def ce_newton_shift(
         counter=counter,
         label="D_r",
         records=records,
+        precond=shared,
     )
     cr = fit_r.alpha.shape[0]
     # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
