@@ -437,7 +437,8 @@ def scrub(
         method: how Δ is computed (:mod:`ntkscrub.shifts`): ``"one_shot"`` (default; eq. 10),
             ``"projected"`` (Δ′ = −P J_fᵀ(J_f P J_fᵀ + λI)⁻¹J_f P (w(D) − θ0), λ = the retain
             ridge) or ``"ce_newton"`` (Δ_ce = w_ce(D_r) − w_ce(D) of the linearised
-            cross-entropy + ridge model by damped Newton; needs ``loss="ce"`` and a ridge > 0).
+            cross-entropy + ridge model by damped Newton, the ridge centred at θ0; needs
+            ``loss="ce"`` and a ridge > 0).
             ``form`` applies to ``"one_shot"`` only; rescale and noise apply to every method.
 
     Returns:
@@ -485,7 +486,9 @@ def scrub(
                 J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg
             )
         else:
-            res = _method_shift(method, J_r, J_f, e_r, w_d - theta0, ridge_r, ridge_d, cfg)
+            res = _method_shift(
+                method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg
+            )
     scale, cos = 1.0, None
     if rescale == "trapezium":
         scale, cos = trapezium_scale(res.delta, w_d, theta0, res.w_lin_r)
@@ -589,16 +592,24 @@ def _method_shift(
     J_f: Jacobian,
     e_r: Tensor,
     displacement: Tensor,
+    linearize_at: str,
     ridge_r: float,
     ridge_d: float,
     cfg: SolverConfig,
 ) -> Any:
-    """The shift of a method of :mod:`ntkscrub.shifts` (a :class:`~ntkscrub.shifts.MethodShift`)."""
+    """The shift of a method of :mod:`ntkscrub.shifts` (a :class:`~ntkscrub.shifts.MethodShift`).
+
+    ``displacement`` = w(D) − θ0. The cross-entropy model's ridge is centred at θ0 (weight decay
+    toward θ0, the ``weight_decay`` convention), i.e. at −displacement from w(D) when
+    linearised there: then it is the second-order model of w(D)'s own training objective."""
     from ntkscrub import shifts  # shifts imports this module's block-form helpers
 
     if method == "projected":
         return shifts.projected_shift(J_r, J_f, displacement, e_r, ridge=ridge_r, config=cfg)
-    return shifts.ce_newton_shift(J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg)
+    centre = -displacement if linearize_at == "trained" else None
+    return shifts.ce_newton_shift(
+        J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg, centre=centre
+    )
 
 
 def _typed(value: Any, cls: type, name: str) -> Any:

@@ -61,7 +61,7 @@ class NewtonConfig:
             predicted decrease of L, affine invariant) is ≤ ``rtol · max(1, L)``. ``None``: 1e-14
             in float64, 1e-7 in float32.
         forcing: inexact Newton: the inner PCG tolerance of step k is
-            ``max(tol, min(forcing, δ_{k−1}/δ_1))`` with δ the Newton decrement (loose while far
+            ``max(tol, min(forcing, (δ_{k−1}/δ_1)²))`` with δ the Newton decrement (loose while far
             from the minimum, tightening as the gradient vanishes: superlinear convergence).
         armijo: sufficient decrease of the backtracking line search (halving the step).
     """
@@ -138,8 +138,11 @@ def ce_newton_fit(
     label: str = "S",
     records: list[dict[str, Any]] | None = None,
     precond: Any = None,
+    centre: Tensor | None = None,
 ) -> CEModel:
-    """Minimise ``Σ_i CE(f(x_i) + J_i w, y_i) + ½λ‖w‖²`` over ``w = Jᵀα`` by damped Newton.
+    """Minimise ``Σ_i CE(f(x_i) + J_i w, y_i) + ½λ‖w − c‖²`` over ``w = c + Jᵀα`` by damped
+    Newton (``c = centre``, default 0; with ``u = w − c`` it is the same problem at the shifted
+    logits ``f + J c``, one JVP pass).
 
     The primal Newton step ``(JᵀHJ + λI)⁻¹ Jᵀ r`` (gradient ``Jᵀr``, ``r = π − Y + λα``, H the
     block-diagonal softmax Hessian at the current linear logits z) equals ``Jᵀβ`` with
@@ -158,6 +161,8 @@ def ce_newton_fit(
         records: list the solve records are appended to.
         precond: a Nyström factor to start from (e.g. restricted from the D fit's); built at
             the first CG step when None.
+        centre: the ridge's centre relative to θ_lin ``(p,)`` (θ0 − θ_lin: weight decay toward
+            θ0); ``alpha`` then parametrises ``w − centre``.
     """
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise TypeError(f"ridge: expected a number, got {type(ridge).__name__}")
@@ -170,6 +175,10 @@ def ce_newton_fit(
     records = [] if records is None else records
     lam, c, dt = float(ridge), jac.c, jac.dtype
     f0 = jac.outputs()  # (N, c)
+    if centre is not None:
+        if centre.shape != (jac.p,):
+            raise ValueError(f"centre: expected shape ({jac.p},), got {tuple(centre.shape)}")
+        f0 = f0 + (Counted(jac, counter) @ centre.to(dt)).reshape(jac.n, c)
     if not bool(torch.isfinite(f0).all()):
         raise ValueError("model: outputs at the linearisation point are not finite")
     onehot = torch.nn.functional.one_hot(jac.labels().long(), c).to(dt)
@@ -213,7 +222,7 @@ def ce_newton_fit(
         history.append({"objective": obj_new, "decrement2": dec2, "inner_tol": tol_k, "step": t})
         alpha, q, z, obj = a_new, q_new, z_new, obj_new
         dec_first = dec2 if dec_first is None else dec_first
-        dec_prev = math.sqrt(dec2 / dec_first)
+        dec_prev = dec2 / dec_first  # (δ_k/δ_1)²: quadratic forcing, exact near the minimum
         if done:  # the last (full, quadratically convergent) step was still taken
             converged = True
             break
@@ -250,11 +259,14 @@ def ce_newton_shift(
     ridge_d: float,
     config: SolverConfig,
     newton: NewtonConfig | None = None,
+    centre: Tensor | None = None,
 ) -> MethodShift:
     """Δ_ce = w_ce(D_r) − w_ce(D) of the linearised cross-entropy + ridge model (issue 13).
 
-    ``w_ce(S) = J_Sᵀ α_S`` from :func:`ce_newton_fit`; ``ridge_r``/``ridge_d`` are λ for D_r
-    and D (λ = N·wd each under the weight_decay convention). Returns ``(p,)`` vectors.
+    ``w_ce(S) = centre + J_Sᵀ α_S`` from :func:`ce_newton_fit`; ``ridge_r``/``ridge_d`` are λ for
+    D_r and D (λ = N·wd each under the weight_decay convention); ``centre`` ``(p,)`` the ridge's
+    centre relative to θ_lin (it cancels in Δ but moves both minimisers). Returns ``(p,)``
+    vectors; ``w_lin_r`` is w_ce(D_r).
     """
     counter, records = MatvecCounter(), []
     J_d = StackedJacobian(J_r, J_f)
@@ -266,6 +278,7 @@ def ce_newton_shift(
         counter=counter,
         label="D",
         records=records,
+        centre=centre,
     )
     # S_rr is the leading principal block of S_DD (retain rows first): its sketch restricts.
     M = fit_d.precond
@@ -283,6 +296,7 @@ def ce_newton_shift(
         label="D_r",
         records=records,
         precond=shared,
+        centre=centre,
     )
     cr = fit_r.alpha.shape[0]
     # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
@@ -290,6 +304,8 @@ def ce_newton_shift(
         [fit_r.alpha - fit_d.alpha[:cr], -fit_d.alpha[cr:]]
     )
     w_r = Counted(J_r, counter).mT @ fit_r.alpha
+    if centre is not None:
+        w_r = w_r + centre.to(w_r.dtype)
     extra = {
         "newton": {
             name: {

@@ -47,15 +47,16 @@ def explicit_jacobian(model, X):
     return J.reshape(-1, theta.numel()), out
 
 
-def lbfgs_ce_minimiser(J, f0, Y, lam):
-    """argmin_w Σ CE(f0 + J w, y) + ½λ‖w‖² by scipy L-BFGS in float64 (primal, p-space)."""
+def lbfgs_ce_minimiser(J, f0, Y, lam, centre=None):
+    """argmin_w Σ CE(f0 + J w, y) + ½λ‖w − centre‖² by scipy L-BFGS in float64 (primal)."""
+    centre = torch.zeros(J.shape[1], dtype=torch.float64) if centre is None else centre
     c = f0.shape[1]
     onehot = torch.nn.functional.one_hot(Y, c).double()
 
     def fun(w_np):
         w = torch.tensor(w_np, dtype=torch.float64, requires_grad=True)
         z = f0 + (J @ w).reshape(-1, c)
-        L = -(onehot * torch.log_softmax(z, 1)).sum() + 0.5 * lam * (w @ w)
+        L = -(onehot * torch.log_softmax(z, 1)).sum() + 0.5 * lam * ((w - centre) @ (w - centre))
         (g,) = torch.autograd.grad(L, w)
         return float(L.detach()), g.numpy()
 
@@ -96,8 +97,10 @@ def test_ce_newton_equals_lbfgs_minimiser(linearize_at, convention):
     at = theta0 if linearize_at == "init" else trained
     J_d, f_d = explicit_jacobian(at, X)
     J_r, f_r = J_d[: 3 * 16], f_d[:16]
-    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d)
-    w_r = lbfgs_ce_minimiser(J_r, f_r, Yr, lam_r)
+    # the ridge is centred at θ0 (weight decay toward θ0): at w(D), θ0 − w(D) from θ_lin
+    centre = flat(theta0) - flat(at)
+    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d, centre)
+    w_r = lbfgs_ce_minimiser(J_r, f_r, Yr, lam_r, centre)
     expected = w_r - w_d
     before = flat(trained).clone()
     out = {}
@@ -114,6 +117,7 @@ def test_ce_newton_equals_lbfgs_minimiser(linearize_at, convention):
             **kw,
         )
         assert rel(res.delta, expected) <= 1e-6
+        assert rel(res.w_lin_r, w_r) <= 1e-6  # the retain model itself (kernel prediction)
         assert torch.equal(res.shift, res.delta)  # no rescale
         assert rel(flat(res.model) - flat(trained), expected) <= 1e-6
         newton = res.info["method_info"]["newton"]
@@ -144,7 +148,7 @@ def test_ce_newton_inexact_early_steps_loosen_the_inner_tolerance():
     )
     hist = res.info["method_info"]["newton"]["D"]["history"]
     tols = [h["inner_tol"] for h in hist]
-    # forcing term min(1e-3, δ_{k−1}/δ_1): loose first, tight at the end (superlinear)
+    # forcing term min(1e-3, (δ_{k−1}/δ_1)²): loose first, tight at the end
     assert tols[0] == pytest.approx(1e-3) and tols[-1] <= 1e-5
     assert all(b <= a for a, b in zip(tols, tols[1:]))
     assert hist[-1]["decrement2"] <= 1e-12
