@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 Form = Literal["solves", "block"]
+ShiftMethod = Literal["one_shot", "projected", "ce_newton"]
 
 
 @contextlib.contextmanager
@@ -105,6 +106,9 @@ class ScrubResult:
             configuration used (``info["config"]``), rescale factor, ...
         delta: the unrescaled Δ = w_lin(D_r) − w_lin(D) ``(p,)``.
         scale: the rescale factor s (1 without rescaling); ``shift = scale · delta``.
+        w_lin_r: the retain-only linear model's displacement from the linearisation point
+            ``(p,)`` (w_lin(D_r), or w_ce(D_r) for ``method="ce_newton"``): the kernel prediction
+            of a retrain is ``f(θ_lin) + J w_lin_r``.
     """
 
     model: nn.Module
@@ -112,6 +116,7 @@ class ScrubResult:
     info: dict = field(default_factory=dict)
     delta: Tensor | None = None
     scale: float = 1.0
+    w_lin_r: Tensor | None = None
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         """A JSON-safe dict: ``info``, ``scale`` and the norms of ``shift`` and ``delta`` (the
@@ -391,6 +396,7 @@ def scrub(
     solver_config: SolverConfig | None = None,
     products: ProductConfig | None = None,
     noise_config: NoiseConfig | None = None,
+    method: ShiftMethod = "one_shot",
     process_group: Any = None,
 ) -> ScrubResult:
     """Scrub D_f from ``model`` in one shot: ``S(w) = w(D) + s·Δ + n`` (Prop. 2, eq. 10–11).
@@ -429,6 +435,12 @@ def scrub(
         products: Jacobian products (:class:`~ntkscrub.config.ProductConfig`: batch size, vector
             chunk, autocast, TF32).
         noise_config: the Fisher noise conventions (:class:`~ntkscrub.config.NoiseConfig`).
+        method: how Δ is computed (:mod:`ntkscrub.shifts`): ``"one_shot"`` (default; eq. 10),
+            ``"projected"`` (Δ′ = −P J_fᵀ(J_f P J_fᵀ + λI)⁻¹J_f P (w(D) − θ0), λ = the retain
+            ridge) or ``"ce_newton"`` (Δ_ce = w_ce(D_r) − w_ce(D) of the linearised
+            cross-entropy + ridge model by damped Newton, the ridge centred at θ0; needs
+            ``loss="ce"`` and a ridge > 0).
+            ``form`` applies to ``"one_shot"`` only; rescale and noise apply to every method.
         process_group: data-parallel scrub (:mod:`ntkscrub.distributed`): when given, or when a
             default ``torch.distributed`` group is initialised, ``retain`` and ``forget`` are this
             rank's shards and the shift equals the one-process scrub of the shards concatenated
@@ -440,6 +452,7 @@ def scrub(
     """
     t_start = time.perf_counter()
     _check_scrub_args(model, linearize_at, loss, rescale, form, seed)
+    _check_method(method, loss, ridge, weight_decay, form)
     ridge, noise = check_number(ridge, "ridge"), check_number(noise, "noise")
     if weight_decay is not None:
         weight_decay = check_number(weight_decay, "weight_decay")
@@ -452,6 +465,11 @@ def scrub(
     from ntkscrub import distributed  # imported here: torch.distributed only when used
 
     if distributed.active(process_group):
+        if method != "one_shot":
+            raise ValueError(
+                f"method: {method!r} is not data-parallel yet; under torch.distributed only "
+                "method='one_shot' runs (or scrub in one process)"
+            )
         return distributed.sharded_scrub(
             model,
             retain,
@@ -485,7 +503,14 @@ def scrub(
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
     with full_fp32_precision(not products.allow_tf32):
-        res = ntk_shift(J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg)
+        if method == "one_shot":
+            res = ntk_shift(
+                J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg
+            )
+        else:
+            res = _method_shift(
+                method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg
+            )
     scale, cos = 1.0, None
     if rescale == "trapezium":
         scale, cos = trapezium_scale(res.delta, w_d, theta0, res.w_lin_r)
@@ -510,6 +535,8 @@ def scrub(
         "loss": loss,
         "solver": cfg.method,
         "form": form,
+        "method": method,
+        **({"method_info": res.extra} if method != "one_shot" else {}),
         "ridge_r": ridge_r,
         "ridge_d": ridge_d,
         "weight_decay": weight_decay,
@@ -532,7 +559,12 @@ def scrub(
         else "process_max_rss",
     }
     return ScrubResult(
-        model=out, shift=shift.detach(), info=info, delta=res.delta.detach(), scale=scale
+        model=out,
+        shift=shift.detach(),
+        info=info,
+        delta=res.delta.detach(),
+        scale=scale,
+        w_lin_r=res.w_lin_r.detach(),
     )
 
 
@@ -558,7 +590,8 @@ def _solve_info(
 ) -> dict[str, Any]:
     """The solver part of ``ScrubResult.info``: convergence, sizes, matvecs and solve records."""
     return {
-        "converged": all(rec.get("converged", True) for rec in res.records),
+        "converged": all(rec.get("converged", True) for rec in res.records)
+        and bool(getattr(res, "extra", {}).get("converged", True)),  # Newton's, for ce_newton
         "n_retain": J_r.n,
         "n_forget": J_f.n,
         "num_classes": J_r.c,
@@ -583,6 +616,48 @@ def _check_scrub_args(
     check_choice(form, "form", ("solves", "block"))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+
+
+def _check_method(method: Any, loss: Any, ridge: Any, weight_decay: Any, form: Any) -> None:
+    check_choice(method, "method", ("one_shot", "projected", "ce_newton"))
+    if method != "one_shot" and form != "solves":
+        raise ValueError(f"form: applies to method='one_shot' only, got form={form!r}")
+    if method == "ce_newton":
+        if loss != "ce":
+            raise ValueError(
+                "loss: method='ce_newton' fits the linearised cross-entropy; pass loss='ce'"
+            )
+        if not ridge and not weight_decay:
+            raise ValueError(
+                "ridge: method='ce_newton' needs a ridge > 0 (or weight_decay > 0); the "
+                "cross-entropy alone has no unique minimiser"
+            )
+
+
+def _method_shift(
+    method: str,
+    J_r: Jacobian,
+    J_f: Jacobian,
+    e_r: Tensor,
+    displacement: Tensor,
+    linearize_at: str,
+    ridge_r: float,
+    ridge_d: float,
+    cfg: SolverConfig,
+) -> Any:
+    """The shift of a method of :mod:`ntkscrub.shifts` (a :class:`~ntkscrub.shifts.MethodShift`).
+
+    ``displacement`` = w(D) − θ0. The cross-entropy model's ridge is centred at θ0 (weight decay
+    toward θ0, the ``weight_decay`` convention), i.e. at −displacement from w(D) when
+    linearised there: then it is the second-order model of w(D)'s own training objective."""
+    from ntkscrub import shifts  # shifts imports this module's block-form helpers
+
+    if method == "projected":
+        return shifts.projected_shift(J_r, J_f, displacement, e_r, ridge=ridge_r, config=cfg)
+    centre = -displacement if linearize_at == "trained" else None
+    return shifts.ce_newton_shift(
+        J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg, centre=centre
+    )
 
 
 def _typed(value: Any, cls: type, name: str) -> Any:

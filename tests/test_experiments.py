@@ -84,6 +84,35 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     ]
     assert tune["alpha"] == (max(ok) if ok else min(tune["alphas"]))
     assert tune["qualified"] == bool(ok)
+    # issue 13: the new methods' readouts, their validation-only step rule, and the diagnostics
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected"):
+        assert set(seed["readouts"][m]["error"]) >= {"forget", "retain", "test"}
+        assert seed["diagnostics"][m]["cos_vs_retrains"]
+    for form in ("ntk_ce_init", "ntk_ce_trained"):
+        t = seed["methods_config"][f"{form}_tuning"]
+        assert t["a"] in t["grid"] and len(t["val_errors"]) <= len(t["grid"])
+        passed = [e <= t["original_val_error"] + t["margin"] for e in t["val_errors"]]
+        walk = t["grid"][: passed.index(False)] if False in passed else t["grid"]
+        assert t["a"] == (walk[-1] if walk else t["grid"][0])
+        newton = seed["ntk"][form]["scrub_info"]["method_info"]["newton"]
+        assert newton["D"]["converged"] and newton["D_r"]["converged"]
+    fid = seed["fidelity"]
+    assert set(fid) == {"ntk_paper", "ntk_ref", "ntk_ce_init", "ntk_ce_trained", "ntk_projected"}
+    for form, d in fid.items():
+        line = d["raw_line"]
+        assert line["alphas"][0] == 0.0 and line["alphas"][-1] == 4.0
+        assert len(line["forget_l1_mean"]) == len(line["alphas"]) == len(line["forget_error"])
+        # a = 0 is w(D) itself
+        assert (
+            abs(
+                line["forget_l1_mean"][0]
+                - seed["readouts"]["original"]["l1_to_retrain"]["forget"]["mean"]
+            )
+            <= 1e-6
+        )
+        kp = d["kernel_prediction"]
+        assert 0.0 <= kp["forget_error"] <= 1.0 and kp["forget_l1_to_retrain"]["n"] >= 2
+        assert ("laziness" in d) == (form in ("ntk_paper", "ntk_ce_init", "ntk_projected"))
     # the information sweep is exact in α for the diagonal-Fisher noise
     chk = seed["information"]["alpha_scaling_check"]
     assert abs(chk["white_box_direct"] - chk["white_box_scaled"]) <= 1e-4 * abs(

@@ -34,6 +34,11 @@ __all__ = [
     "shift_diagnostics",
     "true_shifts",
     "pca_projection",
+    "RAW_LINE_ALPHAS",
+    "raw_line",
+    "kernel_prediction",
+    "laziness",
+    "fidelity_diagnostics",
 ]
 
 SETS = ("forget", "retain", "test")
@@ -251,6 +256,107 @@ def true_shifts(w_d: nn.Module, retrains: list[nn.Module], w_sm: nn.Module) -> d
             "images instead of removing D_f: it is NOT a true removal."
         ),
     }
+
+
+# Issue 13, item 1: the scrubbing line of the raw step Δ, a ∈ [0, 4] (Fig. 4 samples [0, 1] of
+# the rescaled step; the paper form's D_f distance still fell at 2–2.7× the raw step).
+RAW_LINE_ALPHAS = tuple(float(a) for a in np.linspace(0.0, 4.0, 9))
+
+
+def raw_line(
+    w_d: nn.Module,
+    delta: Tensor,
+    split: SplitData,
+    retrain_probs: list[dict[str, Tensor]],
+    alphas: tuple[float, ...] = RAW_LINE_ALPHAS,
+) -> dict[str, Any]:
+    """w(D) + a·Δ along the raw (un-rescaled) step ``delta`` ``(p,)``: per a, the D_f softmax-L1
+    to the retrains (mean, std over retrains), the D_f error, and the validation error (the only
+    readout a validation-only tuning rule may look at). One forward pass over D_f and val per a."""
+    sets = data_sets(split)
+    v0, d = flat(w_d).float(), delta.detach().float().cpu()
+    out: dict[str, Any] = {"alphas": list(alphas), "forget_l1_mean": [], "forget_l1_std": []}
+    out.update({"forget_error": [], "val_error": []})
+    for a in alphas:
+        m = load_flat(w_d, v0 + a * d)
+        p_f = readouts.predict_proba(m, sets["forget"]).double()
+        vals = [l1(p_f, rp["forget"]) for rp in retrain_probs]
+        out["forget_l1_mean"].append(float(np.mean(vals)))
+        out["forget_l1_std"].append(float(np.std(vals)))
+        out["forget_error"].append(
+            float((p_f.argmax(1) != sets["forget"][1].cpu()).double().mean())
+        )
+        out["val_error"].append(readouts.error(m, sets["val"]))
+    best = int(np.argmin(out["forget_l1_mean"]))
+    out["argmin_forget_l1"] = {"alpha": alphas[best], "l1": out["forget_l1_mean"][best]}
+    return out
+
+
+def kernel_prediction(
+    at: nn.Module,
+    w_lin_r: Tensor,
+    split: SplitData,
+    retrain_probs: list[dict[str, Tensor]],
+) -> dict[str, Any]:
+    """The retain-only linear model's outputs on D_f, ``f(θ_lin; D_f) + J_f w_lin(D_r)`` (one JVP
+    at ``at`` = θ_lin): its D_f error and softmax-L1 to each retrain (softmax of the linear
+    outputs, also for the MSE model). If the linear model does not predict what a retrain
+    outputs on D_f, no step built from it can get there."""
+    from ntkscrub.operators import Jacobian
+    from ntkscrub.params import ParameterSpace
+
+    space = ParameterSpace(at)
+    X, Y = data_sets(split)["forget"]
+    J = Jacobian(space, (X, Y), name="forget")
+    w = w_lin_r.detach().to(J.device, J.dtype)
+    logits = J.outputs() + (J @ w).reshape(J.n, J.c)
+    p = torch.softmax(logits.double(), 1).cpu()
+    vals = [l1(p, rp["forget"]) for rp in retrain_probs]
+    return {
+        "forget_error": float((p.argmax(1) != Y.cpu()).double().mean()),
+        "forget_l1_to_retrain": {**mean_std(vals), "per_retrain": vals},
+        "convention": "softmax of f(θ_lin; D_f) + J_f w_lin(D_r)",
+    }
+
+
+def laziness(
+    w_d: nn.Module, theta0: nn.Module, retrains: list[nn.Module], delta: Tensor, w_lin_r: Tensor
+) -> dict[str, Any]:
+    """How far fine-tuning is from its θ0-linearised model: ``‖w(D) − θ0 − w_lin(D)‖ / ‖w(D) − θ0‖``
+    (w_lin(D) = w_lin(D_r) − Δ), and ``‖w(D_r,k) − θ0 − w_lin(D_r)‖ / ‖w(D_r,k) − θ0‖`` per retrain
+    (1 = no better than θ0 itself; lazy training is ≪ 1). Only for a linearisation at θ0."""
+    t0, w_r = flat(theta0), w_lin_r.detach().double().cpu()
+    w_full = w_r - delta.detach().double().cpu()
+    v = flat(w_d) - t0
+    ratios = [float((flat(m) - t0 - w_r).norm() / (flat(m) - t0).norm()) for m in retrains]
+    return {
+        "original": float((v - w_full).norm() / v.norm()),
+        "retrains": {**mean_std(ratios), "per_retrain": ratios},
+    }
+
+
+def fidelity_diagnostics(
+    w_d: nn.Module,
+    theta0: nn.Module,
+    retrains: list[nn.Module],
+    result: Any,
+    linearize_at: str,
+    split: SplitData,
+    retrain_probs: list[dict[str, Tensor]],
+) -> dict[str, Any]:
+    """Issue 13, item 1, for one scrub (:class:`~ntkscrub.scrub.ScrubResult` with ``delta`` and
+    ``w_lin_r``): the raw line, the kernel prediction and (at θ0) the laziness ratios."""
+    out: dict[str, Any] = {
+        "raw_line": raw_line(w_d, result.delta, split, retrain_probs),
+        "kernel_prediction": kernel_prediction(
+            theta0 if linearize_at == "init" else w_d, result.w_lin_r, split, retrain_probs
+        ),
+        "matvecs": result.info.get("matvecs"),
+        "seconds": result.info.get("seconds"),
+    }
+    if linearize_at == "init":
+        out["laziness"] = laziness(w_d, theta0, retrains, result.delta, result.w_lin_r)
+    return out
 
 
 def _flat_var(model: nn.Module, var: dict[str, Tensor]) -> Tensor:

@@ -11,6 +11,7 @@ registry; the order of :data:`METHODS` is the order of the tables and figures.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ntkscrub.scrub import scrub
 if TYPE_CHECKING:  # pragma: no cover
     from ntkscrub.recipes.reproduction.stages import SeedRun
 
-__all__ = ["Method", "METHODS", "NTK_FORMS", "method_labels", "fisher_noise_seed"]
+__all__ = ["Method", "METHODS", "NTK_FORMS", "STEP_GRID", "method_labels", "fisher_noise_seed"]
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,17 @@ class Method:
 
 # name: scrub() arguments; "paper" = linearised at θ0 with MSE residuals (eq. 10), "ref" = the
 # reference code: Jacobians and softmax residuals at the trained weights w(D).
+# Issue 13's methods (ntkscrub.shifts): "ce_*" = the cross-entropy linear model by damped Newton,
+# "projected" = the projected true displacement −P J_fᵀ(J_f P J_fᵀ + λI)⁻¹J_f P (w(D) − θ0).
 NTK_FORMS: dict[str, dict[str, str]] = {
     "ntk_paper": {"linearize_at": "init", "loss": "mse"},
     "ntk_ref": {"linearize_at": "trained", "loss": "ce"},
+    "ntk_ce_init": {"linearize_at": "init", "loss": "ce", "method": "ce_newton"},
+    "ntk_ce_trained": {"linearize_at": "trained", "loss": "ce", "method": "ce_newton"},
+    "ntk_projected": {"linearize_at": "init", "loss": "mse", "method": "projected"},
 }
+# The step scales a of w(D) + a·Δ a validation-only rule may choose from (_val_step).
+STEP_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def fisher_noise_seed(seed: int) -> int:
@@ -168,6 +176,52 @@ def _ntk(form: str, trapezium: bool) -> Callable[[SeedRun], nn.Module]:
     return make
 
 
+def _val_step(run: SeedRun, form: str) -> float:
+    """The step scale a of w(D) + a·Δ, chosen on the validation images only.
+
+    Rule: walk out along the grid from w(D) and keep the last a before the first one whose
+    validation error exceeds w(D)'s by more than two binomial standard errors of that estimate
+    (``2·sqrt(e(1 − e)/n_val)``, at least ``2/n_val``). Why: a retrain differs from w(D) on
+    images outside D only by what D_f taught about them, so the longest step in the method's
+    direction that the validation set cannot tell apart from w(D) is the most forgetting the
+    held-out data allow. No image of D_f, no retrain and no test image is read; the smallest
+    grid value when even it fails. Recorded in ``methods_config.<form>_tuning``.
+    """
+    r = run.scrubbed(form)
+    val = data_sets(run.split)["val"]
+    n = len(val[1])
+    e0 = readouts.error(run.w_d, val)
+    margin = 2.0 * max(math.sqrt(e0 * (1.0 - e0) / n), 1.0 / n)
+    v0, d = flat_params(run.w_d), r.delta.float().cpu()
+    errors, a = [], STEP_GRID[0]
+    for step in STEP_GRID:
+        errors.append(readouts.error(load_flat(run.w_d, v0 + step * d), val))
+        if errors[-1] > e0 + margin:
+            break
+        a = step
+    run.method_notes[f"{form}_tuning"] = {
+        "rule": "largest a of the grid, walking out from w(D), before the first whose "
+        "validation error exceeds w(D)'s + 2 binomial standard errors",
+        "grid": list(STEP_GRID),
+        "val_errors": errors,
+        "original_val_error": e0,
+        "margin": margin,
+        "a": a,
+    }
+    return a
+
+
+def _ntk_val(form: str) -> Callable[[SeedRun], nn.Module]:
+    """w(D) + a·Δ of an NTK form, a chosen by :func:`_val_step` (validation images only)."""
+
+    def make(run: SeedRun) -> nn.Module:
+        a = _val_step(run, form)
+        delta = run.scrubbed(form).delta.float().cpu()
+        return load_flat(run.w_d, flat_params(run.w_d) + a * delta)
+
+    return make
+
+
 def _ntk_noise(run: SeedRun) -> nn.Module:
     """The headline NTK model plus Fisher noise at ``ntk_noise_alpha`` (eq. 11)."""
     head = run.cfg.forget.headline
@@ -223,6 +277,30 @@ METHODS: dict[str, Method] = {
             _ntk("ntk_ref", True),
             diagnostics=True,
             line=True,
+        ),
+        Method(
+            "ntk_ce_init",
+            "NTK, cross-entropy linear model at θ0, step on val",
+            "NTK CE\nθ0, val",
+            "scrub_ntk_ce_init",
+            _ntk_val("ntk_ce_init"),
+            diagnostics=True,
+        ),
+        Method(
+            "ntk_ce_trained",
+            "NTK, cross-entropy linear model at w(D), step on val",
+            "NTK CE\nw(D), val",
+            "scrub_ntk_ce_trained",
+            _ntk_val("ntk_ce_trained"),
+            diagnostics=True,
+        ),
+        Method(
+            "ntk_projected",
+            "NTK, projected true displacement",
+            "NTK\nproj.",
+            "scrub_ntk_projected",
+            _ntk("ntk_projected", False),
+            diagnostics=True,
         ),
         Method("ntk_noise", "NTK + noise", "NTK\n+noise", "fisher", _ntk_noise, diagnostics=True),
         Method(

@@ -43,7 +43,7 @@ from ntkscrub.recipes.reproduction.failures import (
     require_trained,
     training_failure,
 )
-from ntkscrub.recipes.reproduction.methods import METHODS, scrub_form
+from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_form
 from ntkscrub.recipes.reproduction.weights import fisher_variance
 from ntkscrub.recipes.runtime import RunLog, log
 
@@ -309,6 +309,19 @@ def stage_line(run: SeedRun, retrain_probs: list[dict[str, Tensor]]) -> None:
             name: M.along_line(run.w_d, run.models[name], run.split, retrain_probs, n)
             for name, m in METHODS.items()
             if m.line
+        }
+        # issue 13, item 1: raw line a ∈ [0, 4], kernel prediction, laziness, per NTK scrub
+        run.res["fidelity"] = {
+            form: M.fidelity_diagnostics(
+                run.w_d,
+                run.init,
+                run.retrains,
+                r,
+                NTK_FORMS[form]["linearize_at"],
+                run.split,
+                retrain_probs,
+            )
+            for form, r in run._scrubs.items()
         }
 
 

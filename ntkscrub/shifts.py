@@ -1,0 +1,376 @@
+"""Shift computations beyond the one-shot MSE step of Prop. 2 (issue 13, item 2).
+
+Both methods work on the Jacobians ``J_r`` ``(c·N_r, p)`` and ``J_f`` ``(c·N_f, p)`` at one
+linearisation point θ_lin (θ0 or w(D)) and solve every system through one
+:class:`~ntkscrub.operators.Inverse` (``SolverConfig.method``: PCG or the dense Cholesky twin).
+
+* :func:`ce_newton_shift` — the *cross-entropy-consistent linear model*. For a set S it minimises
+  the linearised cross-entropy with a ridge (the loss w(D) was actually trained with, unlike
+  eq. 10's MSE on one-hot targets)::
+
+      L_S(w) = Σ_{i∈S} CE(f(x_i) + J_i w, y_i) + ½λ‖w‖²,       w ∈ R^p (displacement from θ_lin)
+
+  by damped Newton in the dual (NTK) form, and returns Δ_ce = w_ce(D_r) − w_ce(D).
+* :func:`projected_shift` — the *projected displacement*
+  Δ′ = −P J_fᵀ (J_f P J_fᵀ + λI)⁻¹ J_f P (w(D) − θ0), P = I − J_rᵀ(Θ_rr + λI)⁻¹J_r: it removes
+  from the true fine-tuning displacement its component along the forget gradients that the
+  retain gradients do not explain (the true displacement replaces eq. 10's w_lin(D)).
+
+Cost is counted in column-products (one per column of a Θ, H^½ΘH^½ or bare J/Jᵀ product), the
+unit of :func:`ntkscrub.scrub.ntk_shift`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ntkscrub.config import SolverConfig
+from ntkscrub.operators import (
+    NTK,
+    Counted,
+    Dual,
+    Inverse,
+    Jacobian,
+    MatvecCounter,
+    OutputHessian,
+    StackedJacobian,
+)
+
+__all__ = [
+    "NewtonConfig",
+    "CEModel",
+    "MethodShift",
+    "ce_newton_fit",
+    "ce_newton_shift",
+    "projected_shift",
+]
+
+
+@dataclass(frozen=True)
+class NewtonConfig:
+    """The damped Newton iteration of :func:`ce_newton_fit`.
+
+    Attributes:
+        max_iter: Newton steps at most (the issue's probe converged in 6–10).
+        rtol: stop after the step whose half squared Newton decrement ``½ gᵀ(∇²L)⁻¹g`` (the
+            predicted decrease of L, affine invariant) is ≤ ``rtol · max(1, L)``. ``None``: 1e-14
+            in float64, 1e-7 in float32.
+        forcing: inexact Newton: the inner PCG tolerance of step k is
+            ``max(tol, min(forcing, (δ_{k−1}/δ_1)²))`` with δ the Newton decrement (loose while far
+            from the minimum, tightening as the gradient vanishes: superlinear convergence).
+        armijo: sufficient decrease of the backtracking line search (halving the step).
+    """
+
+    max_iter: int = 50
+    rtol: float | None = None
+    forcing: float = 1e-3
+    armijo: float = 0.25
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_iter, bool)
+            or not isinstance(self.max_iter, int)
+            or self.max_iter < 1
+        ):
+            raise ValueError(f"NewtonConfig.max_iter: expected an int ≥ 1, got {self.max_iter!r}")
+        for name in ("forcing", "armijo"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ValueError(f"NewtonConfig.{name}: expected a number in (0, 1), got {v!r}")
+        if self.rtol is not None and not (isinstance(self.rtol, (int, float)) and self.rtol > 0):
+            raise ValueError(f"NewtonConfig.rtol: expected a number > 0 or None, got {self.rtol!r}")
+
+    def rtol_for(self, dtype: torch.dtype) -> float:
+        if self.rtol is not None:
+            return float(self.rtol)
+        return 1e-14 if dtype == torch.float64 else 1e-7
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_iter": self.max_iter,
+            "rtol": self.rtol,
+            "forcing": self.forcing,
+            "armijo": self.armijo,
+        }
+
+
+@dataclass
+class CEModel:
+    """The fitted linear cross-entropy model on a set S.
+
+    Attributes:
+        alpha: dual coefficients ``(c·N,)``; the minimiser is ``w = J_Sᵀ α`` (representer theorem:
+            ∇L = Jᵀ(π − Y) + λw = 0 puts w in the row space of J_S).
+        outputs: the linear model's logits ``f + Θ_SS α`` at the minimiser, ``(N, c)``.
+        objective: L_S at the minimiser.
+        iterations: Newton steps taken; converged: the decrement test was met.
+        history: per step: objective, decrement², inner tol, step length.
+        precond: the Nyström factor built at the first step (reused by every later step).
+    """
+
+    alpha: Tensor
+    outputs: Tensor
+    objective: float
+    iterations: int
+    converged: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    precond: Any = None
+
+
+def _ce_objective(z: Tensor, onehot: Tensor, alpha: Tensor, q: Tensor, lam: float) -> float:
+    """Σ CE(z_i, y_i) + ½λ αᵀΘα with ``q = Θα`` (so ‖w‖² = αᵀΘα costs no product)."""
+    ce = -(onehot * torch.log_softmax(z.double(), dim=1)).sum()
+    return float(ce) + 0.5 * lam * float(alpha.double() @ q.double())
+
+
+def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
+    jac: Jacobian,
+    *,
+    ridge: float,
+    config: SolverConfig,
+    newton: NewtonConfig | None = None,
+    counter: MatvecCounter | None = None,
+    label: str = "S",
+    records: list[dict[str, Any]] | None = None,
+    precond: Any = None,
+    centre: Tensor | None = None,
+) -> CEModel:
+    """Minimise ``Σ_i CE(f(x_i) + J_i w, y_i) + ½λ‖w − c‖²`` over ``w = c + Jᵀα`` by damped
+    Newton (``c = centre``, default 0; with ``u = w − c`` it is the same problem at the shifted
+    logits ``f + J c``, one JVP pass).
+
+    The primal Newton step ``(JᵀHJ + λI)⁻¹ Jᵀ r`` (gradient ``Jᵀr``, ``r = π − Y + λα``, H the
+    block-diagonal softmax Hessian at the current linear logits z) equals ``Jᵀβ`` with
+    ``β = (HΘ + λI)⁻¹ r = (r − H^½ u)/λ``, ``u = (H^½ Θ H^½ + λI)⁻¹ H^½ Θ r`` (Woodbury), so each
+    step is one solve on the SPD dual system of :func:`~ntkscrub.operators.Dual` plus two Θ
+    products (Θr, and Θβ to update z). The step is damped by Armijo backtracking on the exact
+    objective.
+
+    Args:
+        jac: ``J_S`` ``(c·N, p)`` at θ_lin (its outputs and labels define the model).
+        ridge: λ > 0 (the cross-entropy alone has no unique minimiser).
+        config: solver of the dual systems; the Nyström factor built at the first step is reused.
+        newton: the iteration's knobs (:class:`NewtonConfig`).
+        counter: shared column-product counter.
+        label: the set's name in the solve records.
+        records: list the solve records are appended to.
+        precond: a Nyström factor to start from (e.g. restricted from the D fit's); built at
+            the first CG step when None.
+        centre: the ridge's centre relative to θ_lin ``(p,)`` (θ0 − θ_lin: weight decay toward
+            θ0); ``alpha`` then parametrises ``w − centre``.
+    """
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
+        raise TypeError(f"ridge: expected a number, got {type(ridge).__name__}")
+    if not (ridge > 0 and math.isfinite(ridge)):
+        raise ValueError(
+            f"ridge: the cross-entropy linear model needs a finite ridge > 0, got {ridge}"
+        )
+    newton = NewtonConfig() if newton is None else newton
+    counter = MatvecCounter() if counter is None else counter
+    records = [] if records is None else records
+    lam, c, dt = float(ridge), jac.c, jac.dtype
+    f0 = jac.outputs()  # (N, c)
+    if centre is not None:
+        if centre.shape != (jac.p,):
+            raise ValueError(f"centre: expected shape ({jac.p},), got {tuple(centre.shape)}")
+        f0 = f0 + (Counted(jac, counter) @ centre.to(dt)).reshape(jac.n, c)
+    if not bool(torch.isfinite(f0).all()):
+        raise ValueError("model: outputs at the linearisation point are not finite")
+    onehot = torch.nn.functional.one_hot(jac.labels().long(), c).to(dt)
+    Theta = Counted(NTK(jac_a=jac), counter)
+    alpha = torch.zeros(c * jac.n, dtype=dt, device=jac.device)
+    q = torch.zeros_like(alpha)  # Θα
+    z = f0.clone()
+    obj = _ce_objective(z, onehot, alpha, q, lam)
+    tol_final, rtol = config.tol_for(dt), newton.rtol_for(dt)
+    history, converged, dec_prev, dec_first = [], False, 1.0, None
+    it = 0
+    for it in range(1, newton.max_iter + 1):
+        probs = torch.softmax(z, dim=1)
+        r = (probs - onehot).reshape(-1) + lam * alpha
+        Tr = Theta @ r
+        S = Counted(Dual(jac=jac, loss="ce", damping=lam, probs=probs), counter)
+        tol_k = max(tol_final, min(newton.forcing, dec_prev))  # dec_prev: relative to step 1
+        inv = Inverse(
+            S, config.replace(tol=tol_k), label=f"CE Newton {label} #{it}", precond=precond
+        )
+        if precond is not None and it > 1:  # built (or given) at step 1: reused since
+            inv._precond_origin = "reused"
+        Hh = OutputHessian(probs, c, jac.n, power=0.5, dtype=dt, device=jac.device).blocks
+        u = inv.solve(_apply_blocks(Hh, Tr))
+        precond = inv.preconditioner
+        records.extend(inv.records)
+        beta = (r - _apply_blocks(Hh, u)) / lam
+        Tb = Theta @ beta
+        dec2 = float(r.double() @ Tb.double())  # gᵀ(∇²L)⁻¹g, the squared Newton decrement
+        if dec2 <= 0 or not math.isfinite(dec2):
+            raise ValueError(f"{label}: Newton direction is not a descent direction (δ²={dec2})")
+        done = 0.5 * dec2 <= rtol * max(1.0, abs(obj))
+        t = 1.0
+        while True:
+            a_new, q_new = alpha - t * beta, q - t * Tb
+            z_new = f0 + q_new.reshape(-1, c)
+            obj_new = _ce_objective(z_new, onehot, a_new, q_new, lam)
+            if obj_new <= obj - newton.armijo * t * dec2 or t < 1e-10:
+                break
+            t *= 0.5
+        history.append({"objective": obj_new, "decrement2": dec2, "inner_tol": tol_k, "step": t})
+        alpha, q, z, obj = a_new, q_new, z_new, obj_new
+        dec_first = dec2 if dec_first is None else dec_first
+        dec_prev = dec2 / dec_first  # (δ_k/δ_1)²: quadratic forcing, exact near the minimum
+        if done:  # the last (full, quadratically convergent) step was still taken
+            converged = True
+            break
+    return CEModel(alpha, z, obj, it, converged, history, precond)
+
+
+def _apply_blocks(B: Tensor, v: Tensor) -> Tensor:
+    """The block-diagonal ``(c·N, c·N)`` matrix with blocks ``B`` ``(N, c, c)`` times ``v``."""
+    return (B @ v.reshape(B.shape[0], B.shape[1], 1)).reshape(-1)
+
+
+@dataclass
+class MethodShift:
+    """What the shift methods return (the fields :func:`ntkscrub.scrub.scrub` reads).
+
+    Attributes:
+        delta: the shift ``(p,)``.
+        w_lin_r: the retain model's displacement ``(p,)`` (the trapezium rescale's leg).
+        matvecs: column-products spent; records: every solve; extra: method-specific records.
+    """
+
+    delta: Tensor
+    w_lin_r: Tensor
+    matvecs: int
+    records: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ce_newton_shift(
+    J_r: Jacobian,
+    J_f: Jacobian,
+    *,
+    ridge_r: float,
+    ridge_d: float,
+    config: SolverConfig,
+    newton: NewtonConfig | None = None,
+    centre: Tensor | None = None,
+) -> MethodShift:
+    """Δ_ce = w_ce(D_r) − w_ce(D) of the linearised cross-entropy + ridge model (issue 13).
+
+    ``w_ce(S) = centre + J_Sᵀ α_S`` from :func:`ce_newton_fit`; ``ridge_r``/``ridge_d`` are λ for
+    D_r and D (λ = N·wd each under the weight_decay convention); ``centre`` ``(p,)`` the ridge's
+    centre relative to θ_lin (it cancels in Δ but moves both minimisers). Returns ``(p,)``
+    vectors; ``w_lin_r`` is w_ce(D_r).
+    """
+    counter, records = MatvecCounter(), []
+    J_d = StackedJacobian(J_r, J_f)
+    fit_d = ce_newton_fit(
+        J_d,
+        ridge=ridge_d,
+        config=config,
+        newton=newton,
+        counter=counter,
+        label="D",
+        records=records,
+        centre=centre,
+    )
+    # S_rr is the leading principal block of S_DD (retain rows first): its sketch restricts.
+    M = fit_d.precond
+    shared = (
+        M.restrict(slice(0, J_r.c * J_r.n), ridge_r)
+        if config.share_precond and M is not None
+        else None
+    )
+    fit_r = ce_newton_fit(
+        J_r,
+        ridge=ridge_r,
+        config=config,
+        newton=newton,
+        counter=counter,
+        label="D_r",
+        records=records,
+        precond=shared,
+        centre=centre,
+    )
+    cr = fit_r.alpha.shape[0]
+    # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
+    delta = Counted(J_d, counter).mT @ torch.cat(
+        [fit_r.alpha - fit_d.alpha[:cr], -fit_d.alpha[cr:]]
+    )
+    w_r = Counted(J_r, counter).mT @ fit_r.alpha
+    if centre is not None:
+        w_r = w_r + centre.to(w_r.dtype)
+    extra = {
+        "newton": {
+            name: {
+                "iterations": fit.iterations,
+                "converged": fit.converged,
+                "objective": fit.objective,
+                "history": fit.history,
+            }
+            for name, fit in (("D", fit_d), ("D_r", fit_r))
+        },
+        "newton_config": (newton or NewtonConfig()).to_dict(),
+        "converged": fit_d.converged and fit_r.converged,
+    }
+    return MethodShift(delta, w_r, counter.count, records, extra)
+
+
+def projected_shift(
+    J_r: Jacobian,
+    J_f: Jacobian,
+    displacement: Tensor,
+    e_r: Tensor,
+    *,
+    ridge: float,
+    config: SolverConfig,
+) -> MethodShift:
+    """Δ′ = −P J_fᵀ (J_f P J_fᵀ + λI)⁻¹ J_f P v, ``v = w(D) − θ0`` ``(p,)`` (issue 13).
+
+    ``J_f P J_fᵀ + λI = Θ_ff + λI − Θ_fr(Θ_rr + λI)⁻¹Θ_rf`` is the Schur complement of eq. 10's
+    block form (``c·N_f`` square, formed densely); with ``Z = (Θ_rr + λI)⁻¹[Θ_rf | J_r v | e_r]``
+    (one solve, ``c·N_f + 2`` right-hand sides) every P product is free:
+    ``J_f P v = J_f v − Θ_fr z_v`` and ``P J_fᵀ m = J_fᵀ m − J_rᵀ Z_rf m``.
+
+    With λ = 0 and J_D of full row rank, Δ′ = −Q v with Q the orthogonal projection onto the
+    range of P J_fᵀ (the row space of J_D orthogonal to that of J_r); on a model linear in its
+    parameters whose w(D) is the minimum-norm interpolant of D from θ0, w(D) + Δ′ is the
+    minimum-norm interpolant of D_r from θ0 (tests/test_shifts.py).
+
+    ``e_r`` ``(c·N_r,)``: the retain residuals, for ``w_lin(D_r) = J_rᵀ(Θ_rr + λI)⁻¹e_r`` (the
+    trapezium rescale's leg).
+    """
+    from ntkscrub.scrub import _refine_block_solve, _schur, _schur_solve  # shared with eq. 10
+
+    if displacement.shape != (J_r.p,):
+        raise ValueError(
+            f"displacement: expected shape ({J_r.p},), got {tuple(displacement.shape)}"
+        )
+    counter = MatvecCounter()
+    Jr, Jf = Counted(J_r, counter), Counted(J_f, counter)
+    cf = J_f.c * J_f.n
+    lam = float(ridge)
+    v = displacement.to(J_r.dtype)
+    inv_rr = Inverse(Counted(NTK(jac_a=J_r, ridge=lam), counter), config, label="Θ_rr")
+    eye_f = torch.eye(cf, dtype=J_r.dtype, device=J_r.device)
+    Theta_rf = Counted(NTK(jac_a=J_r, jac_b=J_f), counter) @ eye_f
+    Theta_ff = Counted(NTK(jac_a=J_f), counter) @ eye_f
+    B = torch.cat([Theta_rf, (Jr @ v).unsqueeze(1), e_r.unsqueeze(1)], 1)
+    Z = inv_rr.solve(B)
+    S, amp = _schur(Theta_ff, Theta_rf, Z[:, :cf], lam)
+    if amp > 10.0 and config.method == "cg":
+        # The Schur complement amplifies the inner solve's error (see scrub._shift_block).
+        Z = _refine_block_solve(inv_rr, B, Z, config.tol_for(B.dtype) * 10.0 / amp, amp)
+        S, amp = _schur(Theta_ff, Theta_rf, Z[:, :cf], lam)
+    b = (Jf @ v).double() - Theta_rf.double().T @ Z[:, cf].double()  # J_f P v
+    m = _schur_solve(S, b).to(v.dtype)
+    J_d = Counted(StackedJacobian(J_r, J_f), counter)
+    delta = -(J_d.mT @ torch.cat([-(Z[:, :cf] @ m), m]))
+    w_lin_r = Jr.mT @ Z[:, cf + 1]
+    return MethodShift(delta, w_lin_r, counter.count, inv_rr.records, {"schur_amplification": amp})

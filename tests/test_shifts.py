@@ -1,0 +1,290 @@
+"""ntkscrub.shifts through scrub(method=...): the cross-entropy linear model against an independent
+L-BFGS minimiser, the projected displacement against its explicit formula and its exact
+statement on a model linear in its parameters, dense = cg, matvecs, rescale/noise, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from model_zoo import make_data, make_mlp
+from scipy.optimize import minimize
+from torch import nn
+from torch.func import functional_call
+
+from ntkscrub.scrub import scrub
+from ntkscrub.shifts import NewtonConfig
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def explicit_jacobian(model, X):
+    """(N·c, p) Jacobian of the logits in named_parameters order, and the logits (N, c) —
+    by torch.autograd.functional.jacobian on the flat vector (independent of ntkscrub)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+    theta = flat(model).clone()
+
+    def f(t):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(np.prod(s))
+            params[n] = t[i : i + k].reshape(s)
+            i += k
+        return functional_call(model, params, (X,))
+
+    J = torch.autograd.functional.jacobian(f, theta)  # (N, c, p)
+    with torch.no_grad():
+        out = f(theta)
+    return J.reshape(-1, theta.numel()), out
+
+
+def lbfgs_ce_minimiser(J, f0, Y, lam, centre=None):
+    """argmin_w Σ CE(f0 + J w, y) + ½λ‖w − centre‖² by scipy L-BFGS in float64 (primal)."""
+    centre = torch.zeros(J.shape[1], dtype=torch.float64) if centre is None else centre
+    c = f0.shape[1]
+    onehot = torch.nn.functional.one_hot(Y, c).double()
+
+    def fun(w_np):
+        w = torch.tensor(w_np, dtype=torch.float64, requires_grad=True)
+        z = f0 + (J @ w).reshape(-1, c)
+        L = -(onehot * torch.log_softmax(z, 1)).sum() + 0.5 * lam * ((w - centre) @ (w - centre))
+        (g,) = torch.autograd.grad(L, w)
+        return float(L.detach()), g.numpy()
+
+    res = minimize(
+        fun,
+        np.zeros(J.shape[1]),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 20000, "gtol": 1e-13, "ftol": 0.0, "maxcor": 50},
+    )
+    _, g = fun(res.x)
+    # λ-strong convexity: ‖w − w*‖ ≤ ‖∇L(w)‖/λ — the reference is within 1e-7 of the minimiser
+    assert np.linalg.norm(g) / lam < 1e-7, np.linalg.norm(g)
+    return torch.tensor(res.x)
+
+
+def trained_pair(seed=0):
+    theta0 = make_mlp(seed=seed)
+    trained = make_mlp(seed=seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in trained.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return trained, theta0
+
+
+# --------------------------------------------------------------------------- CE Newton
+@pytest.mark.parametrize("linearize_at", ["init", "trained"])
+@pytest.mark.parametrize("convention", ["ridge", "weight_decay"])
+def test_ce_newton_equals_lbfgs_minimiser(linearize_at, convention):
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    Xr, Yr, Xf, Yf = X[:16], Y[:16], X[16:], Y[16:]
+    if convention == "ridge":
+        kw, lam_r, lam_d = {"ridge": 0.7}, 0.7, 0.7
+    else:
+        kw, lam_r, lam_d = {"weight_decay": 0.05}, 16 * 0.05, 20 * 0.05
+    at = theta0 if linearize_at == "init" else trained
+    J_d, f_d = explicit_jacobian(at, X)
+    J_r, f_r = J_d[: 3 * 16], f_d[:16]
+    # the ridge is centred at θ0 (weight decay toward θ0): at w(D), θ0 − w(D) from θ_lin
+    centre = flat(theta0) - flat(at)
+    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d, centre)
+    w_r = lbfgs_ce_minimiser(J_r, f_r, Yr, lam_r, centre)
+    expected = w_r - w_d
+    before = flat(trained).clone()
+    out = {}
+    for solver in ("dense", "cg"):
+        res = scrub(
+            trained,
+            (Xr, Yr),
+            (Xf, Yf),
+            init=theta0,
+            linearize_at=linearize_at,
+            loss="ce",
+            method="ce_newton",
+            solver=solver,
+            **kw,
+        )
+        assert rel(res.delta, expected) <= 1e-6
+        assert rel(res.w_lin_r, w_r) <= 1e-6  # the retain model itself (kernel prediction)
+        assert torch.equal(res.shift, res.delta)  # no rescale
+        assert rel(flat(res.model) - flat(trained), expected) <= 1e-6
+        newton = res.info["method_info"]["newton"]
+        assert newton["D"]["converged"] and newton["D_r"]["converged"]
+        assert 2 <= newton["D"]["iterations"] <= 30
+        assert res.info["converged"] and res.info["method"] == "ce_newton"
+        out[solver] = res
+    # cg: every Newton step is a counted PCG solve; the dense twin agrees
+    assert out["cg"].info["matvecs"] > 0
+    assert all(r["solver"] == "cg" for r in out["cg"].info["solves"])
+    assert all(r["solver"] == "dense" for r in out["dense"].info["solves"])
+    assert rel(out["cg"].delta, out["dense"].delta) <= 1e-8
+    assert torch.equal(flat(trained), before)  # input not modified
+
+
+def test_ce_newton_inexact_early_steps_loosen_the_inner_tolerance():
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    res = scrub(
+        trained,
+        (X[:16], Y[:16]),
+        (X[16:], Y[16:]),
+        init=theta0,
+        loss="ce",
+        method="ce_newton",
+        ridge=0.7,
+        solver="cg",
+    )
+    hist = res.info["method_info"]["newton"]["D"]["history"]
+    tols = [h["inner_tol"] for h in hist]
+    # forcing term min(1e-3, (δ_{k−1}/δ_1)²): loose first, tight at the end
+    assert tols[0] == pytest.approx(1e-3) and tols[-1] <= 1e-5
+    assert all(b <= a for a, b in zip(tols, tols[1:]))
+    assert hist[-1]["decrement2"] <= 1e-12
+    objs = [h["objective"] for h in hist]
+    assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:]))  # damped: monotone
+
+
+def test_newton_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_iter"):
+        NewtonConfig(max_iter=0)
+    with pytest.raises(ValueError, match="forcing"):
+        NewtonConfig(forcing=1.5)
+
+
+# --------------------------------------------------------------------------- projected
+def random_features_model(seed=0, d=5, h=12, c=3):
+    """Linear in its trainable parameters: fixed random features → nn.Linear."""
+    torch.manual_seed(seed)
+    feats = nn.Linear(d, h).double().requires_grad_(False)
+    return nn.Sequential(feats, nn.Tanh(), nn.Linear(h, c).double()).eval()
+
+
+def min_norm_interpolant(theta0, X, Y):
+    """θ0 + the min-norm w with f(θ0 + w; X) = onehot(Y) (the linear model's GD limit)."""
+    with torch.no_grad():
+        phi = torch.tanh(theta0[0](X))
+        Phi = torch.cat([phi, torch.ones(len(X), 1, dtype=phi.dtype)], 1)
+        e = torch.nn.functional.one_hot(Y, 3).double() - theta0(X)
+        Wb = (torch.linalg.pinv(Phi) @ e).T
+        out = copy.deepcopy(theta0)
+        out[2].weight.add_(Wb[:, :-1])
+        out[2].bias.add_(Wb[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_projected_lands_on_min_norm_retain_interpolant(solver):
+    """Exact statement (λ = 0, J_D of full row rank, f linear in θ): Δ′ = −Q v with Q the
+    orthogonal projection onto range(P J_fᵀ) = row(J_D) ⊖ row(J_r). If v = w(D) − θ0 is the
+    min-norm interpolant's displacement (v ∈ row(J_D), J_D v = Y_D − f(θ0)), then
+    w(D) + Δ′ = θ0 + proj_{row J_r} v = θ0 + J_r⁺(Y_r − f_r(θ0)) = w_min-norm(D_r)."""
+    theta0 = random_features_model(seed=0)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(10, 5, generator=g, dtype=torch.float64)  # c·N = 30 < p = 39
+    Y = torch.randint(0, 3, (10,), generator=g)
+    trained = min_norm_interpolant(theta0, X, Y)
+    target = min_norm_interpolant(theta0, X[:8], Y[:8])
+    res = scrub(
+        trained,
+        (X[:8], Y[:8]),
+        (X[8:], Y[8:]),
+        init=theta0,
+        method="projected",
+        ridge=0.0,
+        solver=solver,
+        tol=1e-13,
+    )
+    assert rel(flat(res.model), flat(target)) <= 1e-6
+    assert res.info["matvecs"] > 0 and res.info["method"] == "projected"
+
+
+@pytest.mark.parametrize("linearize_at", ["init", "trained"])
+def test_projected_equals_explicit_formula(linearize_at):
+    trained, theta0 = trained_pair(seed=2)
+    X, Y = make_data("mlp", 14)
+    lam = 0.4
+    at = theta0 if linearize_at == "init" else trained
+    J, _ = explicit_jacobian(at, X)
+    Jr, Jf = J[: 3 * 10], J[3 * 10 :]
+    P = torch.eye(J.shape[1], dtype=J.dtype) - Jr.T @ torch.linalg.solve(
+        Jr @ Jr.T + lam * torch.eye(Jr.shape[0], dtype=J.dtype), Jr
+    )
+    v = flat(trained) - flat(theta0)
+    S = Jf @ P @ Jf.T + lam * torch.eye(Jf.shape[0], dtype=J.dtype)
+    expected = -P @ Jf.T @ torch.linalg.solve(S, Jf @ P @ v)
+    out = {}
+    for solver in ("dense", "cg"):
+        res = scrub(
+            trained,
+            (X[:10], Y[:10]),
+            (X[10:], Y[10:]),
+            init=theta0,
+            linearize_at=linearize_at,
+            method="projected",
+            ridge=lam,
+            solver=solver,
+        )
+        assert rel(res.delta, expected) <= 1e-8
+        out[solver] = res
+    assert rel(out["cg"].delta, out["dense"].delta) <= 1e-8
+    assert out["cg"].info["matvecs"] > 0
+
+
+# --------------------------------------------------------------------------- rescale, noise, input
+def test_rescale_and_noise_apply_to_every_method():
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    for method, loss in (("projected", "mse"), ("ce_newton", "ce")):
+        kw = dict(init=theta0, method=method, loss=loss, ridge=0.7, solver="dense")
+        r = scrub(trained, (X[:16], Y[:16]), (X[16:], Y[16:]), rescale="trapezium", **kw)
+        assert r.scale != 1.0 and r.info["rescale_factor"] == r.scale
+        assert torch.allclose(r.shift, r.scale * r.delta)
+        n = scrub(trained, (X[:16], Y[:16]), (X[16:], Y[16:]), noise=1e-3, seed=3, **kw)
+        diff = flat(n.model) - flat(trained) - n.shift
+        assert float(diff.norm()) > 0  # the noise was added on top of the shift
+
+
+def test_method_bad_input_names_the_argument():
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    with pytest.raises(ValueError, match="method"):
+        scrub(*args, init=theta0, method="two_shot", ridge=0.1)
+    with pytest.raises(ValueError, match="loss"):
+        scrub(*args, init=theta0, method="ce_newton", loss="mse", ridge=0.1)
+    with pytest.raises(ValueError, match="ridge"):
+        scrub(*args, init=theta0, method="ce_newton", loss="ce")
+    with pytest.raises(ValueError, match="form"):
+        scrub(*args, init=theta0, method="projected", form="block", ridge=0.1)
+
+
+def test_ce_newton_one_sketch_serves_every_step_and_the_retain_fit():
+    """One Nyström build for the D fit, reused by its later Newton steps and restricted to the
+    retain rows for the D_r fit (no second build); the answer is the dense twin's."""
+    from ntkscrub.config import SolverConfig
+
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    kw = dict(init=theta0, loss="ce", method="ce_newton", ridge=0.7)
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    cg = scrub(*args, solver="cg", solver_config=SolverConfig(precond_rank=10), **kw)
+    dense = scrub(*args, solver="dense", **kw)
+    origins = [r["precond"] for r in cg.info["solves"]]
+    n_d = cg.info["method_info"]["newton"]["D"]["iterations"]
+    assert origins[0] == "nystrom" and origins.count("nystrom") == 1
+    assert all(o == "nystrom (reused)" for o in origins[1:n_d])
+    assert origins[n_d] == "nystrom (restricted from the previous system)"
+    assert sum(r["precond_matvecs"] for r in cg.info["solves"]) == 10
+    assert rel(cg.delta, dense.delta) <= 1e-8
