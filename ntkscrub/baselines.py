@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ntkscrub._progress import logger, resolve_progress
 from ntkscrub._validation import check_int, check_model, check_number, check_seed
 from ntkscrub.batches import as_batches
+from ntkscrub.config import NoiseConfig
 from ntkscrub.noise import FISHER_OPTIONS, add_fisher_noise
 from ntkscrub.params import check_eval_mode
 from ntkscrub.scrub import load_weights
@@ -131,8 +132,7 @@ def fisher_forget(
     seed: int | None = None,
     init: Any = None,
     params: Any = None,
-    batch_size: int = 64,
-    **fisher_options: Any,
+    noise_config: NoiseConfig | None = None,
 ) -> ForgetResult:
     """Fisher forgetting: ``S(w) = w + √v ⊙ ε``, ``v = α·clamp(1/(F_r + 1e-8))`` (REFERENCE.md §2).
 
@@ -151,10 +151,9 @@ def fisher_forget(
         init: unused (uniform call style with :func:`~ntkscrub.scrub.scrub`).
         params: which parameters get noise (default: all trainable ones), see
             :class:`~ntkscrub.params.ParameterSpace`.
-        batch_size: samples per batch of the Fisher computation.
-        **fisher_options: ``eps``, ``clamp``, ``head_clamp``, ``head_scale``, ``vector_scale``,
-            ``average_inputs`` (see :func:`~ntkscrub.scrub.fisher_noise_variance`) and
-            ``reduction`` (``"mean"``, default, or ``"sum"``).
+        noise_config: the variance recipe (:class:`~ntkscrub.config.NoiseConfig`: ``eps``,
+            ``clamp``, ``head_clamp``, ``head_scale``, ``vector_scale``, ``average_inputs``,
+            ``reduction`` and the Fisher pass's ``batch_size``; default: the reference code's).
 
     Returns:
         :class:`ForgetResult`; ``.shift`` is the noise added, ``.info`` the settings and
@@ -169,10 +168,9 @@ def fisher_forget(
     check_eval_mode(model, "model")
     alpha = check_number(alpha, "alpha")
     seed = check_seed(seed)
-    batch_size = check_int(batch_size, "batch_size", 1)
     n_r = _check_data(retain, "retain")
     out, noise, info = add_fisher_noise(
-        model, retain, alpha, seed=seed, params=params, batch_size=batch_size, **fisher_options
+        model, retain, alpha, seed=seed, params=params, noise_config=noise_config
     )
     info.update({"method": "fisher", "n_retain": n_r, "seconds": time.perf_counter() - t0})
     return ForgetResult(model=out, info=info, shift=noise)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ntkscrub._validation import check_model, check_number, check_seed
 from ntkscrub.batches import as_batches
+from ntkscrub.config import NoiseConfig
 from ntkscrub.operators.ggn import ggn_diagonal
 from ntkscrub.operators.jacobian import Jacobian
 from ntkscrub.params import ParameterSpace
@@ -105,8 +106,7 @@ def add_fisher_noise(
     *,
     seed: int | None = None,
     params: Any = None,
-    batch_size: int = 64,
-    **fisher_options: Any,
+    noise_config: NoiseConfig | None = None,
 ) -> tuple[nn.Module, Tensor, dict[str, Any]]:
     """A copy of ``model`` with ``n ~ N(0, diag(v))`` added, ``v`` = Fisher noise variance on data.
 
@@ -122,14 +122,14 @@ def add_fisher_noise(
     check_model(model)
     alpha = check_number(alpha, "alpha")
     seed = check_seed(seed)
-    unknown = set(fisher_options) - set(FISHER_OPTIONS)
-    if unknown:
+    noise_config = NoiseConfig() if noise_config is None else noise_config
+    if not isinstance(noise_config, NoiseConfig):
         raise TypeError(
-            f"fisher_options: unknown keyword arguments {sorted(unknown)}; "
-            f"allowed: {list(FISHER_OPTIONS)}"
+            f"noise_config: expected a NoiseConfig, got {type(noise_config).__name__}"
         )
-    fopts = dict(fisher_options)
-    reduction = fopts.pop("reduction", "mean")
+    fopts = noise_config.fisher_options()
+    reduction = fopts.pop("reduction")
+    batch_size = noise_config.batch_size
     space = ParameterSpace(model, params)
     # The number of logits decides which tensors count as the head (first dimension = c).
     x0, _ = as_batches(data, name="retain", batch_size=1).first()

@@ -526,8 +526,7 @@ def scrub(
             noise,
             seed=seed,
             params=space_w.names,
-            batch_size=noise_config.batch_size,
-            **noise_config.fisher_options(),
+            noise_config=noise_config,
         )
     out.eval()
     info = {

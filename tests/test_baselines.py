@@ -21,6 +21,7 @@ from ntkscrub.baselines import (
     fisher_forget,
     retrain,
 )
+from ntkscrub.config import NoiseConfig
 from ntkscrub.scrub import diagonal_fisher, fisher_noise_variance, scrub
 from ntkscrub.training import train
 
@@ -92,7 +93,9 @@ def test_fisher_variance_uses_reference_clamps(mlp_data):
     assert abs(float(z.var()) - 1.0) < 0.3  # standardised noise ~ N(0, 1) over p entries
     # Options change the variance as documented.
     v2 = expected_variance(model, retain, 1.0, clamp=10.0, head_clamp=10.0)
-    res2 = fisher_forget(model, retain, alpha=1.0, seed=0, clamp=10.0, head_clamp=10.0)
+    res2 = fisher_forget(
+        model, retain, alpha=1.0, seed=0, noise_config=NoiseConfig(clamp=10.0, head_clamp=10.0)
+    )
     assert torch.allclose(res2.shift, (v2 / v).sqrt() * res.shift, rtol=1e-10, atol=1e-14)
 
 
@@ -143,14 +146,18 @@ def test_add_fisher_noise_is_scrubs_noise(mlp_data):
         ({"seed": "7"}, TypeError, "seed"),
         ({"seed": 1.5}, TypeError, "seed"),
         ({"head_clip": 3.0}, TypeError, "head_clip"),
-        ({"reduction": "max"}, ValueError, "reduction"),
-        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"noise_config": {"reduction": "max"}}, ValueError, "reduction"),
+        ({"noise_config": {"batch_size": 0}}, ValueError, "batch_size"),
+        ({"noise_config": {"clamp": 10.0}}, TypeError, "noise_config"),
     ],
 )
 def test_fisher_bad_arguments(mlp_data, kwargs, exc, word):
     model, retain, _ = mlp_data
     with pytest.raises(exc, match=word):
-        fisher_forget(model, retain, **kwargs)
+        if word in ("reduction", "batch_size"):  # a bad field of the typed config, named
+            fisher_forget(model, retain, noise_config=NoiseConfig(**kwargs["noise_config"]))
+        else:
+            fisher_forget(model, retain, **kwargs)
 
 
 def test_fisher_bad_data_and_model(mlp_data):
