@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,20 +56,6 @@ FINETUNE_RECIPE: dict[str, Any] = {
     "schedule": "constant",
     "loss": "ce",
     "freeze_bn": True,
-}
-
-# Options of ntkscrub.training.train that finetune/retrain pass through unchanged.
-_TRAIN_OPTIONS = {
-    "momentum",
-    "batch_size",
-    "schedule",
-    "loss",
-    "freeze_bn",
-    "max_epochs",
-    "shuffle",
-    "callback",
-    "progress",
-    "device",
 }
 
 
@@ -110,16 +96,6 @@ def _check_data(data: Any, name: str) -> int:
     if data is None:
         raise ValueError(f"{name}: no data given")
     return len(as_batches(data, name=name))  # raises ValueError on an empty set
-
-
-def _split_train_options(options: dict[str, Any], func: str) -> dict[str, Any]:
-    unknown = set(options) - _TRAIN_OPTIONS
-    if unknown:
-        raise TypeError(
-            f"options: {func}() got unknown keyword arguments {sorted(unknown)}; "
-            f"allowed: {sorted(_TRAIN_OPTIONS)}"
-        )
-    return options
 
 
 # --------------------------------------------------------------------------- Fisher forgetting
@@ -191,7 +167,16 @@ def finetune(
     lr: float = 0.01,
     weight_decay: float = 0.1,
     seed: int | None = 0,
-    **train_options: Any,
+    momentum: float = FINETUNE_RECIPE["momentum"],
+    batch_size: int = FINETUNE_RECIPE["batch_size"],
+    schedule: str = FINETUNE_RECIPE["schedule"],
+    loss: str = FINETUNE_RECIPE["loss"],
+    freeze_bn: bool = FINETUNE_RECIPE["freeze_bn"],
+    max_epochs: int | None = None,
+    shuffle: bool = True,
+    callback: Callable[..., Any] | None = None,
+    progress: bool | None = None,
+    device: Any = None,
 ) -> ForgetResult:
     """ "Fine-tune": train w(D) on D_r alone for ``epochs`` epochs (the paper's §5.3 baseline).
 
@@ -206,10 +191,10 @@ def finetune(
         epochs: epochs on D_r (≥ 0; 0 returns a copy of ``model``).
         lr, weight_decay: learning rate (> 0) and penalty λ (≥ 0).
         seed: seeds the shuffling (and any dropout); ``None`` is unseeded.
-        **train_options: ``momentum``, ``batch_size``, ``schedule``, ``loss``, ``freeze_bn``,
-            ``max_epochs``, ``shuffle``, ``callback``, ``progress``, ``device`` — see
-            :func:`ntkscrub.training.train`; ``progress`` (a tqdm bar over epochs)
-            defaults to ``None``: shown only when stderr is a terminal.
+        momentum, batch_size, schedule, loss, freeze_bn: the rest of the recipe
+            (:data:`FINETUNE_RECIPE`), max_epochs, shuffle, callback, device: as
+            :func:`ntkscrub.training.train`.
+        progress: a tqdm bar over epochs; ``None`` (default): only when stderr is a terminal.
 
     Returns:
         :class:`ForgetResult`; ``.info["log"]`` is the :class:`~ntkscrub.training.TrainLog`
@@ -226,7 +211,18 @@ def finetune(
         weight_decay=weight_decay,
         seed=seed,
         until_zero_error=False,
-        train_options=train_options,
+        train_options={
+            "momentum": momentum,
+            "batch_size": batch_size,
+            "schedule": schedule,
+            "loss": loss,
+            "freeze_bn": freeze_bn,
+            "max_epochs": max_epochs,
+            "shuffle": shuffle,
+            "callback": callback,
+            "progress": progress,
+            "device": device,
+        },
     )
 
 
@@ -241,7 +237,16 @@ def retrain(
     weight_decay: float = 0.1,
     until_zero_error: bool = True,
     seed: int | None = 0,
-    **train_options: Any,
+    momentum: float = FINETUNE_RECIPE["momentum"],
+    batch_size: int = FINETUNE_RECIPE["batch_size"],
+    schedule: str = FINETUNE_RECIPE["schedule"],
+    loss: str = FINETUNE_RECIPE["loss"],
+    freeze_bn: bool = FINETUNE_RECIPE["freeze_bn"],
+    max_epochs: int | None = None,
+    shuffle: bool = True,
+    callback: Callable[..., Any] | None = None,
+    progress: bool | None = None,
+    device: Any = None,
 ) -> ForgetResult:
     """ "Retrain": train from θ0 on D_r only, with the fine-tuning recipe — true removal of D_f.
 
@@ -255,7 +260,8 @@ def retrain(
         model: any module of the architecture (w(D) or θ0 itself); only its structure is used.
         retain: D_r. forget: ignored.
         init: θ0 (module or state_dict), the starting point and the anchor of the weight decay.
-        epochs, lr, weight_decay, until_zero_error, seed, **train_options: as :func:`finetune`.
+        epochs, lr, weight_decay, until_zero_error, seed, momentum, batch_size, schedule, loss,
+            freeze_bn, max_epochs, shuffle, callback, progress, device: as :func:`finetune`.
 
     Returns:
         :class:`ForgetResult`; ``.info["log"]`` holds the training curve and
@@ -276,7 +282,18 @@ def retrain(
         weight_decay=weight_decay,
         seed=seed,
         until_zero_error=until_zero_error,
-        train_options=train_options,
+        train_options={
+            "momentum": momentum,
+            "batch_size": batch_size,
+            "schedule": schedule,
+            "loss": loss,
+            "freeze_bn": freeze_bn,
+            "max_epochs": max_epochs,
+            "shuffle": shuffle,
+            "callback": callback,
+            "progress": progress,
+            "device": device,
+        },
     )
 
 
@@ -307,8 +324,7 @@ def _train_baseline(
     seed = check_seed(seed)
     if not isinstance(until_zero_error, bool):
         raise TypeError(f"until_zero_error: expected a bool, got {type(until_zero_error).__name__}")
-    opts = {k: v for k, v in FINETUNE_RECIPE.items() if k not in ("lr", "weight_decay")}
-    opts.update(_split_train_options(dict(train_options), method))
+    opts = dict(train_options)
     # progress=None (the default) shows train()'s epoch bar only when stderr is a terminal.
     opts["progress"] = resolve_progress(opts.get("progress"))
     n_r = _check_data(retain, "retain")

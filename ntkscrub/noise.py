@@ -124,9 +124,7 @@ def add_fisher_noise(
     seed = check_seed(seed)
     noise_config = NoiseConfig() if noise_config is None else noise_config
     if not isinstance(noise_config, NoiseConfig):
-        raise TypeError(
-            f"noise_config: expected a NoiseConfig, got {type(noise_config).__name__}"
-        )
+        raise TypeError(f"noise_config: expected a NoiseConfig, got {type(noise_config).__name__}")
     fopts = noise_config.fisher_options()
     reduction = fopts.pop("reduction")
     batch_size = noise_config.batch_size
