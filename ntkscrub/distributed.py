@@ -46,9 +46,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ntkscrub.operators import Jacobian, Operator, SolveNotConverged, StackedJacobian
+from ntkscrub.config import SolverConfig
+from ntkscrub.operators import Inverse, Jacobian, Operator, StackedJacobian
 from ntkscrub.params import ParameterSpace
-from ntkscrub.solvers import LowRankPreconditioner, cg
+from ntkscrub.solvers import LowRankPreconditioner
 
 __all__ = [
     "Comm",
@@ -277,26 +278,25 @@ def sharded_cg(
     label: str = "A",
     precond: LowRankPreconditioner | None = None,
 ) -> tuple[Tensor, Any]:
-    """PCG on row-sharded ``B`` ``(n_k,)``/``(n_k, k)`` (``precond``: ``None`` or a
+    """PCG on row-sharded ``B`` ``(n_k,)``/``(n_k, k)``, through the engine's one
+    :class:`~ntkscrub.operators.Inverse` (``precond``: ``None`` or a
     :class:`ShardedNystrom` of the same rows): inner products and
     norms summed over the ranks in float64 (:meth:`Comm.sum_scalars`), so every rank takes the
     same steps and stops at the same iteration. ``max_iter`` defaults to ``2·n_global``. Not
     strict: returns ``(X_k, info)``, the caller decides on ``info.all_converged`` (the same on
     every rank)."""
+    config = SolverConfig(
+        tol=tol,
+        max_iter=2 * n_global if max_iter is None else max_iter,
+        strict=False,
+        precond="none",
+        progress=False,
+    )
+    inv = Inverse(A, config, label=label, precond=precond, allreduce=comm.sum_scalars)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the caller raises or records it
-        return cg(
-            A,
-            B,
-            x0=x0,
-            precond=precond,
-            tol=tol,
-            max_iter=2 * n_global if max_iter is None else max_iter,
-            strict=False,
-            progress=False,
-            label=label,
-            allreduce=comm.sum_scalars,
-        )
+        X = inv.solve(B, x0=x0)
+    return X, inv.last_info
 
 
 class ShardedNystrom(LowRankPreconditioner):
@@ -525,17 +525,19 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         return {"precond": M, "record": rec}
 
     def solve(A: Any, B: Tensor, n_glob: int, label: str, x0: Tensor | None, pc: dict) -> Tensor:
-        X, info = sharded_cg(A, B, comm, n_global=n_glob, tol=tol, max_iter=cfg.max_iter, x0=x0,
-                             label=label, precond=pc["precond"])  # fmt: skip
-        rec = {"system": label, "solver": "cg (data-parallel)", "size": n_glob, **pc["record"],
-               **info.to_dict()}  # fmt: skip
-        rec["converged_per_column"] = rec.pop("converged")
-        rec["converged"] = info.all_converged
-        records.append(rec)
-        if not info.all_converged and cfg.strict:
-            raise SolveNotConverged(
-                f"{label}: {info.message}", info, system=label, partial=X, record=rec
-            )
+        # The engine's one inverse operator, with CG's inner products summed over the ranks.
+        local = cfg.replace(
+            max_iter=2 * n_glob if cfg.max_iter is None else cfg.max_iter,
+            precond="none" if pc["precond"] is None else cfg.precond,
+            max_seconds=None,
+        )
+        inv = Inverse(A, local, label=label, precond=pc["precond"], allreduce=comm.sum_scalars)
+        try:
+            X = inv.solve(B, x0=x0)
+        finally:
+            for rec in inv.records:
+                rec.update({"solver": "cg (data-parallel)", "size": n_glob, **pc["record"]})
+                records.append(rec)
         return X
 
     # Each system gets its own row-sharded Nyström factor when the configuration asks for one

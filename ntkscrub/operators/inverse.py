@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ def pcg_solve(
     label: str,
     precond: LowRankPreconditioner | None,
     x0: Tensor | None = None,
+    allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """The single entry to :func:`ntkscrub.solvers.cg` (non-strict: the caller decides).
 
@@ -87,9 +89,10 @@ def pcg_solve(
             max_iter=config.max_iter,
             max_seconds=config.max_seconds,
             refine=config.refine,
-            progress=config.progress,
+            progress=False if allreduce is not None else config.progress,
             label=label,
             scalar_dtype=config.scalar_dtype,
+            allreduce=allreduce,
             strict=False,
         )
 
@@ -117,6 +120,9 @@ class Inverse(Operator):
         precond: a preconditioner to use instead of building one (e.g. a factor restricted
             from a larger system, :meth:`~ntkscrub.solvers.LowRankPreconditioner.restrict`).
         slq: the :class:`~ntkscrub.config.SLQConfig` of :meth:`logdet` (CG method).
+        allreduce: data-parallel solves (:mod:`ntkscrub.distributed`): A and the right-hand
+            sides hold this rank's rows, and CG's inner products are summed over the ranks by
+            this function (then no time budget: the ranks must stop at the same iteration).
 
     ``Inverse(A) @ B`` is ``A⁻¹ B`` for ``B`` ``(n,)`` or ``(n, k)``; :meth:`solve` also takes a
     warm start. :attr:`preconditioner` is the Nyström factor built at the first CG solve (or the
@@ -133,6 +139,7 @@ class Inverse(Operator):
         label: str = "A",
         precond: LowRankPreconditioner | None = None,
         slq: SLQConfig | None = None,
+        allreduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(A, LinearOperator):
             raise TypeError(f"A: expected a LinearOperator, got {type(A).__name__}")
@@ -145,6 +152,8 @@ class Inverse(Operator):
         self.A, self.config, self.label = A, config, str(label)
         self.slq = SLQConfig() if slq is None else slq
         self.children = (A,) if isinstance(A, Operator) else ()
+        self.allreduce = allreduce
+        self.last_info: CGInfo | None = None  # the CGInfo of the latest CG solve
         self.preconditioner: LowRankPreconditioner | None = precond
         self._precond_origin = "given" if precond is not None else None
         self._chol: Tensor | None = None
@@ -280,8 +289,15 @@ class Inverse(Operator):
     def _cg_solve(self, B: Tensor, x0: Tensor | None, t0: float) -> Tensor:
         build = self._build_precond()
         X, info = pcg_solve(
-            self.A, B, config=self.config, label=self.label, precond=self.preconditioner, x0=x0
+            self.A,
+            B,
+            config=self.config,
+            label=self.label,
+            precond=self.preconditioner,
+            x0=x0,
+            allreduce=self.allreduce,
         )
+        self.last_info = info
         rec = {"system": self.label, "solver": "cg", "size": self.shape[0], **build}
         rec.update(info.to_dict())
         rec["converged_per_column"] = rec.pop("converged")
