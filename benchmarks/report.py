@@ -32,6 +32,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ntkscrub.io import save_figure, write_text  # noqa: E402
+
 Record = dict[str, Any]
 
 
@@ -198,7 +200,7 @@ def plot_scaling(records: list[Record], out: Path, title: str) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
+        save_figure(fig, out / fname, dpi=120)
         plt.close(fig)
         written.append(fname)
     return written
@@ -554,7 +556,7 @@ def write_report(
     records, sources = load(paths)
     plots = plot_scaling(records, out, title)
     md = out / "report.md"
-    md.write_text(markdown(records, sources, plots, title))
+    write_text(md, markdown(records, sources, plots, title))
     return md
 
 

@@ -155,3 +155,14 @@ def write_record(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
     NaN → null, …) then :func:`atomic_write_json`. The one JSON writer of the demo, the
     reproduction, the benchmarks and the pipeline runtime (:mod:`ntkscrub.recipes.runtime`)."""
     return atomic_write_json(path, to_jsonable(obj), indent=indent, allow_nan=False)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: float | None = None) -> Path:
+    """Write a matplotlib figure atomically (format from the suffix, PNG by default)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), binary=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text report atomically (UTF-8)."""
+    return atomic_write(path, lambda fh: fh.write(text), binary=False)

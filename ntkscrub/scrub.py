@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ntkscrub._validation import check_choice, check_number
+from ntkscrub._validation import check_choice, check_not_meta, check_number
 from ntkscrub.batches import subset_indices
 from ntkscrub.config import Method, NoiseConfig, ProductConfig, SolverConfig
 from ntkscrub.noise import (  # noqa: F401 - re-exported: part of this module's API
@@ -452,6 +452,8 @@ def scrub(
     """
     t_start = time.perf_counter()
     _check_scrub_args(model, linearize_at, loss, rescale, form, seed)
+    check_not_meta(model, "model")
+    check_not_meta(init, "init")
     _check_method(method, loss, ridge, weight_decay, form)
     ridge, noise = check_number(ridge, "ridge"), check_number(noise, "noise")
     if weight_decay is not None:

@@ -295,3 +295,19 @@ def test_batches_from_dataset_still_sequential():
     b = Batches(DS, batch_size=5, name="retain")
     Xb, Yb = b.tensors()
     assert torch.equal(Xb, X) and torch.equal(Yb, Y)
+
+
+def test_scrub_names_the_set_with_the_wrong_feature_dimension_and_refuses_meta_init():
+    """Old code: torch's "mat1 and mat2 shapes cannot be multiplied" (no set named) and a raw
+    meta-tensor error; now a ValueError naming ``forget`` / ``init``."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    X, Y = torch.randn(40, 10), torch.randint(0, 3, (40,))
+    with pytest.raises(ValueError, match=r"forget: the model cannot be applied.*\(12,\)"):
+        scrub(m, (X[:30], Y[:30]), (torch.randn(10, 12), Y[30:]), init=m, ridge=1.0)
+    with pytest.raises(ValueError, match="init: holds tensors on the 'meta' device"):
+        scrub(m, (X[:30], Y[:30]), (X[30:], Y[30:]), init=copy.deepcopy(m).to("meta"), ridge=1.0)

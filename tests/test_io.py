@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import torch
 
 from ntkscrub.io import atomic_write_json, to_jsonable
@@ -49,3 +50,27 @@ def test_to_jsonable_covers_the_record_types(tmp_path):
     path = atomic_write_json(tmp_path / "r.json", out, allow_nan=False)  # strict JSON
     assert json.loads(path.read_text()) == out
     assert isinstance(rec["t"], torch.Tensor)  # the input is not modified
+
+
+def test_figures_and_text_reports_are_written_atomically(tmp_path, monkeypatch):
+    """A failing figure or report write leaves neither a partial file nor a temp file behind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ntkscrub.io import save_figure, write_text
+
+    fig = plt.figure()
+    png = save_figure(fig, tmp_path / "f.png", dpi=50)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_text(tmp_path / "r.md", "# report\n").read_text() == "# report\n"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(fig, tmp_path / "g.png")
+    plt.close(fig)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "r.md"]

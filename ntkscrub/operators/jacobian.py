@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
-from ntkscrub.batches import Batches, as_batches
+from ntkscrub.batches import Batches, as_batches, check_model_accepts
 from ntkscrub.operators.base import Operator, check_vector
 from ntkscrub.params import ParameterSpace
 
@@ -81,8 +81,14 @@ class Jacobian(Operator):
         self._params = space.unflatten(self.theta)
         self._f = space.functional()
         x0, _ = self.data.first()
-        with torch.no_grad():
-            out = self._f(self._params, x0[:1])
+        try:
+            with torch.no_grad():
+                out = self._f(self._params, x0[:1])
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            # A wrong feature dimension or layout would otherwise surface as torch's bare
+            # "mat1 and mat2 shapes cannot be multiplied", naming neither the set nor the fix.
+            check_model_accepts(space.model, **{name: self.data})
+            raise ValueError(f"{name}: the model cannot be applied to its inputs: {err}") from err
         if out.dim() != 2:
             raise ValueError(f"model: expected logits of shape (b, c), got {tuple(out.shape)}")
         self.c: int = out.shape[1]

@@ -72,7 +72,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from ntkscrub.io import atomic_write, atomic_write_json
+from ntkscrub.io import atomic_write_json, save_figure
 
 __all__ = [
     "SIZES",
@@ -508,7 +508,7 @@ def draw_figure(report: dict[str, Any], path: str | os.PathLike) -> Path:
     )
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda fh: fig.savefig(fh, format="png"), binary=True)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 

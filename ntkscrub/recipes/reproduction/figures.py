@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ntkscrub.io import save_figure, write_text  # noqa: E402
 from ntkscrub.recipes.reproduction.methods import METHODS  # noqa: E402
 
 # the registry's order is the order of every table and figure; SHORT: two-line tick labels
@@ -127,7 +128,7 @@ def _save(
     size = {} if fontsize is None else {"fontsize": fontsize}  # else matplotlib's title size
     fig.suptitle(heading + "\n" + _title(results), **size)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -658,7 +659,7 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     ):
         L.extend(section(results))
     path = Path(path)
-    path.write_text("\n".join(L) + "\n")
+    write_text(path, "\n".join(L) + "\n")
     return path
 
 
