@@ -41,3 +41,11 @@ def make_data(kind: str, n: int, c: int = 3, seed: int = 1) -> tuple[torch.Tenso
     X = torch.randn(shape, generator=g, dtype=torch.float64)
     Y = torch.randint(0, c, (n,), generator=g)
     return X, Y
+
+
+def spd(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Dense U diag(eigenvalues) Uᵀ with a random orthogonal U; (n, n) float64."""
+    n = eigenvalues.numel()
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    return (U * eigenvalues.to(torch.float64)) @ U.T

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from model_zoo import spd
 
 from ntkscrub.solvers import (
     CGNotConverged,
@@ -31,13 +32,6 @@ F64 = torch.float64
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def spd(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Dense U diag(eigenvalues) Uᵀ with a random orthogonal U; (n, n) float64."""
-    n = eigenvalues.numel()
-    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=_gen(seed)))
-    return (U * eigenvalues.to(F64)) @ U.T
 
 
 def decaying_kernel(n: int, seed: int = 0) -> torch.Tensor:

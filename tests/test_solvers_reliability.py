@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from model_zoo import spd
 
 from ntkscrub.solvers import (
     CGNonFinite,
@@ -29,12 +30,6 @@ F64 = torch.float64
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def spd(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigenvalues.numel()
-    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=_gen(seed)))
-    return (U * eigenvalues.to(F64)) @ U.T
 
 
 def true_rel_residual(A: torch.Tensor, X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
