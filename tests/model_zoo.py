@@ -49,3 +49,26 @@ def spd(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
     return (U * eigenvalues.to(torch.float64)) @ U.T
+
+
+def random_features_model(seed: int = 0, d: int = 5, h: int = 12, c: int = 3) -> nn.Module:
+    """A model linear in its trainable parameters: fixed random features → nn.Linear."""
+    torch.manual_seed(seed)
+    feats = nn.Linear(d, h).double().requires_grad_(False)
+    return nn.Sequential(feats, nn.Tanh(), nn.Linear(h, c).double()).eval()
+
+
+def min_norm_interpolant(theta0: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> nn.Module:
+    """θ0 + the min-norm w with f(θ0 + w; X) = onehot(Y) (the linear model's GD limit), for a
+    :func:`random_features_model`."""
+    import copy
+
+    with torch.no_grad():
+        phi = torch.tanh(theta0[0](X))
+        Phi = torch.cat([phi, torch.ones(len(X), 1, dtype=phi.dtype)], 1)
+        e = torch.nn.functional.one_hot(Y, theta0[2].out_features).double() - theta0(X)
+        Wb = (torch.linalg.pinv(Phi) @ e).T
+        out = copy.deepcopy(theta0)
+        out[2].weight.add_(Wb[:, :-1])
+        out[2].bias.add_(Wb[:, -1])
+    return out

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from model_zoo import make_cnn, make_data
+from model_zoo import make_cnn, make_data, min_norm_interpolant, random_features_model
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
@@ -30,13 +30,6 @@ def flat(model):
 
 
 # --------------------------------------------------------------------------- exact identity
-def random_features_model(seed=0, d=5, h=12, c=3):
-    """A model linear in its trainable parameters: fixed random features → nn.Linear."""
-    torch.manual_seed(seed)
-    feats = nn.Linear(d, h).double().requires_grad_(False)
-    return nn.Sequential(feats, nn.Tanh(), nn.Linear(h, c).double()).eval()
-
-
 def ridge_optimum(model, theta0_model, X, Y, lam):
     """θ0 + argmin_w ½‖Φ w − e‖² + ½λ‖w‖², solved in *parameter space* (primal normal
     equations) — independent of the dual NTK form that scrub uses."""
@@ -63,8 +56,8 @@ def test_exact_identity_linear_model(lam):
     Xr, Yr, Xf, Yf = X[:24], Y[:24], X[24:], Y[24:]
     if lam == 0.0:  # min-norm solution needs c·N < p: 3·30 = 90 > 39, so use fewer samples
         X, Y, Xr, Yr, Xf, Yf = X[:10], Y[:10], X[:8], Y[:8], X[8:10], Y[8:10]
-        trained = _min_norm(theta0, X, Y)
-        target = _min_norm(theta0, Xr, Yr)
+        trained = min_norm_interpolant(theta0, X, Y)
+        target = min_norm_interpolant(theta0, Xr, Yr)
     else:
         trained = ridge_optimum(None, theta0, X, Y, lam)
         target = ridge_optimum(None, theta0, Xr, Yr, lam)
@@ -81,18 +74,6 @@ def test_exact_identity_linear_model(lam):
     )
     assert rel(flat(res.model), flat(target)) <= 1e-6
     assert res.info["matvecs"] > 0 and res.info["solves"][0]["converged"]
-
-
-def _min_norm(theta0, X, Y):
-    with torch.no_grad():
-        phi = torch.tanh(theta0[0](X))
-        Phi = torch.cat([phi, torch.ones(len(X), 1, dtype=phi.dtype)], 1)
-        e = torch.nn.functional.one_hot(Y, 3).double() - theta0(X)
-        Wb = (torch.linalg.pinv(Phi) @ e).T
-        out = copy.deepcopy(theta0)
-        out[2].weight.add_(Wb[:, :-1])
-        out[2].bias.add_(Wb[:, -1])
-    return out
 
 
 # --------------------------------------------------------------------------- cg = dense

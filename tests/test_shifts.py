@@ -4,14 +4,11 @@ statement on a model linear in its parameters, dense = cg, matvecs, rescale/nois
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from model_zoo import make_data, make_mlp
+from model_zoo import make_data, make_mlp, min_norm_interpolant, random_features_model
 from scipy.optimize import minimize
-from torch import nn
 from torch.func import functional_call
 
 from ntkscrub.scrub import scrub
@@ -164,26 +161,6 @@ def test_newton_config_rejects_bad_values():
 
 
 # --------------------------------------------------------------------------- projected
-def random_features_model(seed=0, d=5, h=12, c=3):
-    """Linear in its trainable parameters: fixed random features → nn.Linear."""
-    torch.manual_seed(seed)
-    feats = nn.Linear(d, h).double().requires_grad_(False)
-    return nn.Sequential(feats, nn.Tanh(), nn.Linear(h, c).double()).eval()
-
-
-def min_norm_interpolant(theta0, X, Y):
-    """θ0 + the min-norm w with f(θ0 + w; X) = onehot(Y) (the linear model's GD limit)."""
-    with torch.no_grad():
-        phi = torch.tanh(theta0[0](X))
-        Phi = torch.cat([phi, torch.ones(len(X), 1, dtype=phi.dtype)], 1)
-        e = torch.nn.functional.one_hot(Y, 3).double() - theta0(X)
-        Wb = (torch.linalg.pinv(Phi) @ e).T
-        out = copy.deepcopy(theta0)
-        out[2].weight.add_(Wb[:, :-1])
-        out[2].bias.add_(Wb[:, -1])
-    return out
-
-
 @pytest.mark.parametrize("solver", ["dense", "cg"])
 def test_projected_lands_on_min_norm_retain_interpolant(solver):
     """Exact statement (λ = 0, J_D of full row rank, f linear in θ): Δ′ = −Q v with Q the
