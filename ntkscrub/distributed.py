@@ -27,8 +27,11 @@ What a flag cannot catch — a rank that dies or hangs — is bounded by the pro
 collective timeout (``init_process_group(timeout=...)``; :func:`init` sets 10 minutes).
 
 The Nyström preconditioner is row-sharded (:class:`ShardedNystrom`): one block product for the
-sketch, ``ℓ × ℓ`` core matrices summed over the ranks. Not (yet) data-parallel: sharing the
-Θ_DD factor with Θ_rr (each system builds its own), SLQ, ``form="block"``, the Fisher noise,
+sketch, ``ℓ × ℓ`` core matrices summed over the ranks. Lanczos and SLQ (:func:`sharded_lanczos`,
+:func:`sharded_slq_logdet`) run the one-process recurrences on row-sharded vectors with their
+inner products summed by :meth:`Comm.sum_scalars`; each rank draws its rows of the one-process
+Rademacher probes. Not (yet) data-parallel: sharing the
+Θ_DD factor with Θ_rr (each system builds its own), ``form="block"``, the Fisher noise,
 ``solver="dense"`` (each raises or is recorded, see :func:`sharded_scrub`).
 """
 
@@ -50,6 +53,7 @@ from ntkscrub.config import SolverConfig
 from ntkscrub.operators import Inverse, Jacobian, Operator, StackedJacobian
 from ntkscrub.params import ParameterSpace
 from ntkscrub.solvers import LowRankPreconditioner
+from ntkscrub.solvers.lanczos import LanczosResult, LogdetEstimate, Sharding, lanczos, slq_logdet
 
 __all__ = [
     "Comm",
@@ -60,6 +64,8 @@ __all__ = [
     "init",
     "sharded_ntk",
     "sharded_cg",
+    "sharded_lanczos",
+    "sharded_slq_logdet",
     "sharded_scrub",
     "DEFAULT_TIMEOUT",
 ]
@@ -203,6 +209,17 @@ class Comm:
         self._raise_if(float(buf[-1]))
         return buf[:-1].reshape(t.shape).clone()
 
+    def shard_rows(self, n_local: int) -> tuple[slice, int]:
+        """This rank's rows ``slice(start, start + n_local)`` of the concatenation of every
+        rank's ``n_local`` rows in rank order, and the global row count."""
+        sizes = [int(s) for s in self.gather_objects(int(n_local))]
+        start = sum(sizes[: self.rank])
+        return slice(start, start + sizes[self.rank]), sum(sizes)
+
+    def sharding(self, rows: slice) -> Sharding:
+        """The :class:`~ntkscrub.solvers.lanczos.Sharding` that row-sharded Lanczos/SLQ take."""
+        return Sharding(rows=rows, allreduce=self.sum_scalars)
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (small Python objects: sizes, arguments), in rank order."""
         self.sync()
@@ -297,6 +314,78 @@ def sharded_cg(
         warnings.simplefilter("ignore", RuntimeWarning)  # the caller raises or records it
         X = inv.solve(B, x0=x0)
     return X, inv.last_info
+
+
+def _check_square_local(A: Any, comm: Comm) -> int:
+    """This rank's row count of the row-sharded square ``A`` (checked on every rank at once, so
+    a bad shard raises everywhere instead of leaving the others in a collective)."""
+    n = -1
+    with comm.guard("checking its rows of A"):
+        shape = tuple(getattr(A, "shape", ()))
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"A: expected this rank's (n_k, n_k) rows, got shape {shape}")
+        n = int(shape[0])
+    return n
+
+
+def sharded_lanczos(
+    A: Any, v: Tensor, steps: int, comm: Comm, *, return_basis: bool = False
+) -> LanczosResult:
+    """:func:`~ntkscrub.solvers.lanczos` on a row-sharded symmetric ``A`` (e.g.
+    :func:`sharded_ntk`) from this rank's rows ``v`` ``(n_k,)``/``(n_k, m)`` of the start
+    vectors: every inner product is summed over the ranks (:meth:`Comm.sum_scalars`, four
+    reductions per step), so ``alpha``, ``beta``, ``steps`` — the tridiagonals and their Ritz
+    values — are the same bits on every rank and equal the one-process run on the concatenated
+    start vectors up to rounding. ``basis`` (if asked) holds this rank's rows. Always fully
+    reorthogonalised."""
+    n_k = _check_square_local(A, comm)
+    with comm.guard("checking its rows of the start vectors"):
+        if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != n_k:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"v: expected this rank's {n_k} rows, got {got}")
+    return lanczos(A, v, steps, reorthogonalize=True, return_basis=return_basis,
+                   allreduce=comm.sum_scalars)  # fmt: skip
+
+
+def sharded_slq_logdet(
+    A: Any,
+    comm: Comm,
+    *,
+    probes: int = 30,
+    steps: int = 30,
+    seed: int = 0,
+    shift: float | None = None,
+) -> LogdetEstimate:
+    """SLQ ``log det A`` (:func:`~ntkscrub.solvers.slq_logdet`) of a row-sharded SPD ``A``
+    whose local ``(n_k, n_k)`` rows this rank holds (e.g. ``sharded_ntk(J, λ)``; ``shift``
+    defaults to ``A.ridge_shift()``, λ there, for the Gauss–Radau bracket).
+
+    The probes are the one-process probes of ``seed`` for ``n = Σ n_k``, each rank drawing its
+    rows (:func:`~ntkscrub.solvers.lanczos.rademacher` with ``rows``), so the estimate equals
+    the one-process ``slq_logdet(A_full, n, probes=, steps=, seed=, shift=)`` up to the rounding
+    of the reordered sums, and is the same bits on every rank. ``probes``, ``steps``, ``seed``
+    and ``shift`` must be the same on every rank (checked: ValueError on every rank).
+    """
+    n_k = _check_square_local(A, comm)
+    if shift is None and hasattr(A, "ridge_shift"):
+        shift = A.ridge_shift()
+    args = {"probes": probes, "steps": steps, "seed": seed, "shift": shift}
+    everyone = comm.gather_objects(args)
+    for name in args:
+        if any(other[name] != args[name] for other in everyone):
+            raise ValueError(f"{name}: differs between ranks ({[o[name] for o in everyone]})")
+    rows, n = comm.shard_rows(n_k)
+    return slq_logdet(
+        A,
+        n,
+        probes=probes,
+        steps=min(steps, n),
+        seed=seed,
+        shift=shift,
+        dtype=A.dtype,
+        device=A.device,
+        shard=comm.sharding(rows),
+    )
 
 
 class ShardedNystrom(LowRankPreconditioner):

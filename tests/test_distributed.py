@@ -8,6 +8,7 @@ concatenated shards (rank order) and with each other rank (bit for bit where pro
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import traceback
 from typing import Any
@@ -23,7 +24,8 @@ from ntkscrub import distributed as nd
 from ntkscrub.config import SolverConfig
 from ntkscrub.operators import Jacobian
 from ntkscrub.params import ParameterSpace
-from ntkscrub.solvers import NystromPreconditioner, cg
+from ntkscrub.solvers import NystromPreconditioner, cg, lanczos, slq_logdet
+from ntkscrub.solvers.lanczos import Sharding
 
 RIDGE = 1.0
 # Shard sizes per world size: uneven retain shards, and an empty forget shard on rank 1.
@@ -111,6 +113,42 @@ def _operators(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+SLQ = {"probes": 6, "steps": 20, "seed": 4}
+
+
+def _sharded_theta(rank: int, world: int, which: str) -> tuple[Any, nd.Comm]:
+    """Θ + λI row-sharded over the retain (or forget: rank 1's shard empty) shards."""
+    pb = _problem("mlp", world)
+    comm = nd.Comm()
+    space = ParameterSpace(pb["init"])
+    data = pb[f"{which}_shards"][rank]
+    local = Jacobian(space, data) if data[0].shape[0] else None
+    J = nd.ShardedJacobian(
+        local, comm, c=3, p=space.p, dtype=torch.float64, device=torch.device("cpu")
+    )
+    return nd.sharded_ntk(J, RIDGE), comm
+
+
+def _lanczos_slq(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for which in ("retain", "forget"):
+        theta, comm = _sharded_theta(rank, world, which)
+        est = nd.sharded_slq_logdet(theta, comm, **SLQ)
+        out[which] = {k: getattr(est, k) for k in ("value", "per_probe", "upper", "lower")}
+    theta, comm = _sharded_theta(rank, world, "retain")
+    rows, n = comm.shard_rows(theta.shape[0])
+    V = torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    res = nd.sharded_lanczos(theta, V[rows], 12, comm)
+    out["lanczos"] = {"alpha": res.alpha, "beta": res.beta, "steps": res.steps}
+    out["ritz"] = [torch.linalg.eigvalsh(res.tridiagonal(j)) for j in range(2)]
+    return out
+
+
+def _slq_seed_differs(rank: int, world: int) -> Any:
+    theta, comm = _sharded_theta(rank, world, "retain")
+    return nd.sharded_slq_logdet(theta, comm, probes=2, steps=3, seed=rank)
+
+
 def _scrub(rank: int, world: int, kind: str, **kw: Any) -> dict[str, Any]:
     pb = _problem(kind, world)
     res = ntkscrub.scrub(
@@ -177,6 +215,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     results: dict[str, Any] = {}
     try:
         results["scrub_mlp"] = _catch(lambda: _scrub(rank, world, "mlp", ridge=RIDGE))
+        results["lanczos_slq"] = _catch(lambda: _lanczos_slq(rank, world))
         if world == 2:
             results["operators"] = _catch(lambda: _operators(rank, world))
             results["scrub_ce"] = _catch(
@@ -201,6 +240,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                 lambda: _scrub(rank, world, "mlp", ridge=RIDGE * (1 + rank))
             )
             results["model_differs"] = _catch(lambda: _scrub_other_model(rank, world))
+            results["slq_seed_differs"] = _catch(lambda: _slq_seed_differs(rank, world))
             results["not_converged"] = _catch(
                 lambda: _scrub(rank, world, "mlp", ridge=RIDGE, max_iter=2)
             )
@@ -349,6 +389,88 @@ def test_sharded_scrub_three_ranks(three: list[dict[str, Any]]) -> None:
         assert all(torch.equal(ranks[0]["shift"], r["shift"]) for r in ranks[1:])
         assert ranks[0]["info"]["world_size"] == 3
         assert ranks[0]["info"]["shards"] == [(6, 2), (3, 0), (4, 3)]
+
+
+# --------------------------------------------------------------------------- Lanczos and SLQ
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_lanczos_and_slq_match_one_process(
+    world: int, two: list[dict[str, Any]], three: list[dict[str, Any]]
+) -> None:
+    ranks = _ok(two if world == 2 else three, "lanczos_slq")
+    pb = _problem("mlp", world)
+    space = ParameterSpace(pb["init"])
+    for which in ("retain", "forget"):
+        J = Jacobian(space, pb[which])
+        theta = (J @ J.mT).add_diagonal(RIDGE)
+        ref = slq_logdet(theta, J.shape[0], shift=RIDGE, **SLQ)
+        for r in ranks:
+            got = r[which]
+            assert abs(got["value"] - ref.value) <= 1e-10 * max(1.0, abs(ref.value))
+            assert abs(got["upper"] - ref.upper) <= 1e-10 * max(1.0, abs(ref.upper))
+            assert abs(got["lower"] - ref.lower) <= 1e-10 * max(1.0, abs(ref.lower))
+            diff = torch.tensor(got["per_probe"]) - torch.tensor(ref.per_probe)
+            assert diff.abs().max() <= 1e-10 * max(1.0, abs(ref.value))
+            assert got == ranks[0][which]  # the same bits on every rank
+        # the quadrature has converged; what is left is the Monte-Carlo error of 6 probes
+        assert ref.quadrature_halfwidth <= 1e-8 * abs(ref.value)
+        exact = float(torch.linalg.slogdet(theta.to_dense())[1])
+        assert abs(ref.value - exact) <= 4 * ref.stderr
+    J = Jacobian(space, pb["retain"])
+    theta = (J @ J.mT).add_diagonal(RIDGE)
+    V = torch.randn(J.shape[0], 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref_l = lanczos(theta, V, 12)
+    for r in ranks:
+        assert r["lanczos"]["steps"] == ref_l.steps
+        assert (r["lanczos"]["alpha"] - ref_l.alpha).abs().max() <= 1e-10 * ref_l.alpha.abs().max()
+        assert (r["lanczos"]["beta"] - ref_l.beta).abs().max() <= 1e-10 * ref_l.alpha.abs().max()
+        for j in range(2):
+            ritz = torch.linalg.eigvalsh(ref_l.tridiagonal(j))
+            for got, want in ((r["ritz"][j][0], ritz[0]), (r["ritz"][j][-1], ritz[-1])):
+                assert abs(float(got - want)) <= 1e-10 * float(ritz[-1])
+        assert torch.equal(r["lanczos"]["alpha"], ranks[0]["lanczos"]["alpha"])
+        assert torch.equal(r["lanczos"]["beta"], ranks[0]["lanczos"]["beta"])
+    # the largest Ritz value has converged to λ_max(Θ + λI) after 12 steps
+    lam = torch.linalg.eigvalsh(theta.to_dense())
+    assert abs(float(ranks[0]["ritz"][0][-1]) - float(lam[-1])) <= 1e-8 * float(lam[-1])
+
+
+def test_slq_seed_differing_between_ranks_raises_everywhere(two: list[dict[str, Any]]) -> None:
+    errs = [res["slq_seed_differs"] for res in two]
+    assert all(e.get("error") == "ValueError" for e in errs), errs
+    assert all(e["message"].startswith("seed: differs between ranks") for e in errs), errs
+
+
+def test_rademacher_rows_tile_the_one_process_probes(monkeypatch: Any) -> None:
+    lz = importlib.import_module("ntkscrub.solvers.lanczos")  # the name `lanczos` is the function
+
+    full = lz.rademacher(23, 3, 9, torch.float64, torch.device("cpu"))
+    monkeypatch.setattr(lz, "_PROBE_CHUNK", 12)  # 4 rows a chunk: shards cross chunk borders
+    cuts = [0, 5, 5, 6, 17, 23]  # uneven, one empty
+    parts = [
+        lz.rademacher(23, 3, 9, torch.float64, torch.device("cpu"), rows=slice(a, b))
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
+    assert [p.shape[0] for p in parts] == [5, 0, 1, 11, 6]
+    assert torch.equal(torch.cat(parts), full)
+    with pytest.raises(ValueError, match="rows"):
+        lz.rademacher(23, 3, 9, torch.float64, torch.device("cpu"), rows=slice(0, 10, 2))
+
+
+def test_lanczos_allreduce_hook_leaves_one_process_unchanged() -> None:
+    A = torch.randn(30, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    A = A @ A.T + torch.eye(30, dtype=torch.float64)
+    v = torch.randn(30, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    a = lanczos(A, v, 10)
+    b = lanczos(A, v, 10, allreduce=lambda t: t)
+    assert torch.equal(a.alpha, b.alpha) and torch.equal(a.beta, b.beta) and a.steps == b.steps
+    one = Sharding(rows=slice(0, 30), allreduce=lambda t: t)
+    ref = slq_logdet(A, 30, probes=4, steps=10, seed=3, shift=1.0)
+    est = slq_logdet(A, 30, probes=4, steps=10, seed=3, shift=1.0, shard=one)
+    assert est.per_probe == ref.per_probe
+    with pytest.raises(ValueError, match="seed"):
+        slq_logdet(A, 30, probes=4, steps=10, seed=None, shard=one)
+    with pytest.raises(ValueError, match="add up to 20"):
+        slq_logdet(A, 30, probes=4, steps=10, seed=3, shard=Sharding(slice(0, 20), one.allreduce))
 
 
 # --------------------------------------------------------------------------- failures

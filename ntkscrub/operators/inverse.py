@@ -321,6 +321,11 @@ class Inverse(Operator):
         Gauss–Radau bracket when A is ``K + s·I`` with K PSD by construction)."""
         if self.config.method == "dense":
             return float(2.0 * torch.log(torch.diagonal(self.cholesky())).sum())
+        if self.allreduce is not None:  # the local rows alone would give a wrong value
+            raise ValueError(
+                f"{self.label}: a row-sharded log det needs the rank's rows: use "
+                "ntkscrub.distributed.sharded_slq_logdet"
+            )
         from ntkscrub.solvers import slq_logdet
 
         shift = self.A.ridge_shift() if isinstance(self.A, Operator) else None

@@ -52,7 +52,6 @@ from ntkscrub.solvers.cg import (
     _is_linear_operator,
     as_matmul,
     coldot,
-    colnorm,
     resolve_dtype_device,
 )
 
@@ -64,6 +63,7 @@ __all__ = [
     "slq_trace",
     "slq_logdet",
     "dense_logdet",
+    "Sharding",
 ]
 
 _F64 = torch.float64
@@ -113,6 +113,21 @@ def _tridiag(a: Tensor, b: Tensor) -> Tensor:
     return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
 
 
+def _reduced_dot(
+    allreduce: Callable[[Tensor], Tensor] | None,
+) -> Callable[..., Tensor]:
+    """Column inner products ``(m,)`` in float64, summed over the ranks when ``allreduce`` is
+    given; ``extra`` scalars (flags, counts) ride along in the same reduction, appended."""
+
+    def dot(a: Tensor, b: Tensor, extra: list[float] | None = None) -> Tensor:
+        d = coldot(a, b)
+        if extra is not None:
+            d = torch.cat([d, torch.tensor(extra, dtype=_F64, device=d.device)])
+        return d if allreduce is None else allreduce(d)
+
+    return dot
+
+
 def lanczos(  # noqa: C901, PLR0915 - listed in pyproject.toml
     A: Operator,
     v: Tensor,
@@ -120,6 +135,7 @@ def lanczos(  # noqa: C901, PLR0915 - listed in pyproject.toml
     *,
     reorthogonalize: bool = True,
     return_basis: bool = False,
+    allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> LanczosResult:
     """Run ``steps`` Lanczos steps from each column of ``v``, all columns in one call to A per step.
 
@@ -133,6 +149,13 @@ def lanczos(  # noqa: C901, PLR0915 - listed in pyproject.toml
             numbers, negligible next to s NTK matvecs, and keeps the Ritz values free of the
             spurious copies ("ghosts") plain Lanczos produces.
         return_basis: also return the Lanczos vectors (stored anyway when reorthogonalising).
+        allreduce: data-parallel hook (:mod:`ntkscrub.distributed`): ``A`` and ``v`` are this
+            rank's rows (``(n_k,)``/``(n_k, m)``, ``n_k`` may be 0) of a row-sharded operator, and
+            ``allreduce`` sums a 1-D float64 tensor of per-rank partials over the ranks, returning
+            the same bits on every rank (:meth:`ntkscrub.distributed.Comm.sum_scalars`). Every
+            inner product and norm (α, β, the reorthogonalisation coefficients, the start norms)
+            goes through it, so every rank builds the same tridiagonals and takes the same
+            breakdown decisions; ``steps`` is capped at the global n. The basis stays row-sharded.
 
     A run stops early (breakdown) when its residual norm falls below ``100 · eps · ‖T‖``: its Krylov
     space is invariant, its Ritz values are exact eigenvalues, and it is dropped from later calls.
@@ -140,20 +163,27 @@ def lanczos(  # noqa: C901, PLR0915 - listed in pyproject.toml
     t0 = time.perf_counter()
     if not isinstance(v, Tensor) or not v.is_floating_point():
         raise TypeError(f"v: expected a floating-point torch.Tensor, got {type(v).__name__}")
-    if v.dim() not in (1, 2) or v.shape[0] == 0 or (v.dim() == 2 and v.shape[1] == 0):
+    # With allreduce, a rank may hold no rows (the global n is checked below).
+    empty_rows = v.dim() in (1, 2) and v.shape[0] == 0 and allreduce is None
+    if v.dim() not in (1, 2) or empty_rows or (v.dim() == 2 and v.shape[1] == 0):
         raise ValueError(
             f"v: expected a non-empty tensor of shape (n,) or (n, m), got {tuple(v.shape)}"
         )
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError("v: contains NaN or infinite values")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: must be a positive integer, got {steps!r}")
     squeeze = v.dim() == 1
-    V = v.unsqueeze(1) if squeeze else v  # (n, m)
+    V = v.unsqueeze(1) if squeeze else v  # (n, m): this rank's rows under allreduce
     n, m = V.shape
-    steps = min(steps, n)
+    dot = _reduced_dot(allreduce)
+    # One reduction for the global n, the start norms and the finiteness of v on every rank.
+    head = dot(V, V, extra=[float(n), 0.0 if bool(torch.isfinite(V).all()) else 1.0])
+    vnorm, n_glob, bad = head[:m].sqrt(), int(head[m]), float(head[m + 1])
+    if n_glob == 0:
+        raise ValueError(f"v: expected a non-empty tensor of shape (n,) or (n, m), got {(0, m)}")
+    if bad > 0:
+        raise ValueError("v: contains NaN or infinite values")
+    steps = min(steps, n_glob)
     matmul = as_matmul(A, n, name="A")
-    vnorm = colnorm(V)  # (m,) float64
     if bool((vnorm == 0).any()):
         raise ValueError("v: start vectors must be nonzero")
     dt, dev = V.dtype, V.device
@@ -179,11 +209,13 @@ def lanczos(  # noqa: C901, PLR0915 - listed in pyproject.toml
         Wa = matmul(q[:, idx_d])  # (n, m_active): one call for every running start vector
         matvecs += int(idx.numel())
         calls += 1
-        if not bool(torch.isfinite(Wa).all()):
-            raise ValueError("A: operator returned NaN or infinite values")
         W = torch.zeros_like(q)
         W[:, idx_d] = Wa
-        a = coldot(q, W)  # (m,) float64
+        # α and a non-finite-product flag in one reduction: every rank raises together.
+        a = dot(q, W, extra=[0.0 if bool(torch.isfinite(Wa).all()) else 1.0])
+        a, bad = a[:m], float(a[m])
+        if bad > 0:
+            raise ValueError("A: operator returned NaN or infinite values")
         a[~active.to(dev)] = 0.0
         alpha[:, i] = a.cpu()
         for j in idx.tolist():
@@ -193,9 +225,11 @@ def lanczos(  # noqa: C901, PLR0915 - listed in pyproject.toml
             Qs = basis[: i + 1]  # (i+1, n, m) view
             for _ in range(2):  # "twice is enough" (Kahan–Parlett)
                 c = torch.einsum("inm,nm->im", Qs, W)
+                if allreduce is not None:  # the (i+1, m) coefficients are sums over all rows
+                    c = allreduce(c.to(_F64).reshape(-1)).reshape(c.shape).to(dt)
                 W = W - torch.einsum("im,inm->nm", c, Qs)
         W[:, ~active.to(dev)] = 0.0
-        b = colnorm(W)  # (m,) float64
+        b = dot(W, W).sqrt()  # (m,) float64
         b_cpu = b.cpu()
         anorm = torch.maximum(anorm, alpha[:, i].abs() + b_cpu + beta[:, max(i - 1, 0)])
         broke = active & (b_cpu <= 100 * eps * anorm.clamp_min(torch.finfo(_F64).tiny))
@@ -328,17 +362,59 @@ class LogdetEstimate(TraceEstimate):
     quadrature_halfwidth: float | None = None
 
 
+_PROBE_CHUNK = 1 << 22  # int8 draws per chunk when only some rows are kept
+
+
 def rademacher(
-    n: int, m: int, seed: int | None, dtype: torch.dtype, device: torch.device
+    n: int,
+    m: int,
+    seed: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    rows: slice | None = None,
 ) -> Tensor:
     """An ``(n, m)`` block of ±1 probes, drawn on the CPU (same draws on every device) from
-    ``seed``, or from torch's global generator when ``seed`` is None."""
+    ``seed``, or from torch's global generator when ``seed`` is None.
+
+    ``rows``: keep only these rows (``slice(start, stop)``, step 1), e.g. a rank's shard. The
+    draws are made in row chunks from the same generator and the others discarded, so the shards
+    of all ranks, concatenated in order, are exactly the full block (tested) while no rank holds
+    more than its rows plus one chunk of ``2**22`` int8 draws.
+    """
     g = None
     if seed is not None:
         g = torch.Generator(device="cpu")
         g.manual_seed(int(seed))
-    z = torch.randint(0, 2, (n, m), generator=g, dtype=torch.int8)  # (n, m) on CPU: reproducible
+    if rows is None:
+        z = torch.randint(0, 2, (n, m), generator=g, dtype=torch.int8)  # (n, m) CPU: reproducible
+        return (2 * z - 1).to(device=device, dtype=dtype)
+    start, stop, step = rows.indices(n)
+    if step != 1:
+        raise ValueError(f"rows: expected a contiguous slice, got {rows!r}")
+    chunk = max(1, _PROBE_CHUNK // max(m, 1))
+    kept = []
+    for lo in range(0, max(stop, start), chunk):  # the stream up to this shard's last row
+        hi = min(lo + chunk, n)
+        z = torch.randint(0, 2, (hi - lo, m), generator=g, dtype=torch.int8)
+        if hi > start:
+            kept.append(z[max(start - lo, 0) : stop - lo])
+    z = torch.cat(kept) if kept else torch.zeros(0, m, dtype=torch.int8)
     return (2 * z - 1).to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a row-sharded operator is split over the ranks (data-parallel SLQ).
+
+    Attributes:
+        rows: this rank's rows ``slice(start, stop)`` of the global ``n`` (the ranks' slices,
+            in rank order, tile ``range(n)``; a slice may be empty).
+        allreduce: sums a 1-D float64 tensor over the ranks, the same bits on every rank
+            (:meth:`ntkscrub.distributed.Comm.sum_scalars`).
+    """
+
+    rows: slice
+    allreduce: Callable[[Tensor], Tensor]
 
 
 def _probe_runs(
@@ -349,16 +425,30 @@ def _probe_runs(
     seed: Any,
     dtype: torch.dtype | None,
     device: Any,
+    shard: Sharding | None = None,
 ) -> LanczosResult:
-    """Validate, draw ``probes`` Rademacher vectors (‖z‖² = n) and run Lanczos on all at once."""
+    """Validate, draw ``probes`` Rademacher vectors (‖z‖² = n) and run Lanczos on all at once
+    (with ``shard``: this rank's rows of the very probes one process would draw)."""
     for name, val in (("n", n), ("probes", probes), ("steps", steps)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name}: must be a positive integer, got {val!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
     dt, dev = resolve_dtype_device(A, dtype, device)
-    Z = rademacher(n, probes, seed, dt, dev)  # (n, probes)
-    return lanczos(A, Z, steps, reorthogonalize=True)
+    if shard is None:
+        Z = rademacher(n, probes, seed, dt, dev)  # (n, probes)
+        return lanczos(A, Z, steps, reorthogonalize=True)
+    if seed is None:  # each rank's global generator is its own: the probes would not tile
+        raise ValueError("seed: data-parallel SLQ needs an int seed (the same on every rank)")
+    if not isinstance(shard, Sharding):
+        raise TypeError(f"shard: expected a Sharding, got {type(shard).__name__}")
+    start, stop, _ = shard.rows.indices(n)
+    Z = rademacher(n, probes, seed, dt, dev, rows=shard.rows)  # (n_k, probes)
+    # The row counts must tile n (a wrong slice would silently estimate another matrix).
+    total = float(shard.allreduce(torch.tensor([float(stop - start)], dtype=_F64))[0])
+    if int(total) != n:
+        raise ValueError(f"shard: the ranks' rows add up to {int(total)}, not n = {n}")
+    return lanczos(A, Z, steps, reorthogonalize=True, allreduce=shard.allreduce)
 
 
 def _stderr(per: Tensor) -> float:
@@ -378,6 +468,7 @@ def slq_trace(
     node: float | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    shard: Sharding | None = None,
 ) -> TraceEstimate:
     """Estimate ``tr f(A)`` by stochastic Lanczos quadrature with Rademacher probes.
 
@@ -391,11 +482,16 @@ def slq_trace(
             known end of the spectrum); ``gauss_value`` always holds the plain Gauss rule.
         dtype, device: of the probe block passed to A (default: those of a Tensor/LinearOperator,
             else the default dtype on the CPU).
+        shard: data-parallel SLQ (:class:`Sharding`): ``A`` acts on this rank's rows of a
+            row-sharded operator of global size ``n``; each rank draws its rows of the same probes
+            (so the estimate equals the one-process estimate up to the rounding of the reordered
+            sums) and every rank returns the same bits. ``seed`` must be an int.
 
-    Cost: ``steps`` calls to A, each with ``probes`` columns (fewer after breakdowns).
+    Cost: ``steps`` calls to A, each with ``probes`` columns (fewer after breakdowns); with
+    ``shard``, four scalar reductions per step (α, two Gram–Schmidt passes, β).
     """
     t0 = time.perf_counter()
-    res = _probe_runs(A, n, probes, steps, seed, dtype, device)
+    res = _probe_runs(A, n, probes, steps, seed, dtype, device, shard)
     gauss = n * _quadrature(res, fn, None)  # (probes,)
     per = gauss if node is None else n * _quadrature(res, fn, float(node))
     return TraceEstimate(
@@ -422,12 +518,14 @@ def slq_logdet(
     shift: float | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    shard: Sharding | None = None,
 ) -> LogdetEstimate:
     """Estimate ``log det A`` for a symmetric positive definite ``A`` by SLQ (Rademacher probes).
 
     Args:
         A: SPD operator of size ``n``.
-        probes, steps, seed, dtype, device: as for :func:`slq_trace`.
+        probes, steps, seed, dtype, device, shard: as for :func:`slq_trace` (``shard``: A is
+            this rank's rows of a row-sharded operator; the same value on every rank).
         shift: ``s > 0`` such that ``A = s·I + K`` with K PSD (for Θ + λI: s = λ). Then, per
             probe, the Gauss rule (upper bound) and the Gauss–Radau rule with a node at s (lower
             bound) are both evaluated on the same Lanczos data — as
@@ -453,7 +551,7 @@ def slq_logdet(
                 )
             return torch.log(theta)
 
-        res = _probe_runs(A, n, probes, steps, seed, dtype, device)
+        res = _probe_runs(A, n, probes, steps, seed, dtype, device, shard)
         per = n * _quadrature(res, log_checked, None)
         value = float(per.mean())
         return LogdetEstimate(
@@ -480,7 +578,7 @@ def slq_logdet(
         # log(θ/s): the cluster at s contributes 0 and n·log s is added outside the quadrature.
         return torch.log((theta / s).clamp_min(1.0))
 
-    res = _probe_runs(A, n, probes, steps, seed, dtype, device)
+    res = _probe_runs(A, n, probes, steps, seed, dtype, device, shard)
     const = n * math.log(s)
     gauss = n * _quadrature(res, log_rel, None) + const  # (probes,) upper bounds
     radau = n * _quadrature(res, log_rel, s) + const  # (probes,) lower bounds
