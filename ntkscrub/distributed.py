@@ -220,6 +220,12 @@ class Comm:
         """The :class:`~ntkscrub.solvers.lanczos.Sharding` that row-sharded Lanczos/SLQ take."""
         return Sharding(rows=rows, allreduce=self.sum_scalars)
 
+    def replicated(self, n: int) -> Sharding:
+        """The :class:`~ntkscrub.solvers.lanczos.Sharding` of an ``n``-row operator held whole
+        by every rank (the bounds' p×p precision): every scalar is rank 0's (a broadcast), so
+        the ranks take the same decisions even where their products rounded apart."""
+        return Sharding(rows=slice(0, n), allreduce=self.broadcast)
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (small Python objects: sizes, arguments), in rank order."""
         self.sync()

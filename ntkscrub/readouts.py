@@ -149,40 +149,94 @@ def _check_kind(kind: Any) -> str:
     return kind
 
 
+def _comm(process_group: Any) -> Any:
+    """The data-parallel :class:`~ntkscrub.distributed.Comm` when ``process_group`` is given or
+    a default group is initialised (the rule of :func:`ntkscrub.scrub`), else ``None``."""
+    from ntkscrub import distributed  # imported here: torch.distributed only when used
+
+    return distributed.Comm(process_group) if distributed.active(process_group) else None
+
+
+def _summed(comm: Any, data: Any, name: str, k: int, local: Any) -> list[float]:
+    """``local()``: ``k`` sums over this data; with ``comm``, over *this rank's shard*, summed
+    over the ranks in rank order (the same bits on every rank). An empty shard contributes
+    zeros; an exception on any rank (bad labels on its shard, ...) raises a
+    :class:`~ntkscrub.distributed.DistributedError` on every rank instead of a hang."""
+    if comm is None:
+        return local()
+    from ntkscrub.distributed import _shard_size
+
+    sums = [0.0] * k
+    with comm.guard(f"reading its shard of {name}"):
+        if _shard_size(data) != 0:
+            sums = [float(v) for v in local()]
+    return comm.sum_scalars(torch.tensor(sums, dtype=torch.float64)).tolist()
+
+
 @torch.no_grad()
-def _error_and_loss(
+def _error_loss_sums(
     model: nn.Module, data: DataLike, name: str, kind: str, batch_size: int
-) -> tuple[float, float, int]:
-    """One pass: (fraction misclassified, mean loss, N)."""
+) -> list[float]:
+    """One pass: [samples misclassified, summed loss, N]."""
     wrong, total, n = 0, 0.0, 0
     for out, y in _stream(model, data, "model", name, batch_size):
         y = _check_y(y, out.shape[1], name)
         wrong += int((out.argmax(dim=1) != y).sum())
         total += float(_per_sample_loss(out, y, kind).double().sum())
         n += y.shape[0]
-    return wrong / n, total / n, n
+    return [wrong, total, n]
+
+
+def _error_and_loss(
+    model: nn.Module, data: DataLike, name: str, kind: str, batch_size: int, comm: Any = None
+) -> tuple[float, float, int]:
+    """(fraction misclassified, mean loss, N) — over every rank's shard with ``comm``."""
+    wrong, total, n = _summed(
+        comm, data, name, 3, lambda: _error_loss_sums(model, data, name, kind, batch_size)
+    )
+    if n == 0:
+        raise ValueError(f"{name}: the data set is empty on every rank")
+    return wrong / n, total / n, int(n)
 
 
 # --------------------------------------------------------------------------- errors and losses
-def error(model: nn.Module, data: DataLike, *, batch_size: int = 512) -> float:
+def error(
+    model: nn.Module, data: DataLike, *, batch_size: int = 512, process_group: Any = None
+) -> float:
     """Fraction of ``data`` misclassified by ``model`` (argmax of the logits ≠ label), in [0, 1].
 
     Readouts (i)–(iii) of §5.4 (error on D_r, D_f, test; Fig. 2a–c). ``data`` is a Dataset,
     a non-shuffling DataLoader or an ``(X, Y)`` pair; labels are required.
+    ``process_group``: see :func:`loss`.
     """
     check_eval_mode(model, "model")
-    return _error_and_loss(model, data, "data", "ce", batch_size)[0]
+    return _error_and_loss(model, data, "data", "ce", batch_size, _comm(process_group))[0]
 
 
-def loss(model: nn.Module, data: DataLike, *, kind: str = "ce", batch_size: int = 512) -> float:
+def loss(
+    model: nn.Module,
+    data: DataLike,
+    *,
+    kind: str = "ce",
+    batch_size: int = 512,
+    process_group: Any = None,
+) -> float:
     """Mean loss of ``model`` over ``data``.
 
     ``kind="ce"``: cross-entropy of the softmax (the loss of the relearn-time readout, §5.4 (iv));
     ``kind="mse"``: ``½‖f(x) − onehot(y)‖²`` summed over the ``c`` logits, averaged over samples
     (the losses of :func:`ntkscrub.training.train`).
+
+    ``process_group``: data-parallel readout (:mod:`ntkscrub.distributed`): when given, or when
+    a default ``torch.distributed`` group is initialised (as for :func:`ntkscrub.scrub`), ``data``
+    is *this rank's shard* (it may be empty) and every rank returns the value on the
+    concatenation of the shards (the sums over samples reduced once; the same bits on every
+    rank). The model must be the same on every rank. The same holds for :func:`error`,
+    :func:`evaluate`, :func:`softmax_l1` and :func:`softmax_l1_along_line`.
     """
     check_eval_mode(model, "model")
-    return _error_and_loss(model, data, "data", _check_kind(kind), batch_size)[1]
+    kind = _check_kind(kind)
+    return _error_and_loss(model, data, "data", kind, batch_size, _comm(process_group))[1]
 
 
 @torch.no_grad()
@@ -200,10 +254,12 @@ def evaluate(
     *,
     kind: str = "ce",
     batch_size: int = 512,
+    process_group: Any = None,
 ) -> dict[str, dict[str, float]]:
     """Error and mean loss on several named splits, e.g. ``{"retain": …, "forget": …, "test": …}``.
 
     Returns ``{split: {"error": float, "loss": float, "n": int}}`` (one pass per split).
+    ``process_group``: see :func:`loss` (each split is this rank's shard; ``n`` is global).
     """
     check_eval_mode(model, "model")
     if not isinstance(splits, Mapping):
@@ -211,29 +267,44 @@ def evaluate(
     if not splits:
         raise ValueError("splits: no splits given")
     _check_kind(kind)
+    comm = _comm(process_group)
     result: dict[str, dict[str, float]] = {}
     for split, data in splits.items():
-        err, mean_loss, n = _error_and_loss(model, data, f"splits[{split!r}]", kind, batch_size)
+        name = f"splits[{split!r}]"
+        err, mean_loss, n = _error_and_loss(model, data, name, kind, batch_size, comm)
         result[str(split)] = {"error": err, "loss": mean_loss, "n": n}
     return result
 
 
 # --------------------------------------------------------------------------- softmax distances
 def softmax_l1(
-    model_a: nn.Module, model_b: nn.Module, data: DataLike, *, batch_size: int = 512
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: DataLike,
+    *,
+    batch_size: int = 512,
+    process_group: Any = None,
 ) -> float:
     """Mean over ``data`` of ``‖softmax(f_a(x)) − softmax(f_b(x))‖₁`` (Fig. 4 of the paper).
 
     Convention: the L1 norm of the difference of the *full* probability vectors (all ``c``
     classes), so each term and the mean lie in ``[0, 2]``. Labels are not needed. The two models
     may differ in architecture but must have the same number of logits ``c``; each runs on its own
-    device.
+    device. ``process_group``: see :func:`loss`.
     """
     check_eval_mode(model_a, "model_a")
     check_eval_mode(model_b, "model_b")
-    batches = _batches(data, "data", batch_size)
-    ref = _reference_probs(model_b, "model_b", batches)
-    return _mean_l1(model_a, "model_a", _placement(model_a), batches, ref, "model_b")
+
+    def local() -> list[float]:
+        batches = _batches(data, "data", batch_size)
+        ref = _reference_probs(model_b, "model_b", batches)
+        return [_sum_l1(model_a, "model_a", _placement(model_a), batches, ref, "model_b"),
+                len(batches)]  # fmt: skip
+
+    total, n = _summed(_comm(process_group), data, "data", 2, local)
+    if n == 0:
+        raise ValueError("data: the data set is empty on every rank")
+    return total / n
 
 
 def _probabilities(
@@ -245,7 +316,7 @@ def _probabilities(
 
 
 @torch.no_grad()
-def _mean_l1(
+def _sum_l1(
     net: Any,
     net_name: str,
     placement: tuple[torch.device, torch.dtype | None],
@@ -253,7 +324,7 @@ def _mean_l1(
     ref_probs: Sequence[Tensor],
     ref_name: str,
 ) -> float:
-    """Mean over samples of ``‖softmax(net(x)) − p_ref(x)‖₁``, ``ref_probs`` one ``(b, c)`` per
+    """Sum over samples of ``‖softmax(net(x)) − p_ref(x)‖₁``, ``ref_probs`` one ``(b, c)`` per
     batch of ``batches`` (the reference is run once and reused, e.g. for every ``a`` of a line)."""
     total = 0.0
     for p, p_ref in zip(_probabilities(net, net_name, placement, batches), ref_probs):
@@ -264,7 +335,7 @@ def _mean_l1(
             )
         # float64 accumulation: the mean of many small differences must not lose digits.
         total += float((p.to(device=p_ref.device, dtype=torch.float64) - p_ref).abs().sum())
-    return total / len(batches)
+    return total
 
 
 @torch.no_grad()
@@ -316,6 +387,7 @@ def softmax_l1_along_line(
     alphas: Sequence[float] | Tensor | None = None,
     *,
     batch_size: int = 512,
+    process_group: Any = None,
 ) -> dict[str, list[float]]:
     """Softmax L1 distance to ``reference`` along the line from ``model`` to ``scrubbed`` (Fig. 4).
 
@@ -333,6 +405,7 @@ def softmax_l1_along_line(
     ``torch.func.functional_call``, using ``p`` extra memory per ``a``, one ``a`` at a time.
 
     Returns ``{"alphas": [...], "distances": [...]}`` (floats, same length).
+    ``process_group``: see :func:`loss` (one reduction for all of ``alphas``).
     """
     check_eval_mode(model, "model")
     check_eval_mode(scrubbed, "scrubbed")
@@ -357,21 +430,27 @@ def softmax_l1_along_line(
             UserWarning,
         )
 
-    batches = _batches(data, "data", batch_size)
-    ref = _reference_probs(reference, "reference", batches)
-    placement = _placement(model)
-    distances: list[float] = []
-    # One a at a time: the extra memory is one set of weights (p values), not len(alphas) sets.
-    for a in a_list:
-        with torch.no_grad():
-            params = {n: torch.lerp(w.detach(), end[n], a) for n, w in start.items()}
+    def local() -> list[float]:
+        batches = _batches(data, "data", batch_size)
+        ref = _reference_probs(reference, "reference", batches)
+        placement = _placement(model)
+        sums: list[float] = []
+        # One a at a time: the extra memory is one set of weights (p values), not one per a.
+        for a in a_list:
+            with torch.no_grad():
+                params = {n: torch.lerp(w.detach(), end[n], a) for n, w in start.items()}
 
-        def net(x: Tensor, params: dict[str, Tensor] = params) -> Tensor:
-            # Missing names (the buffers) are taken from model by functional_call.
-            return functional_call(model, params, (x,))
+            def net(x: Tensor, params: dict[str, Tensor] = params) -> Tensor:
+                # Missing names (the buffers) are taken from model by functional_call.
+                return functional_call(model, params, (x,))
 
-        distances.append(_mean_l1(net, f"model at a={a:g}", placement, batches, ref, "reference"))
-    return {"alphas": a_list, "distances": distances}
+            sums.append(_sum_l1(net, f"model at a={a:g}", placement, batches, ref, "reference"))
+        return [*sums, len(batches)]
+
+    *sums, n = _summed(_comm(process_group), data, "data", len(a_list) + 1, local)
+    if n == 0:
+        raise ValueError("data: the data set is empty on every rank")
+    return {"alphas": a_list, "distances": [t / n for t in sums]}
 
 
 # --------------------------------------------------------------------------- relearn time
@@ -499,7 +578,8 @@ def relearn_time(  # noqa: C901, PLR0915 - listed in pyproject.toml
             raise ValueError(f"max_retain_error must lie in [0, 1], got {max_retain_error}")
     if reference is not None:
         check_eval_mode(reference, "reference")
-        target = loss(reference, forget)
+        # this rank's own data: relearn_time is not data-parallel
+        target = _error_and_loss(reference, forget, "forget", "ce", 512)[1]
     else:
         target = _num(target_loss, "target_loss")
     n_full = len(_batches(data_full, "data_full", batch_size))  # checks data_full is usable

@@ -203,7 +203,7 @@ def _failing_product(rank: int, world: int) -> Any:
     return nd.sharded_cg(nd.sharded_ntk(J, RIDGE), b, comm, n_global=3 * 13, tol=1e-12)
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
+def _init_gloo(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -212,6 +212,10 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=60),  # a bug fails the test instead of hanging CI
     )
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    _init_gloo(rank, world, store)
     results: dict[str, Any] = {}
     try:
         results["scrub_mlp"] = _catch(lambda: _scrub(rank, world, "mlp", ridge=RIDGE))
@@ -251,14 +255,16 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp: Any) -> list[dict[str, Any]]:
+def _spawn(world: int, tmp: Any, worker: Any = None) -> list[dict[str, Any]]:
+    """Fork ``world`` gloo ranks running ``worker(rank, world, store, out)`` (default: this
+    file's scenarios); returns what each rank saved to ``out/rank{r}.pt``."""
     # Forked, not spawned: a fresh interpreter re-imports torch and torch.func's compiler stack
     # (≈ 10 s each on 2 busy cores); a fork inherits them, warmed by one product here.
     pb = _problem("cnn", world)
     J = Jacobian(ParameterSpace(pb["init"]), pb["retain"])
     J.mT @ (J @ torch.ones(J.p, 2, dtype=torch.float64))
     mp.start_processes(
-        _worker,
+        _worker if worker is None else worker,
         args=(world, str(tmp / "store"), str(tmp)),
         nprocs=world,
         join=True,

@@ -22,10 +22,19 @@ The white-box terms of two covariances (:func:`trace_minus_p`, :func:`logdet_rat
 p×p matrix in the matrix-free case: ``tr(Σ0⁻¹Σ) − p = tr((A0 − A) A⁻¹)`` by Hutchinson (exactly 0
 when the models coincide; variance scaling with the difference, not with p) and
 ``log|ΣΣ0⁻¹| = log|A0| − log|A|`` by SLQ with common random numbers (paired per-probe differences).
+
+Data-parallel (``comm``, a :class:`ntkscrub.distributed.Comm`): each rank holds its shard of D_r.
+F = Σ_ranks J_kᵀ H_k J_k is a sum over data, so every product with F all-reduces one ``(p, k)``
+block (``vjp_r``), the diagonal Fisher and the dense twin are summed once, and ``s = 1/N_r`` counts
+every rank's rows; everything else lives in parameter space and is replicated. Replicated solvers
+(primal CG, SLQ on A) take every scalar decision from rank 0 (``comm.broadcast``), so the ranks
+stop together even if an all-reduce rounded differently. The dual (Woodbury) form, a c·N_r
+system, is not sharded: ``form="primal"`` or ``solver="dense"`` there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -65,10 +74,19 @@ class NoiseCovariance:
         kind: Kind,
         delta: float,
         config: BoundsConfig,
+        comm: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: expected an nn.Module, got {type(model).__name__}")
         check_eval_mode(model, name)
+        self.comm = comm
+        if comm is not None and kind == "full" and config.solver == "cg" and config.form == "dual":
+            raise ValueError(
+                "config: form='dual' (the c·N_r Woodbury system) is not data-parallel yet; "
+                "use BoundsConfig(form='primal') or solver='dense' under a process group"
+            )
+        if comm is not None and config.seed is None:
+            raise ValueError("config: seed=None draws other probes on every rank; give an int")
         try:
             self.space = ParameterSpace(model, config.params)
         except ValueError as err:
@@ -77,13 +95,17 @@ class NoiseCovariance:
         self.alpha, self.kind, self.delta = alpha, kind, delta
         self.theta = self.space.point()
         self.counts = {"retain_jvp": 0, "retain_vjp": 0, "query_jvp": 0, "query_vjp": 0}
-        self.J_r = Jacobian(
-            self.space, retain, at=self.theta, batch_size=config.batch_size, name="retain"
-        )
+        guard = comm.guard if comm is not None else lambda _: contextlib.nullcontext()
+        with guard(f"building {name}'s covariance on its retain shard"):
+            self.J_r = Jacobian(
+                self.space, retain, at=self.theta, batch_size=config.batch_size, name="retain"
+            )
+            out = self.J_r.outputs()
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"{name}: outputs on the retain set are not finite")
         self.c, self.n_r, self.p = self.J_r.c, self.J_r.n, self.space.p
-        out = self.J_r.outputs()
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{name}: outputs on the retain set are not finite")
+        if comm is not None:  # N_r over every rank's shard
+            self.n_r = int(comm.sum_scalars(torch.tensor([float(self.n_r)], dtype=_F64))[0])
         self.probs = torch.softmax(out, dim=1) if config.loss == "ce" else None
         self.root = softmax_hessian_sqrt(self.probs) if self.probs is not None else None
         self.s = 1.0 / self.n_r if config.reduction == "mean" else 1.0
@@ -96,7 +118,8 @@ class NoiseCovariance:
     def _diagonal_variance(self) -> Tensor:
         """The reference's Fisher (exact expectation over classes, × s), then its variance recipe
         (clamps, averaging over inputs, ×10 head / 1-D): ``(p,)``."""
-        diag = ggn_diagonal(self.J_r, self.probs) * self.s
+        diag = self._summed(lambda: ggn_diagonal(self.J_r, self.probs), (self.p,), "diagonal")
+        diag = diag * self.s
         var = fisher_noise_variance(
             self.space.unflatten(diag), self.alpha, self.c, **self.config.fisher.kwargs()
         )
@@ -112,7 +135,22 @@ class NoiseCovariance:
         if self.woodbury:
             n = self.c * self.n_r
             return Inverse(cfg, n=n, label="dual", op=self.dual, shift=self.delta / self.s)
-        return Inverse(cfg, n=self.p, label="primal", op=self.precision, shift=self.delta)
+        agree = None if self.comm is None else self.comm.broadcast  # rank 0's scalars
+        return Inverse(
+            cfg, n=self.p, label="primal", op=self.precision, shift=self.delta, agree=agree
+        )
+
+    def _summed(self, local: Any, shape: tuple[int, ...], what: str) -> Tensor:
+        """``local()``, a sum over this rank's retain rows, summed over the ranks (one
+        all-reduce; a local exception raises on every rank)."""
+        if self.comm is None:
+            return local()
+        try:
+            part = local()
+        except Exception as err:  # noqa: BLE001 - raised on every rank by the all-reduce
+            self.comm.fail(f"computing the {what} on its retain rows", err)
+            part = torch.zeros(shape, dtype=self.space.dtype, device=self.space.device)
+        return self.comm.sum_block(part)
 
     # ------------------------------------------------------------------ counted products
     def jvp_r(self, V: Tensor) -> Tensor:
@@ -120,8 +158,9 @@ class NoiseCovariance:
         return self.J_r.matvec(V)
 
     def vjp_r(self, U: Tensor) -> Tensor:
+        """``J_rᵀ U`` ``(c·N_r, k) -> (p, k)`` (this rank's rows, summed over the ranks)."""
         self.counts["retain_vjp"] += 1 if U.dim() == 1 else U.shape[1]
-        return self.J_r.rmatvec(U)
+        return self._summed(lambda: self.J_r.rmatvec(U), (self.p, *U.shape[1:]), "VJP")
 
     def ggn(self, V: Tensor) -> Tensor:
         """``s · J_rᵀ H J_r V``: ``(p, k) -> (p, k)``."""
@@ -141,7 +180,8 @@ class NoiseCovariance:
     def dense_precision(self) -> Tensor:
         """Explicit ``A = sF + δI`` ``(p, p)``, symmetrised (the dense twin; small p only)."""
         if self._dense_A is None:
-            F = GGN(self.theta, jac=self.J_r, loss=self.config.loss, probs=self.probs).dense()
+            ggn = GGN(self.theta, jac=self.J_r, loss=self.config.loss, probs=self.probs)
+            F = self._summed(ggn.dense, (self.p, self.p), "dense GGN")
             A = self.s * F + self.delta * torch.eye(self.p, dtype=F.dtype, device=F.device)
             self._dense_A = 0.5 * (A + A.T)
         return self._dense_A
@@ -261,6 +301,8 @@ def logdet_ratio(sigma: NoiseCovariance, sigma0: NoiseCovariance) -> dict[str, A
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
     kw = dict(probes=cfg.probes, steps=cfg.steps, seed=seed, shift=sigma.delta)
     kw.update(dtype=sigma.space.dtype, device=sigma.space.device)
+    if sigma.comm is not None:  # A is replicated: every rank takes rank 0's scalars
+        kw["shard"] = sigma.comm.replicated(sigma.p)
     ld_s = slq_logdet(sigma.precision, sigma.p, **kw)
     ld_r = slq_logdet(sigma0.precision, sigma.p, **kw)
     per = torch.tensor(ld_r.per_probe, dtype=_F64) - torch.tensor(ld_s.per_probe, dtype=_F64)

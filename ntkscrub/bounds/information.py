@@ -12,6 +12,15 @@ Fisher; unused by ``"diag"``) and ``config`` (:class:`~ntkscrub.bounds.BoundsCon
 else; ``None``: the defaults). Every result records ``kind``, ``alpha``, ``delta``, ``config``
 (a plain dict), ``matvecs`` (retain JVP+VJP column products), ``cg`` and ``seconds``. Neither model
 is modified; both must be in eval mode and share an architecture.
+
+``process_group`` (every entry point; the rule of :func:`ntkscrub.scrub`): when given, or when a
+default ``torch.distributed`` group is initialised, ``retain`` is *this rank's shard* of D_r
+(uneven shards; not empty) and every rank returns the bounds of the concatenation of the shards:
+the Fisher/GGN, a sum over D_r, is all-reduced (one ``(p, k)`` block per product) and N_r counts
+every rank's rows (:mod:`ntkscrub.bounds.covariance`). Models, queries and keywords must be the
+same on every rank; the results are rank 0's, identical on every rank. Data-parallel for
+``kind="diag"``, and ``kind="full"`` with ``solver="dense"`` or ``form="primal"`` (the dual form
+raises ValueError); ``config.seed`` must be an int.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ def white_box(
     kind: Kind = "diag",
     delta: float = 1e-3,
     config: BoundsConfig | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Information in the weights (eq. 6): ``KL(N(h(w_D), Σ) ‖ N(w_Dr, Σ0))`` over the p weights.
 
@@ -61,6 +71,7 @@ def white_box(
         delta: δ ≥ 0, > 0 for ``"full"``, unused by ``"diag"``. Default 1e-3: the reference's
             variance clamp ``1/(F + ε) ≤ 1e3`` acts as a floor F ≥ 1e-3 on a mean-reduced Fisher.
         config: how it is computed (:class:`~ntkscrub.bounds.BoundsConfig`; ``None``: defaults).
+        process_group: data-parallel over shards of ``retain`` (see the module docstring).
 
     The KL is in nats with the ½ (:data:`~ntkscrub.bounds.CONVENTION`): scrubbed first.
 
@@ -72,8 +83,9 @@ def white_box(
     """
     t0 = time.perf_counter()
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
-    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config)
-    return _white(sigma, sigma0, t0)
+    comm = _comm(process_group)
+    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config, comm)
+    return _agreed(comm, _white(sigma, sigma0, t0))
 
 
 def black_box(
@@ -86,6 +98,7 @@ def black_box(
     kind: Kind = "diag",
     delta: float = 1e-3,
     config: BoundsConfig | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Information in the outputs of a query set (eq. 7), jointly over its c·k outputs.
 
@@ -100,9 +113,10 @@ def black_box(
     t0 = time.perf_counter()
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
     sets = as_query_sets(queries)
-    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config)
+    comm = _comm(process_group)
+    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config, comm)
     entries = {n: output_information(sigma, sigma0, d, n, joint=True) for n, d in sets.items()}
-    return {"sets": entries, **_records(sigma, sigma0, t0)}
+    return _agreed(comm, {"sets": entries, **_records(sigma, sigma0, t0)})
 
 
 def per_query_information(
@@ -115,6 +129,7 @@ def per_query_information(
     kind: Kind = "diag",
     delta: float = 1e-3,
     config: BoundsConfig | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Per-query information (eq. 7 with k = 1), e.g. over D_f, D_r and test (Fig. 3 right).
 
@@ -128,12 +143,13 @@ def per_query_information(
     t0 = time.perf_counter()
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
     sets = as_query_sets(query_sets, "query_sets")
-    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config)
+    comm = _comm(process_group)
+    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config, comm)
     entries = {}
     for n, d in sets.items():
         r = output_information(sigma, sigma0, d, n, joint=False)
         entries[n] = {**r["per_query"], "seconds": r["seconds"]}
-    return {"sets": entries, **_records(sigma, sigma0, t0)}
+    return _agreed(comm, {"sets": entries, **_records(sigma, sigma0, t0)})
 
 
 def information_bounds(
@@ -146,6 +162,7 @@ def information_bounds(
     kind: Kind = "diag",
     delta: float = 1e-3,
     config: BoundsConfig | None = None,
+    process_group: Any = None,
 ) -> dict[str, Any]:
     """Both bounds of Proposition 1: white box (eq. 6) and, for ``queries``, black box (eq. 7).
 
@@ -156,12 +173,13 @@ def information_bounds(
     t0 = time.perf_counter()
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
     sets = as_query_sets(queries) if queries is not None else None
-    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config)
+    comm = _comm(process_group)
+    sigma, sigma0 = _pair(scrubbed, reference, retain, alpha, kind, delta, config, comm)
     wb = _white(sigma, sigma0, time.perf_counter())
     bb = None
     if sets is not None:
         bb = {n: output_information(sigma, sigma0, d, n, joint=True) for n, d in sets.items()}
-    return {"white_box": wb, "black_box": bb, **_records(sigma, sigma0, t0)}
+    return _agreed(comm, {"white_box": wb, "black_box": bb, **_records(sigma, sigma0, t0)})
 
 
 def output_covariance(
@@ -174,6 +192,7 @@ def output_covariance(
     delta: float = 1e-3,
     joint: bool = True,
     config: BoundsConfig | None = None,
+    process_group: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """Output mean and covariance ``Jₓ Σ Jₓᵀ`` of one model (eq. 5) on k queries.
 
@@ -184,14 +203,32 @@ def output_covariance(
     diagonal blocks ``(k, c, c)``.
     """
     alpha, kind, delta, config = _check(alpha, kind, delta, config)
+    comm = _comm(process_group)
     sigma = NoiseCovariance(
-        model, "model", retain, alpha=alpha, kind=kind, delta=delta, config=config
+        model, "model", retain, alpha=alpha, kind=kind, delta=delta, config=config, comm=comm
     )
     X = stack_inputs(queries, "queries", sigma)
-    return sigma.output_moments(X, "queries", bool(joint))
+    mean, cov = sigma.output_moments(X, "queries", bool(joint))
+    if comm is not None:  # rank 0's, bit for bit on every rank
+        mean, cov = comm.broadcast(mean), comm.broadcast(cov)
+    return mean, cov
 
 
 # =========================================================================== shared steps
+def _comm(process_group: Any) -> Any:
+    """The :class:`~ntkscrub.distributed.Comm` when data-parallel (as :func:`ntkscrub.scrub`
+    decides: a group given, or a default group initialised), else ``None``."""
+    from ntkscrub import distributed  # imported here: torch.distributed only when used
+
+    return distributed.Comm(process_group) if distributed.active(process_group) else None
+
+
+def _agreed(comm: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's result on every rank (replicated parameter-space estimates may round apart in
+    the last bits from rank to rank; the answer must be one)."""
+    return result if comm is None else comm.gather_objects(result)[0]
+
+
 def _check(
     alpha: Any, kind: Any, delta: Any, config: Any
 ) -> tuple[float, Kind, float, BoundsConfig]:
@@ -219,6 +256,7 @@ def _pair(
     kind: Kind,
     delta: float,
     config: BoundsConfig,
+    comm: Any = None,
 ) -> tuple[NoiseCovariance, NoiseCovariance]:
     """Σ at h(w_D) and Σ0 at w_Dr, checked comparable (names, shapes, dtype, device, c)."""
     for m, n in ((scrubbed, "scrubbed"), (reference, "reference")):
@@ -226,7 +264,7 @@ def _pair(
             raise TypeError(f"{n}: expected an nn.Module, got {type(m).__name__}")
     check_eval_mode(scrubbed, "scrubbed")
     check_eval_mode(reference, "reference")
-    noise = dict(alpha=alpha, kind=kind, delta=delta, config=config)
+    noise = dict(alpha=alpha, kind=kind, delta=delta, config=config, comm=comm)
     sigma = NoiseCovariance(scrubbed, "scrubbed", retain, **noise)
     sigma.space.check_compatible(reference, "reference")  # ValueError naming 'reference'
     sigma0 = NoiseCovariance(reference, "reference", retain, **noise)

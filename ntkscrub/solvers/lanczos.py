@@ -411,6 +411,10 @@ class Sharding:
             in rank order, tile ``range(n)``; a slice may be empty).
         allreduce: sums a 1-D float64 tensor over the ranks, the same bits on every rank
             (:meth:`ntkscrub.distributed.Comm.sum_scalars`).
+
+    An operator *replicated* on every rank (the bounds' p×p precision) uses ``rows =
+    slice(0, n)`` and, as ``allreduce``, rank 0's value (:meth:`~ntkscrub.distributed.Comm.
+    broadcast`): then every rank takes the same decisions even if its products rounded otherwise.
     """
 
     rows: slice
