@@ -19,6 +19,7 @@ training curve where there is one).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -177,6 +178,7 @@ def finetune(
     callback: Callable[..., Any] | None = None,
     progress: bool | None = None,
     device: Any = None,
+    process_group: Any = None,
 ) -> ForgetResult:
     """ "Fine-tune": train w(D) on D_r alone for ``epochs`` epochs (the paper's §5.3 baseline).
 
@@ -195,6 +197,12 @@ def finetune(
             (:data:`FINETUNE_RECIPE`), max_epochs, shuffle, callback, device: as
             :func:`ntkscrub.training.train`.
         progress: a tqdm bar over epochs; ``None`` (default): only when stderr is a terminal.
+        process_group: data-parallel training (:mod:`ntkscrub.distributed`; the rule of
+            :func:`ntkscrub.scrub`: a group given, or a default group initialised): ``retain``
+            is this rank's shard, ``batch_size`` per rank, and each step all-reduces the summed
+            gradients with the sample count, i.e. the gradient of the mean over the *global*
+            batch (:func:`ntkscrub.training.train` with ``comm``). The model is the same on
+            every rank; ``freeze_bn`` must be True.
 
     Returns:
         :class:`ForgetResult`; ``.info["log"]`` is the :class:`~ntkscrub.training.TrainLog`
@@ -223,6 +231,7 @@ def finetune(
             "progress": progress,
             "device": device,
         },
+        process_group=process_group,
     )
 
 
@@ -247,6 +256,7 @@ def retrain(
     callback: Callable[..., Any] | None = None,
     progress: bool | None = None,
     device: Any = None,
+    process_group: Any = None,
 ) -> ForgetResult:
     """ "Retrain": train from θ0 on D_r only, with the fine-tuning recipe — true removal of D_f.
 
@@ -261,7 +271,8 @@ def retrain(
         retain: D_r. forget: ignored.
         init: θ0 (module or state_dict), the starting point and the anchor of the weight decay.
         epochs, lr, weight_decay, until_zero_error, seed, momentum, batch_size, schedule, loss,
-            freeze_bn, max_epochs, shuffle, callback, progress, device: as :func:`finetune`.
+            freeze_bn, max_epochs, shuffle, callback, progress, device, process_group: as
+            :func:`finetune`.
 
     Returns:
         :class:`ForgetResult`; ``.info["log"]`` holds the training curve and
@@ -294,6 +305,7 @@ def retrain(
             "progress": progress,
             "device": device,
         },
+        process_group=process_group,
     )
 
 
@@ -310,7 +322,9 @@ def _train_baseline(
     seed: Any,
     until_zero_error: bool,
     train_options: dict[str, Any],
+    process_group: Any = None,
 ) -> ForgetResult:
+    from ntkscrub import distributed  # imported late: torch.distributed only when used
     from ntkscrub.training import train  # imported late: training imports are heavier
 
     t0 = time.perf_counter()
@@ -327,7 +341,10 @@ def _train_baseline(
     opts = dict(train_options)
     # progress=None (the default) shows train()'s epoch bar only when stderr is a terminal.
     opts["progress"] = resolve_progress(opts.get("progress"))
-    n_r = _check_data(retain, "retain")
+    comm = distributed.Comm(process_group) if distributed.active(process_group) else None
+    n_r = 0
+    with comm.guard("checking its retain shard") if comm else contextlib.nullcontext():
+        n_r = _check_data(retain, "retain")
     anchor = None
     if init is not None:
         anchor = load_weights(model, init, "init") if not isinstance(init, Mapping) else init
@@ -341,6 +358,7 @@ def _train_baseline(
         anchor=anchor,
         seed=seed,
         until_zero_error=until_zero_error,
+        comm=comm,
         **opts,
     )
     net.eval()
@@ -352,7 +370,7 @@ def _train_baseline(
         "method": method,
         "start": "w(D)" if method == "finetune" else "init (θ0)",
         "anchor": "init (θ0)" if init is not None else "zeros",
-        "n_retain": n_r,
+        "n_retain": log.recipe.get("n_samples", n_r),  # every rank's shard when data-parallel
         "epochs_run": log.epochs,
         "reached_zero_error": bool(log.reached_zero_error),
         "final_train_error": log.train_error[-1] if log.train_error else None,

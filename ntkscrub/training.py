@@ -16,6 +16,14 @@ zero training error. On a full-width All-CNN the constant-lr fine-tuning was obs
 unstable (error dips then climbs back) while a decaying lr converges, so every run records its
 recipe and per-epoch training error in :class:`TrainLog` — look at the curve.
 
+Data-parallel (``comm=``, a :class:`ntkscrub.distributed.Comm`; what the retrain and fine-tune
+baselines run under a process group): each rank holds its shard; a step takes every rank's next
+local batch (``batch_size`` per rank; a rank whose shard is used up contributes nothing), sums the
+per-sample loss gradients over the ranks with the sample count in one all-reduce and divides —
+the gradient of the mean over the *global* batch, so a full-batch (or fixed-order) run equals the
+one-process run on the correspondingly ordered concatenation. The per-epoch error and loss are
+global. Ranks shuffle their shards with ``seed + rank``.
+
 Also: checkpoints written atomically and read
 with ``torch.load(weights_only=True)``.
 """
@@ -231,11 +239,11 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _eval_pass(model: nn.Module, batches: Batches, loss: str) -> dict[str, float]:
+def _eval_pass(model: nn.Module, batches: Batches, loss: str, comm: Any = None) -> dict[str, float]:
     # error and mean loss on an already checked stream (train() calls it every epoch; the
-    # public evaluation is ntkscrub.readouts.evaluate)
+    # public evaluation is ntkscrub.readouts.evaluate); with comm, over every rank's shard
     wrong, total_loss, n = 0, 0.0, 0
-    with _ModeGuard(model):
+    with _guard(comm, "evaluating its shard"), _ModeGuard(model):
         for x, y in batches:
             if y is None:
                 raise ValueError("data: labels are required to evaluate")
@@ -243,7 +251,15 @@ def _eval_pass(model: nn.Module, batches: Batches, loss: str) -> dict[str, float
             wrong += int((out.argmax(dim=1) != y).sum())
             total_loss += float(_per_sample_loss(out.float(), y, loss).sum())
             n += y.shape[0]
+    if comm is not None:
+        sums = comm.sum_scalars(torch.tensor([wrong, total_loss, n], dtype=torch.float64))
+        wrong, total_loss, n = float(sums[0]), float(sums[1]), int(sums[2])
     return {"error": wrong / n, "loss": total_loss / n, "n": n}
+
+
+def _guard(comm: Any, phase: str) -> Any:
+    """``comm.guard(phase)`` (a local exception raises on every rank), or nothing."""
+    return comm.guard(phase) if comm is not None else contextlib.nullcontext()
 
 
 # -------------------------------------------------------------------------------------- train
@@ -298,6 +314,7 @@ def train(  # noqa: PLR0915 - listed in pyproject.toml
     callback: Callable[[int, nn.Module, TrainLog], bool | None] | None = None,
     progress: bool = False,
     device=None,
+    comm: Any = None,
 ) -> tuple[nn.Module, TrainLog]:
     """Train a deep copy of ``model`` with SGD + momentum; ``model`` itself is never modified.
 
@@ -328,6 +345,10 @@ def train(  # noqa: PLR0915 - listed in pyproject.toml
             epochs from 1; ``model`` in eval mode — do not modify it); returning True stops.
         progress: show a tqdm bar over epochs.
         device: where to train (default: the model's device); data are moved per batch.
+        comm: data-parallel training (a :class:`ntkscrub.distributed.Comm`; see the module
+            docstring): ``data`` is this rank's shard (not empty), ``batch_size`` per rank, the
+            model and every argument the same on every rank; BatchNorm must be frozen. The
+            returned weights are rank 0's (bit-identical on every rank), the log global.
 
     A non-finite training loss after an epoch ends the run (``recipe['diverged_at_epoch']``).
 
@@ -352,59 +373,69 @@ def train(  # noqa: PLR0915 - listed in pyproject.toml
         raise ValueError("model: has no parameters with requires_grad=True to train")
     sgd = _SGD(params, _anchor_tensors(anchor, params), momentum, weight_decay)
     data_desc = "DataLoader" if isinstance(data, DataLoader) else type(data).__name__
-    batches, eval_batches, c = _training_batches(net, data, batch_size, device)
-    recipe = {
-        "optimizer": "SGD",
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
-        "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
-        "loss": loss,
-        "batch_size": batch_size,
-        "schedule": schedule,
-        "epochs": epochs,
-        "until_zero_error": bool(until_zero_error),
-        "max_epochs": max_epochs,
-        "seed": seed,
-        "freeze_bn": bool(freeze_bn),
-        "shuffle": bool(shuffle),
-    } | _data_record(batches, c, params, data_desc, device)
+    _check_data_parallel(comm, net, freeze_bn)
+    with _guard(comm, "reading its training shard"):
+        batches, eval_batches, c = _training_batches(net, data, batch_size, device)
+    shards = _shards_record(comm, batches)
+    steps = shards.get("steps_per_epoch")
+    recipe = (
+        {
+            "optimizer": "SGD",
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
+            "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
+            "loss": loss,
+            "batch_size": batch_size,
+            "schedule": schedule,
+            "epochs": epochs,
+            "until_zero_error": bool(until_zero_error),
+            "max_epochs": max_epochs,
+            "seed": seed,
+            "freeze_bn": bool(freeze_bn),
+            "shuffle": bool(shuffle),
+        }
+        | _data_record(batches, c, params, data_desc, device)
+        | shards
+    )
     log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
     gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
+    seed_k = seed if (comm is None or seed is None) else seed + comm.rank  # a shard: its order
+    if seed_k is not None:
+        gen.manual_seed(seed_k)
     else:
         gen.seed()
     epoch_iter = _epoch_batches(batches, batch_size, shuffle, gen)
     bar = _progress_bar(max_epochs if until_zero_error else epochs) if progress else None
     t_start = time.perf_counter()
     last_error: float | None = None
-    with _seeded_model_rng(seed, device):
+    with _seeded_model_rng(seed_k, device):
         e = 0
         while True:
             if e >= epochs:
                 if not until_zero_error:
                     break
                 if last_error is None:
-                    last_error = _eval_pass(net, eval_batches, loss)["error"]
+                    last_error = _eval_pass(net, eval_batches, loss, comm)["error"]
                 if last_error == 0.0 or e >= max_epochs:
                     break
             t_ep = time.perf_counter()
             cur_lr = lr_at(e, lr=lr, epochs=epochs, schedule=schedule)
-            _train_epoch(net, epoch_iter, sgd, loss, cur_lr, freeze_bn, device)
-            ev = _eval_pass(net, eval_batches, loss)
+            _train_epoch(net, epoch_iter, sgd, loss, cur_lr, freeze_bn, device, comm, steps)
+            ev = _eval_pass(net, eval_batches, loss, comm)
             last_error = ev["error"]
             e += 1
             _log_epoch(log, ev, cur_lr, sgd.penalty(), t_ep, t_start, bar)
             if not math.isfinite(ev["loss"]):
                 log.recipe["diverged_at_epoch"] = e
                 break
-            if callback is not None and callback(e, net, log):
+            if callback is not None and _agree(comm, bool(callback(e, net, log))):
                 log.stopped_by_callback = True
                 break
     if bar is not None:
         bar.close()
+    _sync_weights(comm, params)
     net.eval()
     log.seconds = time.perf_counter() - t_start
     log.reached_zero_error = last_error == 0.0
@@ -552,6 +583,42 @@ class _SGD:
         return 0.5 * self.weight_decay * tot
 
 
+def _check_data_parallel(comm: Any, net: nn.Module, freeze_bn: bool) -> None:
+    if comm is not None and not freeze_bn and any(isinstance(m, _BN) for m in net.modules()):
+        raise ValueError(
+            "freeze_bn: BatchNorm statistics are per rank; data-parallel training needs "
+            "freeze_bn=True"
+        )
+
+
+def _shards_record(comm: Any, batches: Batches) -> dict[str, Any]:
+    """Data-parallel: the global sample count, the shard sizes and the global steps per epoch
+    (the longest shard's batches); ``{}`` in one process."""
+    if comm is None:
+        return {}
+    sizes = comm.gather_objects((len(batches), batches.num_batches))
+    return {
+        "n_samples": sum(n for n, _ in sizes),
+        "shards": [n for n, _ in sizes],
+        "steps_per_epoch": max(b for _, b in sizes),
+    }
+
+
+@torch.no_grad()
+def _sync_weights(comm: Any, params: dict[str, Tensor]) -> None:
+    """Rank 0's weights on every rank (bit for bit, whatever the all-reduces rounded)."""
+    if comm is not None:
+        for p in params.values():
+            p.copy_(comm.broadcast(p.detach()))
+
+
+def _agree(comm: Any, flag: bool) -> bool:
+    """``flag`` on any rank (one scalar reduction with ``comm``)."""
+    if comm is None:
+        return flag
+    return float(comm.sum_scalars(torch.tensor([float(flag)], dtype=torch.float64))[0]) > 0
+
+
 def _train_epoch(
     net: nn.Module,
     epoch_iter: Callable[[], Any],
@@ -560,9 +627,15 @@ def _train_epoch(
     lr: float,
     freeze_bn: bool,
     device: torch.device,
+    comm: Any = None,
+    steps: int | None = None,
 ) -> None:
     """One pass over the data in training mode (BatchNorm frozen with ``freeze_bn``); a batch of
-    one sample is skipped when BatchNorm trains (its statistics are undefined). Ends in eval."""
+    one sample is skipped when BatchNorm trains (its statistics are undefined). Ends in eval.
+    With ``comm``: ``steps`` global steps (:func:`_data_parallel_epoch`)."""
+    if comm is not None:
+        _data_parallel_epoch(net, epoch_iter, sgd, loss, lr, freeze_bn, device, comm, steps)
+        return
     has_bn = any(isinstance(m, _BN) for m in net.modules())
     net.train()
     if freeze_bn:
@@ -576,6 +649,53 @@ def _train_epoch(
         for p in sgd.params.values():
             p.grad = None
         _per_sample_loss(net(x), y, loss).mean().backward()
+        sgd.step(lr)
+    net.eval()
+
+
+def _data_parallel_epoch(
+    net: nn.Module,
+    epoch_iter: Callable[[], Any],
+    sgd: _SGD,
+    loss: str,
+    lr: float,
+    freeze_bn: bool,
+    device: torch.device,
+    comm: Any,
+    steps: Any,
+) -> None:
+    """``steps`` steps, each on every rank's next local batch (none once a shard is used up):
+    ``∇ = Σ_ranks Σ_batch ∇ℓ_i / Σ_ranks b_k`` — the gradient of the mean loss over the global
+    batch — from one all-reduce of the flat gradients with the local count appended."""
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, _BN):
+                m.eval()
+    params = list(sgd.params.values())
+    dt = params[0].dtype
+    for p in params[1:]:
+        dt = torch.promote_types(dt, p.dtype)
+    it = iter(epoch_iter())
+    for _ in range(steps):
+        for p in params:
+            p.grad = None
+        count = 0
+        try:
+            batch = next(it, None)
+            if batch is not None:
+                x, y = batch[0].to(device), batch[1].to(device)
+                _per_sample_loss(net(x), y, loss).sum().backward()  # summed: ÷ global count
+                count = y.shape[0]
+        except Exception as err:  # noqa: BLE001 - raised on every rank by the all-reduce
+            comm.fail("computing gradients on its batch", err)
+        flat = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dt)
+                for p in params]  # fmt: skip
+        flat.append(torch.tensor([float(count)], dtype=dt, device=params[0].device))
+        total = comm.sum_block(torch.cat(flat))
+        grads = (total[:-1] / total[-1]).split([p.numel() for p in params])
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.reshape(p.shape).to(p.dtype)
         sgd.step(lr)
     net.eval()
 

@@ -17,6 +17,7 @@ from model_zoo import make_mlp
 from test_distributed import _catch, _init_gloo, _ok, _problem, _spawn
 
 from ntkscrub import readouts
+from ntkscrub.baselines import finetune, retrain
 from ntkscrub.bounds import BoundsConfig, black_box, output_covariance, white_box
 
 ALPHAS = [0.0, 0.5, 1.0, 1.5]
@@ -60,6 +61,46 @@ def _bad_labels(pb: dict[str, Any], rank: int) -> Any:
     return readouts.error(_models()[0], (X, torch.full_like(Y, 7) if rank == 1 else Y))
 
 
+# Retrain / fine-tune: (function, keywords, per-rank batch size, shuffle). Full batch: one step
+# per epoch on all 13 samples; fixed order: global batches {r0[0:4], r1[0:4]}, {r0[4:8], r1[4]}.
+TRAIN = {
+    "retrain_full_batch": (retrain, {"until_zero_error": False, "lr": 0.5}, 16, True),
+    "finetune_full_batch_mse": (finetune, {"loss": "mse", "lr": 0.2}, 16, True),
+    "retrain_fixed_order": (retrain, {"until_zero_error": False, "lr": 0.5}, 4, False),
+}
+
+
+def _train(pb: dict[str, Any], rank: int | None, name: str) -> dict[str, Any]:
+    """On this rank's shard, or (rank None) in one process on the concatenation in the order
+    whose global batches the ranks form."""
+    fn, kw, batch, shuffle = TRAIN[name]
+    X, Y = pb["retain"]
+    if rank is not None:
+        data, bs = pb["retain_shards"][rank], batch
+    elif shuffle:
+        data, bs = (X, Y), batch
+    else:
+        order = torch.cat(
+            [torch.arange(0, 4), torch.arange(8, 12), torch.arange(4, 8), torch.tensor([12])]
+        )
+        data, bs = (X[order], Y[order]), 2 * batch
+    res = fn(pb["model"], data, init=pb["init"], epochs=3, batch_size=bs, shuffle=shuffle, **kw)
+    w = torch.cat([p.detach().reshape(-1) for p in res.model.parameters()])
+    log = res.info["log"]
+    return {
+        "weights": w,
+        "loss": log["train_loss"],
+        "error": log["train_error"],
+        "n_retain": res.info["n_retain"],
+    }
+
+
+def _train_bad_labels(pb: dict[str, Any], rank: int) -> Any:
+    X, Y = pb["retain_shards"][rank]
+    data = (X, torch.full_like(Y, 7) if rank == 1 else Y)
+    return retrain(pb["model"], data, init=pb["init"], epochs=1, until_zero_error=False)
+
+
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     _init_gloo(rank, world, store)
     pb = _problem("mlp", world)
@@ -74,6 +115,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                 _models()[0], pb["retain_shards"][rank], pb["forget"], alpha=0.1, config=PRIMAL
             )
         )
+        for name in TRAIN:
+            results[name] = _catch(lambda name=name: _train(pb, rank, name))
+        results["train_bad_labels"] = _catch(lambda: _train_bad_labels(pb, rank))
         results["dual"] = _catch(
             lambda: white_box(*_models(), pb["retain_shards"][rank], alpha=0.1, kind="full")
         )
@@ -173,3 +217,32 @@ def test_bounds_dual_form_is_refused_on_every_rank(two: list[dict[str, Any]]) ->
     errs = [res["dual"] for res in two]
     assert all(e.get("error") == "ValueError" for e in errs), errs
     assert all(e["message"].startswith("config: form='dual'") for e in errs), errs
+
+
+@pytest.mark.parametrize("name", list(TRAIN))
+def test_retrain_and_finetune_over_shards_equal_one_process(
+    two: list[dict[str, Any]], name: str
+) -> None:
+    ranks = _ok(two, name)
+    ref = _train(_problem("mlp", 2), None, name)
+    moved = ref["weights"] - torch.cat(
+        [p.reshape(-1) for p in _problem("mlp", 2)["init"].parameters()]
+    )
+    assert moved.norm() > 1e-2  # the steps did something
+    for r in ranks:
+        scale = ref["weights"].abs().max()
+        assert (r["weights"] - ref["weights"]).abs().max() <= 1e-10 * scale
+        # train() logs the loss in float32 (its _eval_pass casts the logits), so the per-rank
+        # partial sums round differently there; the weights above are the float64 check.
+        for got, want in zip(r["loss"], ref["loss"], strict=True):
+            assert abs(got - want) <= 1e-6 * abs(want)
+        assert r["error"] == ref["error"]
+        assert r["n_retain"] == 13
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # bit for bit on every rank
+
+
+def test_retrain_bad_shard_on_one_rank_raises_everywhere(two: list[dict[str, Any]]) -> None:
+    errs = [res["train_bad_labels"] for res in two]
+    assert all(e.get("error") == "DistributedError" for e in errs), errs
+    assert errs[0]["message"] == errs[1]["message"]
+    assert errs[0]["message"].startswith("rank 1 failed while reading its training shard")
