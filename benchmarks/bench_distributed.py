@@ -12,7 +12,10 @@ runs ``ntkscrub.scrub`` under the default process group. It then records
   all-reduce alone and of one CG scalar reduction (all-gather of 3 float64);
 * the scrub's seconds, matvecs, CG iterations, all-reduce calls and bytes;
 * on rank 0 (``--check``), the one-process scrub of the concatenated shards: the shift norm of
-  both and their largest absolute difference.
+  both and their largest absolute difference;
+* with ``--slq PROBES``: the SLQ log det of Θ_rr + λI (``--slq-steps`` Lanczos steps, seed 0)
+  on the row-sharded operator (:func:`ntkscrub.distributed.sharded_slq_logdet`), its seconds and
+  scalar reductions, and with ``--check`` the one-process estimate with the same probes.
 
 Rank 0 prints one JSON line (and writes it to ``--out`` when given). Not collected by pytest.
 """
@@ -33,6 +36,7 @@ import ntkscrub
 from ntkscrub import distributed as nd
 from ntkscrub.operators import Jacobian
 from ntkscrub.params import ParameterSpace
+from ntkscrub.solvers import slq_logdet
 
 
 def _mlp(seed: int, d: int, h: int, c: int) -> nn.Module:
@@ -66,6 +70,8 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--check", action="store_true", help="rank 0: compare with one process")
+    ap.add_argument("--slq", type=int, default=0, help="probes of an SLQ log det (0: none)")
+    ap.add_argument("--slq-steps", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -78,13 +84,18 @@ def main() -> None:
     Xr, Yr = _data(n_all - n_f, args.dim, args.classes, seed=2)
     Xf, Yf = _data(n_f, args.dim, args.classes, seed=3)
     retain, forget = _shard(Xr, Yr, rank, world), _shard(Xf, Yf, rank, world)
-    ref, ref_seconds = None, None
+    ref, ref_seconds, ref_slq = None, None, None
     if rank == 0 and args.check:
         # The one-process scrub of the concatenated shards, before any process group exists
         # (under one, scrub shards); the other ranks wait in init_process_group meanwhile.
         t0 = time.perf_counter()
         ref = ntkscrub.scrub(model, (Xr, Yr), (Xf, Yf), init=init, ridge=args.ridge)
         ref_seconds = time.perf_counter() - t0
+        if args.slq:
+            J_all = Jacobian(ParameterSpace(init), (Xr, Yr))
+            theta_all = (J_all @ J_all.mT).add_diagonal(args.ridge)
+            ref_slq = slq_logdet(theta_all, J_all.shape[0], probes=args.slq,
+                                 steps=args.slq_steps, seed=0, shift=args.ridge)  # fmt: skip
     nd.init("gloo")  # collective timeout: nd.DEFAULT_TIMEOUT (10 min)
 
     # One Θ product on the row-sharded operator: local JVP + VJP and one all-reduce of p + 1.
@@ -145,6 +156,19 @@ def main() -> None:
         "scalar_reductions": info["distributed"]["scalar_reductions"],
         "shift_norm": float(res.shift.norm()),
     }
+    if args.slq:
+        dist.barrier()
+        calls0, t0 = comm.scalar_calls, time.perf_counter()
+        est = nd.sharded_slq_logdet(theta, comm, probes=args.slq, steps=args.slq_steps, seed=0)
+        record.update({
+            "slq_probes": args.slq, "slq_steps": est.steps, "slq_logdet": est.value,
+            "slq_stderr": est.stderr, "slq_quadrature_halfwidth": est.quadrature_halfwidth,
+            "slq_seconds": time.perf_counter() - t0,
+            "slq_scalar_reductions": comm.scalar_calls - calls0,
+        })  # fmt: skip
+        if ref_slq is not None:
+            record["one_process_slq_logdet"] = ref_slq.value
+            record["slq_abs_diff_to_one_process"] = abs(est.value - ref_slq.value)
     if ref is not None:
         record["one_process_shift_norm"] = float(ref.shift.norm())
         record["one_process_seconds"] = ref_seconds

@@ -30,7 +30,10 @@ The Nyström preconditioner is row-sharded (:class:`ShardedNystrom`): one block 
 sketch, ``ℓ × ℓ`` core matrices summed over the ranks. Lanczos and SLQ (:func:`sharded_lanczos`,
 :func:`sharded_slq_logdet`) run the one-process recurrences on row-sharded vectors with their
 inner products summed by :meth:`Comm.sum_scalars`; each rank draws its rows of the one-process
-Rademacher probes. Not (yet) data-parallel: sharing the
+Rademacher probes. The readouts (:mod:`ntkscrub.readouts`), the information bounds
+(:mod:`ntkscrub.bounds`) and the retrain/fine-tune baselines (:func:`ntkscrub.training.train`
+with ``comm``) take ``process_group=`` by the same rule as :func:`ntkscrub.scrub`. Not (yet)
+data-parallel: sharing the
 Θ_DD factor with Θ_rr (each system builds its own), ``form="block"``, the Fisher noise,
 ``solver="dense"`` (each raises or is recorded, see :func:`sharded_scrub`).
 """
