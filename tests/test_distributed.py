@@ -149,6 +149,32 @@ def _slq_seed_differs(rank: int, world: int) -> Any:
     return nd.sharded_slq_logdet(theta, comm, probes=2, steps=3, seed=rank)
 
 
+def _subgroup(rank: int, world: int, group: Any) -> dict[str, Any]:
+    """Ranks 0 and 2 of 3 only, through an explicit ``process_group`` (rank 1 does other work)."""
+    pb = _problem("mlp", world)
+    retain = pb["retain_shards"][rank]
+    theta, comm = _sharded_theta_group(pb, rank, group)
+    est = nd.sharded_slq_logdet(theta, comm, **SLQ)
+    return {
+        "error": ntkscrub.readouts.error(pb["model"], retain, process_group=group),
+        "slq": est.value,
+        "shift": ntkscrub.scrub(
+            pb["model"], retain, pb["forget_shards"][rank], init=pb["init"], ridge=RIDGE,
+            process_group=group,
+        ).shift,
+    }  # fmt: skip
+
+
+def _sharded_theta_group(pb: dict[str, Any], rank: int, group: Any) -> tuple[Any, nd.Comm]:
+    comm = nd.Comm(group)
+    space = ParameterSpace(pb["init"])
+    J = nd.ShardedJacobian(
+        Jacobian(space, pb["retain_shards"][rank]), comm, c=3, p=space.p,
+        dtype=torch.float64, device=torch.device("cpu"),
+    )  # fmt: skip
+    return nd.sharded_ntk(J, RIDGE), comm
+
+
 def _scrub(rank: int, world: int, kind: str, **kw: Any) -> dict[str, Any]:
     pb = _problem(kind, world)
     res = ntkscrub.scrub(
@@ -250,6 +276,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             )
         else:
             results["scrub_cnn"] = _catch(lambda: _scrub(rank, world, "cnn", ridge=RIDGE))
+            sub = dist.new_group([0, 2])  # collective: every rank creates it
+            if rank != 1:
+                results["subgroup"] = _catch(lambda: _subgroup(rank, world, sub))
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -477,6 +506,28 @@ def test_lanczos_allreduce_hook_leaves_one_process_unchanged() -> None:
         slq_logdet(A, 30, probes=4, steps=10, seed=None, shard=one)
     with pytest.raises(ValueError, match="add up to 20"):
         slq_logdet(A, 30, probes=4, steps=10, seed=3, shard=Sharding(slice(0, 20), one.allreduce))
+
+
+def test_explicit_process_group_selects_a_subgroup(three: list[dict[str, Any]]) -> None:
+    """Ranks 0 and 2 of 3 in a new group: the values are those of shards 0 and 2 together."""
+    got = [three[0]["subgroup"], three[2]["subgroup"]]
+    for g in got:
+        assert "ok" in g, g.get("tb")
+    a, b = got[0]["ok"], got[1]["ok"]
+    assert "subgroup" not in three[1]
+    pb = _problem("mlp", 3)
+    (Xr0, Yr0), (Xr2, Yr2) = pb["retain_shards"][0], pb["retain_shards"][2]
+    (Xf0, Yf0), (Xf2, Yf2) = pb["forget_shards"][0], pb["forget_shards"][2]
+    retain = (torch.cat([Xr0, Xr2]), torch.cat([Yr0, Yr2]))
+    forget = (torch.cat([Xf0, Xf2]), torch.cat([Yf0, Yf2]))
+    assert a["error"] == b["error"] == ntkscrub.readouts.error(pb["model"], retain)
+    J = Jacobian(ParameterSpace(pb["init"]), retain)
+    ref = slq_logdet((J @ J.mT).add_diagonal(RIDGE), J.shape[0], shift=RIDGE, **SLQ)
+    assert a["slq"] == b["slq"]
+    assert abs(a["slq"] - ref.value) <= 1e-10 * abs(ref.value)
+    shift = ntkscrub.scrub(pb["model"], retain, forget, init=pb["init"], ridge=RIDGE).shift
+    assert torch.equal(a["shift"], b["shift"])
+    assert (a["shift"] - shift).abs().max() <= 1e-10 * max(1.0, float(shift.norm()))
 
 
 # --------------------------------------------------------------------------- failures

@@ -101,6 +101,14 @@ def _train_bad_labels(pb: dict[str, Any], rank: int) -> Any:
     return retrain(pb["model"], data, init=pb["init"], epochs=1, until_zero_error=False)
 
 
+def _bounds_nan_shard(pb: dict[str, Any], rank: int) -> Any:
+    X, Y = pb["retain_shards"][rank]
+    if rank == 1:
+        X = X.clone()
+        X[0, 0] = float("nan")  # only rank 1's shard is bad
+    return white_box(*_models(), (X, Y), alpha=0.1, kind="full", config=PRIMAL)
+
+
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     _init_gloo(rank, world, store)
     pb = _problem("mlp", world)
@@ -118,6 +126,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         for name in TRAIN:
             results[name] = _catch(lambda name=name: _train(pb, rank, name))
         results["train_bad_labels"] = _catch(lambda: _train_bad_labels(pb, rank))
+        results["bounds_nan_shard"] = _catch(lambda: _bounds_nan_shard(pb, rank))
         results["dual"] = _catch(
             lambda: white_box(*_models(), pb["retain_shards"][rank], alpha=0.1, kind="full")
         )
@@ -246,3 +255,11 @@ def test_retrain_bad_shard_on_one_rank_raises_everywhere(two: list[dict[str, Any
     assert all(e.get("error") == "DistributedError" for e in errs), errs
     assert errs[0]["message"] == errs[1]["message"]
     assert errs[0]["message"].startswith("rank 1 failed while reading its training shard")
+
+
+def test_bounds_bad_shard_on_one_rank_raises_everywhere(two: list[dict[str, Any]]) -> None:
+    errs = [res["bounds_nan_shard"] for res in two]
+    assert all(e.get("error") == "DistributedError" for e in errs), errs
+    assert errs[0]["message"] == errs[1]["message"]
+    assert errs[0]["message"].startswith("rank 1 failed while building scrubbed's covariance")
+    assert "retain: inputs contain NaN" in errs[0]["message"]
