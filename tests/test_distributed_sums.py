@@ -22,6 +22,7 @@ from ntkscrub.bounds import BoundsConfig, black_box, output_covariance, white_bo
 
 ALPHAS = [0.0, 0.5, 1.0, 1.5]
 PRIMAL = BoundsConfig(form="primal", cg_tol=1e-12, probes=4, steps=12)
+DUAL = BoundsConfig(form="dual", cg_tol=1e-12, probes=4, steps=12)  # the default form
 BOUNDS = {  # name: (function, keywords)
     "white_diag": (white_box, {"alpha": 0.1, "kind": "diag"}),
     "white_dense": (
@@ -30,6 +31,8 @@ BOUNDS = {  # name: (function, keywords)
     ),
     "white_primal": (white_box, {"alpha": 0.1, "kind": "full", "config": PRIMAL}),
     "black_primal": (black_box, {"alpha": 0.1, "kind": "full", "config": PRIMAL}),
+    "white_dual": (white_box, {"alpha": 0.1, "kind": "full", "config": DUAL}),
+    "black_dual": (black_box, {"alpha": 0.1, "kind": "full", "config": DUAL}),
 }
 
 
@@ -127,8 +130,11 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             results[name] = _catch(lambda name=name: _train(pb, rank, name))
         results["train_bad_labels"] = _catch(lambda: _train_bad_labels(pb, rank))
         results["bounds_nan_shard"] = _catch(lambda: _bounds_nan_shard(pb, rank))
-        results["dual"] = _catch(
-            lambda: white_box(*_models(), pb["retain_shards"][rank], alpha=0.1, kind="full")
+        dual_nystrom = BoundsConfig(precond_rank=4)
+        results["dual_nystrom"] = _catch(
+            lambda: white_box(
+                *_models(), pb["retain_shards"][rank], alpha=0.1, kind="full", config=dual_nystrom
+            )
         )
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
@@ -222,10 +228,10 @@ def test_output_covariance_over_retain_shards(two: list[dict[str, Any]]) -> None
     assert torch.equal(ranks[0][1], ranks[1][1])
 
 
-def test_bounds_dual_form_is_refused_on_every_rank(two: list[dict[str, Any]]) -> None:
-    errs = [res["dual"] for res in two]
+def test_bounds_dual_nystrom_is_refused_on_every_rank(two: list[dict[str, Any]]) -> None:
+    errs = [res["dual_nystrom"] for res in two]
     assert all(e.get("error") == "ValueError" for e in errs), errs
-    assert all(e["message"].startswith("config: form='dual'") for e in errs), errs
+    assert all(e["message"].startswith("config: precond_rank > 0 with form='dual'") for e in errs)
 
 
 @pytest.mark.parametrize("name", list(TRAIN))

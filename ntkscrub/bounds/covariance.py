@@ -28,13 +28,15 @@ F = Σ_ranks J_kᵀ H_k J_k is a sum over data, so every product with F all-redu
 block (``vjp_r``), the diagonal Fisher and the dense twin are summed once, and ``s = 1/N_r`` counts
 every rank's rows; everything else lives in parameter space and is replicated. Replicated solvers
 (primal CG, SLQ on A) take every scalar decision from rank 0 (``comm.broadcast``), so the ranks
-stop together even if an all-reduce rounded differently. The dual (Woodbury) form, a c·N_r
-system, is not sharded: ``form="primal"`` or ``solver="dense"`` there.
+stop together even if an all-reduce rounded differently. The dual (Woodbury) system is
+row-sharded like the scrub's: each rank holds its c·N_k rows, CG sums its inner products over the
+ranks (``comm.sum_scalars``); its Nyström factor is not sharded (``precond_rank`` must be 0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any
 
@@ -80,10 +82,11 @@ class NoiseCovariance:
             raise TypeError(f"{name}: expected an nn.Module, got {type(model).__name__}")
         check_eval_mode(model, name)
         self.comm = comm
-        if comm is not None and kind == "full" and config.solver == "cg" and config.form == "dual":
+        dual = kind == "full" and config.solver == "cg" and config.form == "dual"
+        if comm is not None and dual and config.precond_rank > 0:
             raise ValueError(
-                "config: form='dual' (the c·N_r Woodbury system) is not data-parallel yet; "
-                "use BoundsConfig(form='primal') or solver='dense' under a process group"
+                "config: precond_rank > 0 with form='dual': the Nyström factor of the row-sharded "
+                "Woodbury system is not data-parallel yet (use precond_rank=0 or form='primal')"
             )
         if comm is not None and config.seed is None:
             raise ValueError("config: seed=None draws other probes on every rank; give an int")
@@ -132,13 +135,16 @@ class NoiseCovariance:
         cfg = self.config
         if cfg.solver == "dense":
             return Inverse(cfg, n=self.p, label="dense", dense=self.dense_precision)
-        if self.woodbury:
-            n = self.c * self.n_r
-            return Inverse(cfg, n=n, label="dual", op=self.dual, shift=self.delta / self.s)
-        agree = None if self.comm is None else self.comm.broadcast  # rank 0's scalars
-        return Inverse(
-            cfg, n=self.p, label="primal", op=self.precision, shift=self.delta, agree=agree
-        )
+        comm = self.comm
+        if self.woodbury:  # row-sharded under comm: this rank's c·N_k rows, scalars summed
+            if comm is not None and cfg.cg_max_iter is None:  # CG's 2n from the global n
+                cfg = dataclasses.replace(cfg, cg_max_iter=2 * self.c * self.n_r)
+            n = self.c * self.J_r.n
+            return Inverse(cfg, n=n, label="dual", op=self.dual, shift=self.delta / self.s,
+                           allreduce=None if comm is None else comm.sum_scalars)  # fmt: skip
+        # replicated under comm: every rank takes rank 0's scalars
+        return Inverse(cfg, n=self.p, label="primal", op=self.precision, shift=self.delta,
+                       allreduce=None if comm is None else comm.broadcast)  # fmt: skip
 
     def _summed(self, local: Any, shape: tuple[int, ...], what: str) -> Tensor:
         """``local()``, a sum over this rank's retain rows, summed over the ranks (one

@@ -18,9 +18,10 @@ default ``torch.distributed`` group is initialised, ``retain`` is *this rank's s
 (uneven shards; not empty) and every rank returns the bounds of the concatenation of the shards:
 the Fisher/GGN, a sum over D_r, is all-reduced (one ``(p, k)`` block per product) and N_r counts
 every rank's rows (:mod:`ntkscrub.bounds.covariance`). Models, queries and keywords must be the
-same on every rank; the results are rank 0's, identical on every rank. Data-parallel for
-``kind="diag"``, and ``kind="full"`` with ``solver="dense"`` or ``form="primal"`` (the dual form
-raises ValueError); ``config.seed`` must be an int.
+same on every rank; the results are rank 0's, identical on every rank. Data-parallel: every
+``kind``, ``solver`` and ``form`` (the dual system row-sharded) except a Nyström factor of the
+dual system (``precond_rank > 0`` with ``form="dual"`` raises ValueError); ``config.seed`` must
+be an int.
 """
 
 from __future__ import annotations

@@ -85,15 +85,16 @@ class Inverse:
         op: Callable[[Tensor], Tensor] | None = None,
         shift: float = 0.0,
         dense: Callable[[], Tensor] | None = None,
-        agree: Callable[[Tensor], Tensor] | None = None,
+        allreduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if (op is None) == (dense is None):
             raise ValueError("Inverse: give exactly one of op= (CG) and dense= (Cholesky)")
         self.config, self.n, self.label = config, n, label
         self.op, self.shift, self._dense = op, shift, dense
-        # Data-parallel bounds: A is replicated on every rank; CG takes its scalars through
-        # ``agree`` (rank 0's value), so every rank stops at the same iteration.
-        self.agree = agree
+        # Data-parallel bounds: CG's scalar reduction — the sum over the ranks for a row-sharded
+        # A (the dual system), rank 0's value for a replicated one (the primal) — so every rank
+        # takes the same steps and stops at the same iteration.
+        self.allreduce = allreduce
         self._engine: _EngineInverse | None = None
 
     def _inverse(self, dtype: torch.dtype, device: torch.device) -> _EngineInverse:
@@ -103,7 +104,7 @@ class Inverse:
             else:
                 A = SymmetricProduct(self.op, self.n, shift=self.shift, dtype=dtype, device=device)
             cfg = solver_config(self.config, dense=self.op is None)
-            self._engine = _EngineInverse(A, cfg, label=self.label, allreduce=self.agree)
+            self._engine = _EngineInverse(A, cfg, label=self.label, allreduce=self.allreduce)
         return self._engine
 
     def __call__(self, B: Tensor) -> Tensor:

@@ -465,7 +465,8 @@ def cg(
             partial inner products over the ranks, returning the same bits on every rank — so
             every scalar and every decision (convergence, restarts, breakdown, non-finite
             products) agrees across ranks. The time budget needs agreeing clocks: with
-            ``allreduce``, ``max_seconds`` must be ``None`` (then no time budget) or ``math.inf``.
+            ``allreduce``, ``max_seconds`` must be ``None`` (then no time budget) or ``math.inf``,
+            and ``max_iter`` defaults to twice the global n (summed by ``allreduce``).
             ``None`` (default): one process, unchanged.
 
     Returns:
@@ -492,6 +493,8 @@ def cg(
                 "(their clocks differ); with allreduce give None (no time budget) or math.inf"
             )
         max_seconds = math.inf
+        if max_iter is None:  # 2n of the global n: each rank's own n would stop the ranks apart
+            max_iter = 2 * int(allreduce(torch.tensor([float(n)], dtype=torch.float64))[0])
     max_iter, max_matvecs, max_seconds = _check_cg_options(
         tol, max_iter, max_matvecs, max_seconds, scalar_dtype, strict, early_stop, refine, label, n
     )
