@@ -378,27 +378,24 @@ def train(  # noqa: PLR0915 - listed in pyproject.toml
         batches, eval_batches, c = _training_batches(net, data, batch_size, device)
     shards = _shards_record(comm, batches)
     steps = shards.get("steps_per_epoch")
-    recipe = (
-        {
-            "optimizer": "SGD",
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
-            "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
-            "loss": loss,
-            "batch_size": batch_size,
-            "schedule": schedule,
-            "epochs": epochs,
-            "until_zero_error": bool(until_zero_error),
-            "max_epochs": max_epochs,
-            "seed": seed,
-            "freeze_bn": bool(freeze_bn),
-            "shuffle": bool(shuffle),
-        }
-        | _data_record(batches, c, params, data_desc, device)
-        | shards
-    )
+    recipe = {
+        "optimizer": "SGD",
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "anchor": "zeros (plain weight decay)" if anchor is None else "given weights",
+        "objective": f"mean {loss} + (weight_decay/2)*||w - anchor||^2",
+        "loss": loss,
+        "batch_size": batch_size,
+        "schedule": schedule,
+        "epochs": epochs,
+        "until_zero_error": bool(until_zero_error),
+        "max_epochs": max_epochs,
+        "seed": seed,
+        "freeze_bn": bool(freeze_bn),
+        "shuffle": bool(shuffle),
+    } | _data_record(batches, c, params, data_desc, device)
+    recipe |= shards  # data-parallel: the global sample count, the shards, steps per epoch
     log = TrainLog(epochs=0, train_error=[], train_loss=[], lr=[], seconds=0.0, recipe=recipe)
     gen = torch.Generator()
     seed_k = seed if (comm is None or seed is None) else seed + comm.rank  # a shard: its order
