@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "Method",
     "Preconditioner",
+    "InnerPrecision",
     "SolverConfig",
     "ProductConfig",
     "SLQConfig",
@@ -36,6 +37,10 @@ __all__ = [
 
 Method = Literal["cg", "dense"]
 Preconditioner = Literal["nystrom", "none"]
+# Precision of the products inside a mixed-precision solve's inner PCG
+# (SolverConfig.inner_precision; ntkscrub.solvers.mixed.PRECISIONS).
+InnerPrecision = Literal["tf32", "bfloat16", "float16"]
+_INNER_PRECISIONS = ("tf32", "bfloat16", "float16")
 
 
 def _num(cls: str, name: str, x: Any, *, positive: bool = False, allow_none: bool = False) -> None:
@@ -114,6 +119,21 @@ class SolverConfig(_Config):
             rows (no second build).
         max_dense_bytes: the dense method refuses operators whose dense twin needs more memory
             (:class:`~ntkscrub.operators.DenseTooLarge`); 4 GiB.
+        inner_precision: a mixed-precision solve (:func:`ntkscrub.solvers.mixed_cg`): ``None``
+            (default) — every product in the operator's precision; ``"tf32"``, ``"bfloat16"``,
+            ``"float16"`` — iterative refinement whose inner PCG solves use products in that
+            precision (TF32 matmuls/convolutions, or ``torch.autocast``) while every residual
+            ``b − A x`` is recomputed in full precision (float64 subtraction), so the returned
+            *true* residual meets ``tol``. Real low-precision products need a float32
+            operator; on a float64 operator they are *emulated* (each product's input and output
+            rounded to that precision: no speed-up, a CPU check of the mixed solve against
+            float64). If refinement stagnates (the low precision cannot get there) the solve
+            finishes with full-precision inner solves and a ``RuntimeWarning`` naming the
+            system (``fallback`` in the record). Unlike ``ProductConfig.autocast`` /
+            ``allow_tf32``, which put *every* product (residuals too) in low precision.
+        inner_tol: relative residual each inner solve aims at (``None``: 1e-2, measured best
+            in :mod:`ntkscrub.solvers.mixed`; looser near the end, when less is needed). Ignored
+            without ``inner_precision``.
     """
 
     method: Method = "cg"
@@ -130,6 +150,8 @@ class SolverConfig(_Config):
     warm_start: bool = True
     share_precond: bool = True
     max_dense_bytes: float = 4 * 2**30
+    inner_precision: InnerPrecision | None = None
+    inner_tol: float | None = None
 
     def __post_init__(self) -> None:
         c = "SolverConfig"
@@ -152,6 +174,11 @@ class SolverConfig(_Config):
         _bool(c, "warm_start", self.warm_start)
         _bool(c, "share_precond", self.share_precond)
         _num(c, "max_dense_bytes", self.max_dense_bytes)
+        if self.inner_precision is not None:
+            _choice(c, "inner_precision", self.inner_precision, _INNER_PRECISIONS)
+        _num(c, "inner_tol", self.inner_tol, positive=True, allow_none=True)
+        if self.inner_tol is not None and self.inner_tol >= 1:
+            raise ValueError(f"{c}.inner_tol: must be < 1, got {self.inner_tol}")
 
     def tol_for(self, dtype: torch.dtype) -> float:
         """The tolerance in effect for iterates of ``dtype``.
