@@ -33,6 +33,7 @@ __all__ = [
     "ProductConfig",
     "SLQConfig",
     "NoiseConfig",
+    "check_mixed_precision",
 ]
 
 Method = Literal["cg", "dense"]
@@ -226,6 +227,29 @@ class ProductConfig(_Config):
         if self.autocast is not None and not isinstance(self.autocast, torch.dtype):
             raise TypeError(f"{c}.autocast: expected a torch.dtype or None, got {self.autocast!r}")
         _bool(c, "allow_tf32", self.allow_tf32)
+
+
+def check_mixed_precision(solver: SolverConfig, products: ProductConfig) -> None:
+    """Refuse ``solver.inner_precision`` with low-precision *products*: a mixed-precision solve
+    computes its residuals ``b − A x`` with the operator's own products, which
+    ``ProductConfig.autocast`` / ``allow_tf32`` would put in low precision too — the true
+    residual would not be full precision, and the tolerance not honestly met."""
+    if solver.inner_precision is None:
+        return
+    if products.autocast is not None:
+        raise ValueError(
+            f"solver_config.inner_precision={solver.inner_precision!r} needs full-precision "
+            f"products for the residuals, but products.autocast={products.autocast} puts every "
+            "product in low precision; give products.autocast=None (the inner solves already "
+            "run their products under autocast)"
+        )
+    if products.allow_tf32:
+        raise ValueError(
+            f"solver_config.inner_precision={solver.inner_precision!r} needs full-precision "
+            "products for the residuals, but products.allow_tf32=True puts every product in "
+            "TF32; give allow_tf32=False (inner_precision='tf32' allows TF32 in the inner "
+            "solves only)"
+        )
 
 
 @dataclass(frozen=True)

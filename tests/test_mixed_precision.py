@@ -241,6 +241,35 @@ def test_scrub_with_emulated_bf16_products_equals_float64_scrub():
     assert mixed.info["config"]["solver"]["inner_precision"] == "bfloat16"
 
 
+def test_scrub_and_scrubber_refuse_low_precision_residuals():
+    from ntkscrub import Scrubber
+    from ntkscrub.config import ProductConfig
+
+    model, init = make_mlp(seed=0), make_mlp(seed=1)
+    X, Y = make_data("mlp", 8)
+    mixed = SolverConfig(inner_precision="tf32")
+    for products, what in (
+        (ProductConfig(autocast=torch.bfloat16), "products.autocast"),
+        (ProductConfig(allow_tf32=True), "allow_tf32"),
+    ):
+        with pytest.raises(ValueError, match=f"inner_precision.*{what}"):
+            scrub(model, (X[:6], Y[:6]), (X[6:], Y[6:]), init=init, ridge=1.0,
+                  solver_config=mixed, products=products)  # fmt: skip
+        with pytest.raises(ValueError, match=f"inner_precision.*{what}"):
+            Scrubber(model, (X, Y), init=init, ridge=1.0, solver_config=mixed, products=products)
+
+
+def test_identity_allreduce_is_one_rank():
+    """The data-parallel hook: with an identity all-reduce (one rank) the solve is unchanged."""
+    A = spd(torch.logspace(-2, 0, 80), seed=6)
+    b = rhs(80)
+    lo = rounded(A, torch.bfloat16)
+    x1, i1 = mixed_cg(A, b, inner=lo, tol=1e-10, max_seconds=60)
+    x2, i2 = mixed_cg(A, b, inner=lo, tol=1e-10, allreduce=lambda t: t.clone())
+    assert torch.allclose(x1, x2, rtol=0, atol=1e-14) and i2.all_converged
+    assert i2.inner_matvecs == i1.inner_matvecs and i2.max_seconds == float("inf")
+
+
 # ----------------------------------------------------------------------------- small parts
 def test_rounding_helpers():
     x = torch.randn(1000, dtype=F64, generator=torch.Generator().manual_seed(0))
