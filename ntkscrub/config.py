@@ -132,9 +132,10 @@ class SolverConfig(_Config):
             finishes with full-precision inner solves and a ``RuntimeWarning`` naming the
             system (``fallback`` in the record). Unlike ``ProductConfig.autocast`` /
             ``allow_tf32``, which put *every* product (residuals too) in low precision.
-        inner_tol: relative residual each inner solve aims at (``None``: 1e-2, measured best
-            in :mod:`ntkscrub.solvers.mixed`; looser near the end, when less is needed). Ignored
-            without ``inner_precision``.
+        inner_tol: relative residual the first inner solve aims at (``None``: 0.1 for
+            ``"bfloat16"``/``"float16"``, 1e-2 for ``"tf32"``, measured in
+            :mod:`ntkscrub.solvers.mixed`); later rounds adapt it to the contraction the products
+            allow. Ignored without ``inner_precision``.
     """
 
     method: Method = "cg"

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from model_zoo import make_data, make_mlp, spd
+from model_zoo import make_cnn, make_data, make_mlp, spd
 
 from ntkscrub.config import SolverConfig
 from ntkscrub.operators import NTK, Inverse, Jacobian, SolveNotConverged
@@ -218,6 +218,20 @@ def test_real_bf16_autocast_products_on_a_float32_mlp():
     # float32 products of the outer residual: allow their own 1e-6-level error on top of tol
     assert true_rel(Kd, x.double(), b.double()) <= 1e-4 + 1e-5
     assert float((x.double() - x_ref).norm() / x_ref.norm()) <= kappa * 1.1e-4
+
+
+def test_autocast_through_batchnorm_fails_loudly():
+    """torch cannot run forward-mode AD through an eval-mode BatchNorm under autocast: the error
+    names the knob and the way out, instead of torch's bare dtype mismatch."""
+    model = make_cnn().float()
+    X, Y = make_data("cnn", 6)
+    K = NTK(jac_a=Jacobian(ParameterSpace(model), (X.float(), Y)), ridge=1.0)
+    inv = Inverse(K, SolverConfig(inner_precision="bfloat16", tol=1e-3, precond="none"))
+    with pytest.raises(RuntimeError, match="inner_precision='bfloat16'.*BatchNorm.*'tf32'"):
+        inv.solve(torch.randn(K.shape[0]))
+    tf32 = Inverse(K, SolverConfig(inner_precision="tf32", tol=1e-3, precond="none"))
+    tf32.solve(torch.randn(K.shape[0]))  # TF32 (plain float32 on a CPU) has no such problem
+    assert tf32.records[-1]["converged"]
 
 
 # ----------------------------------------------------------------------------- scrub

@@ -107,7 +107,7 @@ def pcg_solve(
             out = cg(A, B, refine=config.refine, **common)
         else:
             lo, precision = low_precision_products(A, config.inner_precision, n=B.shape[0])
-            inner_tol = DEFAULT_INNER_TOL if config.inner_tol is None else config.inner_tol
+            inner_tol = config.inner_tol or DEFAULT_INNER_TOL[config.inner_precision]
             out = mixed_cg(A, B, inner=lo, inner_tol=inner_tol, precision=precision, **common)
     for w in caught:  # the rest (a fallback, torch's own) goes out again, to the caller's filters
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -23,13 +23,16 @@ of inexact Krylov methods (Simoncini–Szyld 2003, van den Eshof–Sleijpen 2004
 error *grow* as the residual falls, i.e. it needs accurate products early and tolerates cheap ones
 late; with one fixed low precision it stalls at a true residual of about the product error times κ,
 like plain CG with those products. Measured here (float64 SPD matrix n = 300, eigenvalues
-log-spaced in [1e-2, 1], κ = 100, products rounded to bf16, tol 1e-10, no preconditioner): plain
-CG with the rounded products stalls at a true residual of 1.5e-2 (and at 1.7e-3 rounded to TF32);
-refinement reaches 4e-11 in 6 rounds with 147 bf16 column-matvecs + 6 float64 ones, where float64
-CG needs 110. At κ = 1e4 (TF32 or fp16 rounding) it needs 1312 + 7 against 836: restarting the
-Krylov space at each round costs 1.3–1.6× the iterations, which low-precision products pay back
-when they are that much cheaper (TF32 1.05–1.2× per Θ product on the H200, bf16 more; to be
-measured). bf16 at κ = 1e4 stagnates (u·κ ≈ 40) and falls back, as below.
+log-spaced in [1e-2, 1], κ = 100, products rounded, tol 1e-10, no preconditioner, η = 1e-2):
+plain CG with the rounded products stalls at a true residual of 1.5e-2 (bf16) / 1.7e-3 (TF32);
+refinement reaches 4e-11 with 147 bf16 + 6 float64 column-matvecs (TF32: 132 + 5), where
+float64 CG needs 110. At κ = 1e4 TF32/fp16 rounding needs 1285 + 8 / 1305 + 7 against 836, and
+bf16 stagnates (u·κ ≈ 40) and falls back. On a float32 MLP NTK with real autocast products
+(benchmarks/mixed_precision.py, tol 1e-4, fp32 PCG ≈ 20 matvecs): bf16 ≈ 38 + 8, fp16 ≈ 35 + 7.
+So restarting the Krylov space at each round, and the products' error, cost 1.2–2.5× the
+matvecs: low-precision products pay off only when they are at least that much cheaper — not TF32
+on the H200 (1.05–1.2× cheaper per Θ product, issue 14), possibly bf16 on tensor cores (to be
+measured on a GPU).
 
 If refinement stagnates (a round no longer halves the worst residual: the low precision is too
 coarse for this system), :func:`mixed_cg` warns (:class:`PrecisionFallbackWarning`, naming the
@@ -74,12 +77,16 @@ __all__ = [
 ]
 
 PRECISIONS = ("tf32", "bfloat16", "float16")
-# Default inner tolerance η. Measured (float64 SPD n = 300, products rounded, tol 1e-10;
-# low-precision + full-precision column-matvecs): κ = 1e2, bf16: η = 1e-1 140 + 10, 1e-2 147 + 6,
-# 1e-3 200 + 5; tf32: 146 + 10, 132 + 5, 138 + 4; κ = 1e4, tf32: 1272 + 10, 1312 + 7, 1532 + 6.
-# A tighter η spends low-precision iterations the next true residual throws away (a round cannot
-# contract by more than the products' error × κ); a looser one spends full-precision residuals.
-DEFAULT_INNER_TOL = 1e-2
+# Default inner tolerance η of the first round, per precision (later rounds adapt, see
+# _Refinement.correction). A tighter η spends low-precision iterations that the next true residual
+# throws away (a round cannot contract by more than the products' error × κ); a looser one spends
+# full-precision residuals. Measured (low-precision + full-precision column-matvecs), float32 MLP
+# NTK on a CPU (benchmarks/mixed_precision.py, n = 1000 rows, λ = 10, tol 1e-4, fp32 PCG: 20):
+# real bf16 autocast products (1.7–3 % error) η = 1e-1 38 + 8, 1e-2 44 + 8, 1e-3 58 + 8; fp16
+# (0.6–1 %) 35 + 7, 40 + 7, 42 + 7; "tf32" (plain fp32 on a CPU) 28 + 5, 23 + 3, 23 + 3.
+# Float64 SPD n = 300, κ = 100, products rounded, tol 1e-10 (float64 CG: 110): bf16 η = 1e-1
+# 140 + 10, 1e-2 147 + 6; TF32 146 + 10, 132 + 5. GPU TF32 products (5e-3–1e-2 error) sit between.
+DEFAULT_INNER_TOL = {"bfloat16": 1e-1, "float16": 1e-1, "tf32": 1e-2}
 # A round must cut the worst true residual at least this much, else refinement has stagnated.
 _STAGNATION = 0.5
 # At most this many refinement rounds (each contracts ≥ 2× or the solve falls back / stops).
@@ -160,8 +167,16 @@ def low_precision_products(
     device_type, dtype = A.device.type, _AUTOCAST[precision]
 
     def autocast(X: Tensor) -> Tensor:
-        with torch.autocast(device_type, dtype=dtype):
-            return matmul(X)
+        try:
+            with torch.autocast(device_type, dtype=dtype):
+                return matmul(X)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"inner_precision={precision!r}: a product under torch.autocast({precision}) "
+                f"raised: {err}. Forward-mode AD through an eval-mode BatchNorm under autocast "
+                "fails in torch (benchmarks/README.md, 'bf16: library defects'); for a model "
+                "with BatchNorm use inner_precision='tf32' (or None)"
+            ) from err
 
     return autocast, precision
 
@@ -174,7 +189,7 @@ def mixed_cg(
     precond: Any = None,
     x0: Tensor | None = None,
     tol: float = 1e-6,
-    inner_tol: float = DEFAULT_INNER_TOL,
+    inner_tol: float = 1e-2,
     precision: str = "low-precision",
     max_iter: int | None = None,
     max_seconds: float | None = None,
@@ -197,8 +212,9 @@ def mixed_cg(
         precond: preconditioner of the inner solves (as for :func:`~ntkscrub.solvers.cg`).
         x0: warm start with ``B``'s shape (one full-precision residual).
         tol: per-column relative *true* residual ``‖b − A x‖/‖b‖`` to reach.
-        inner_tol: the inner solves' relative residual η (looser near the end: a round aims at
-            ``max(inner_tol, ½ tol / current residual)``, at most ½).
+        inner_tol: the first inner solve's relative residual η; a later round aims at
+            ``max(inner_tol, ½ · the last round's contraction, ½ tol / current residual)``, at
+            most ½ (no tighter than the products allow, nor than the outer tol needs).
         precision: the inner products' name in records and messages (``"bfloat16"``, ...).
         max_iter: iteration cap of each inner solve (default ``2n``).
         max_seconds: time budget of the whole solve (``None``: 300 s; with ``allreduce`` none).
