@@ -1,5 +1,5 @@
 """Mixed-precision solves (issue 14, item 2) on the CPU: inner/outer matvecs, seconds, true
-residual. (float32 MLP NTK; about a minute on two cores.)
+residual. (float32 MLP NTK; about a minute on two cores; ``--device cuda`` on a GPU.)
 
 For each ridge: one float32 solve ``(Θ + λI) x = e`` per ``SolverConfig.inner_precision``
 (``None`` = plain fp32 PCG, ``"tf32"`` = plain fp32 products on a CPU, ``"bfloat16"`` /
@@ -49,14 +49,18 @@ def problem(n: int, width: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor,
 
 
 def product_costs(K: NTK, K64: NTK, k: int = 8) -> dict:
-    V = torch.randn(K.shape[0], k, generator=torch.Generator().manual_seed(2))
+    V = torch.randn(K.shape[0], k, generator=torch.Generator().manual_seed(2)).to(K.device)
     ref = K64 @ V.double()
     out = {}
     for name in (None, "bfloat16", "float16"):
         mm = (lambda X: K @ X) if name is None else low_precision_products(K, name)[0]
         mm(V[:, :1])  # warm-up
+        if V.is_cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         Y = mm(V)
+        if V.is_cuda:
+            torch.cuda.synchronize()
         out[name or "float32"] = {
             "seconds_per_column": (time.perf_counter() - t0) / k,
             "rel_error_vs_float64": float((Y.double() - ref).norm() / ref.norm()),
@@ -70,14 +74,17 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--ridges", type=float, nargs="+", default=[10.0, 1.0])
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    dev = torch.device(args.device)
     model, X, Y = problem(args.n, args.width)
+    model, X = model.to(dev), X.to(dev)
     J = Jacobian(ParameterSpace(model), (X, Y), batch_size=100)
     J64 = Jacobian(ParameterSpace(copy.deepcopy(model).double()), (X.double(), Y), batch_size=100)
     record: dict = {
-        "what": "mixed-precision solves, float32 MLP NTK, CPU",
-        "hardware": hardware(torch.device("cpu")),
+        "what": f"mixed-precision solves, float32 MLP NTK, {dev.type}",
+        "hardware": hardware(dev),
         "n_samples": args.n,
         "rows": J.shape[0],
         "p": J.p,
@@ -85,7 +92,7 @@ def main() -> None:
         "products": product_costs(NTK(jac_a=J, ridge=1.0), NTK(jac_a=J64, ridge=1.0)),
         "solves": [],
     }
-    e = torch.randn(J.shape[0], generator=torch.Generator().manual_seed(3))
+    e = torch.randn(J.shape[0], generator=torch.Generator().manual_seed(3)).to(dev)
     for ridge in args.ridges:
         K, K64 = NTK(jac_a=J, ridge=ridge), NTK(jac_a=J64, ridge=ridge)
         for prec in (None, "tf32", "bfloat16", "float16"):
