@@ -607,6 +607,8 @@ def _solve_info(
         "dtype": str(space.dtype),
         "device": str(space.device),
         "matvecs": res.matvecs,
+        # of which low-precision products inside mixed-precision solves (inner_precision)
+        "inner_matvecs": sum(rec.get("inner_matvecs", 0) for rec in res.records),
         "solves": res.records,
         "delta_norm": float(res.delta.norm()),
     }

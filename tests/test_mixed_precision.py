@@ -253,6 +253,9 @@ def test_scrub_with_emulated_bf16_products_equals_float64_scrub():
         assert rec["inner_precision"] == "bfloat16 (emulated)" and rec["inner_matvecs"] > 0
         assert max(rec["residuals"]) <= mixed.info["tol"]
     assert mixed.info["config"]["solver"]["inner_precision"] == "bfloat16"
+    inner = sum(rec["inner_matvecs"] for rec in mixed.info["solves"])
+    assert 0 < mixed.info["inner_matvecs"] == inner < mixed.info["matvecs"]
+    assert ref.info["inner_matvecs"] == 0
 
 
 def test_scrub_and_scrubber_refuse_low_precision_residuals():
