@@ -22,8 +22,18 @@ Why refinement and not a flexible/inexact CG with low-precision products through
 of inexact Krylov methods (Simoncini–Szyld 2003, van den Eshof–Sleijpen 2004) lets the product
 error *grow* as the residual falls, i.e. it needs accurate products early and tolerates cheap ones
 late; with one fixed low precision it stalls at a true residual of about the product error times κ,
-like plain CG with those products. Measured here (float64 SPD matrix n = 300, eigenvalues
-log-spaced in [1e-2, 1], κ = 100, products rounded, tol 1e-10, no preconditioner, η = 1e-2):
+like plain CG with those products. The other candidate, CG on A_lo whose recursive residual is
+*replaced* by the true ``b − A_hi x`` whenever it has fallen 10× (reliable updates, van der Vorst &
+Ye 2000), keeps its search direction across replacements and was measured (prototype, same SPD
+problems, low + full matvecs against refinement's) 10–55 % cheaper when it converges — κ = 1e2
+bf16 tol 1e-10: 117 + 10 vs 140 + 10; κ = 10, 3 % perturbed products, tol 1e-4: 19 + 4 vs 43 + 3;
+κ = 1e4 TF32: 1161 + 10 vs 1285 + 8 — but it *diverged* on κ = 1e4 with fp16 products at tol 1e-10
+(true residual 34 after 3000 iterations) where refinement converged (1315 + 11): its directions
+lose A_hi-conjugacy with no safeguard. Refinement is the robust choice here; a replacement variant
+that restarts on a non-decreasing true residual is the next step to try.
+
+Measured here (float64 SPD matrix n = 300, eigenvalues log-spaced in [1e-2, 1], κ = 100,
+products rounded, tol 1e-10, no preconditioner, η = 1e-2):
 plain CG with the rounded products stalls at a true residual of 1.5e-2 (bf16) / 1.7e-3 (TF32);
 refinement reaches 4e-11 with 147 bf16 + 6 float64 column-matvecs (TF32: 132 + 5), where
 float64 CG needs 110. At κ = 1e4 TF32/fp16 rounding needs 1285 + 8 / 1305 + 7 against 836, and
