@@ -128,10 +128,13 @@ class SolverConfig(_Config):
             *true* residual meets ``tol``. Real low-precision products need a float32
             operator; on a float64 operator they are *emulated* (each product's input and output
             rounded to that precision: no speed-up, a CPU check of the mixed solve against
-            float64). If refinement stagnates (the low precision cannot get there) the solve
-            finishes with full-precision inner solves and a ``RuntimeWarning`` naming the
-            system (``fallback`` in the record). Unlike ``ProductConfig.autocast`` /
-            ``allow_tf32``, which put *every* product (residuals too) in low precision.
+            float64). If refinement stagnates (the low precision cannot get there) or a
+            low-precision product overflows, the solve finishes with full-precision inner
+            solves and a :class:`~ntkscrub.solvers.PrecisionFallbackWarning` naming the system
+            (``fallback`` in the record). Unlike ``ProductConfig.autocast`` / ``allow_tf32``,
+            which put *every* product (residuals too) in low precision (refused together with
+            this field by ``scrub``/``Scrubber``). bf16/fp16 autocast fails in torch through an
+            eval-mode BatchNorm (forward-mode AD): use ``"tf32"`` for such models.
         inner_tol: relative residual the first inner solve aims at (``None``: 0.1 for
             ``"bfloat16"``/``"float16"``, 1e-2 for ``"tf32"``, measured in
             :mod:`ntkscrub.solvers.mixed`); later rounds adapt it to the contraction the products

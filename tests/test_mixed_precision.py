@@ -149,6 +149,22 @@ def test_stagnation_falls_back_with_a_warning_or_raises():
     assert err.value.info.residuals[0] == pytest.approx(true_rel(A, err.value.x, b), rel=1e-9)
 
 
+def test_float16_overflow_falls_back_or_raises():
+    """float16 products of an operator with entries ≈ 1e6 overflow (65504 is float16's max):
+    the solve finishes in full precision with a warning, or raises CGNonFinite without fallback."""
+    from ntkscrub.solvers import CGNonFinite
+
+    A = 1e6 * spd(torch.logspace(-1, 0, 60), seed=7)
+    b = rhs(60)
+    lo = rounded(A, torch.float16)
+    with pytest.warns(PrecisionFallbackWarning, match="overflowed or was NaN"):
+        x, info = mixed_cg(A, b, inner=lo, tol=1e-10, max_seconds=60)
+    assert info.fallback and info.all_converged and true_rel(A, x, b) <= 1e-10
+    assert info.inner_matvecs > 0  # the overflowing products are counted
+    with pytest.raises(CGNonFinite):
+        mixed_cg(A, b, inner=lo, tol=1e-10, fallback=False, max_seconds=60)
+
+
 # ----------------------------------------------------------------------------- NTK of an MLP
 def mlp_ntk(dtype=F64, ridge=1.0, n=30, hidden=16):
     model = make_mlp(6, hidden, 3).to(dtype)

@@ -45,7 +45,8 @@ on the H200 (1.05–1.2× cheaper per Θ product, issue 14), possibly bf16 on te
 measured on a GPU).
 
 If refinement stagnates (a round no longer halves the worst residual: the low precision is too
-coarse for this system), :func:`mixed_cg` warns (:class:`PrecisionFallbackWarning`, naming the
+coarse for this system) or a low-precision product overflows (float16 beyond 65504),
+:func:`mixed_cg` warns (:class:`PrecisionFallbackWarning`, naming the
 system) and finishes with full-precision inner solves, so the accuracy contract (``tol``) holds
 and the cost is visible (``CGInfo.fallback``, ``outer_matvecs``); ``fallback=False`` raises
 :class:`~ntkscrub.solvers.CGNotConverged` with the partial result instead.
@@ -228,8 +229,9 @@ def mixed_cg(
         precision: the inner products' name in records and messages (``"bfloat16"``, ...).
         max_iter: iteration cap of each inner solve (default ``2n``).
         max_seconds: time budget of the whole solve (``None``: 300 s; with ``allreduce`` none).
-        fallback: on stagnation, finish with full-precision inner solves and warn
-            (:class:`PrecisionFallbackWarning`); ``False``: stop (status ``"stalled"``).
+        fallback: on stagnation or a non-finite low-precision product, finish with
+            full-precision inner solves and warn (:class:`PrecisionFallbackWarning`); ``False``:
+            stop (status ``"stalled"``) or raise the ``CGNonFinite``.
         strict, scalar_dtype, label, progress, allreduce: as for :func:`~ntkscrub.solvers.cg`.
 
     Returns:
@@ -393,7 +395,14 @@ class _Refinement:
                 self.status = "max_seconds"
                 return
             worst = float(rel.max())
-            D, inner = self.correction(R, worst)
+            try:
+                D, inner = self.correction(R, worst)
+            except CGNonFinite as err:  # e.g. float16 products beyond 65504
+                if self.fell_back or not fallback:
+                    raise
+                self.inner_mv += err.info.matvecs
+                self._fall_back(f"a product overflowed or was NaN ({err.info.label})")
+                continue
             sel = torch.tensor(cols, device=R.device)
             self.X[:, sel] += D
             for j, n_it in zip(cols, inner.iterations_per_column):
@@ -426,7 +435,12 @@ class _Refinement:
                 if self.fell_back or not fallback:
                     self.status = "stalled"
                     return
-                self._fall_back(float(rel[i]), float(ratio[i]))
+                self._fall_back(
+                    f"stagnated at a true relative residual {float(rel[i]):.2e} > tol "
+                    f"{self.tol:g} after {self.rounds} round(s) (the last round's residual ratio "
+                    f"was {float(ratio[i]):.2f} > {_STAGNATION}: the products' error times the "
+                    "condition number is too large)"
+                )
 
     def correction(self, R: Tensor, worst: float) -> tuple[Tensor, CGInfo]:
         """One inner PCG solve ``A_lo D = R`` (``A_hi`` after a fallback) to η."""
@@ -467,14 +481,11 @@ class _Refinement:
         self.last_inner = inner
         return D.to(torch.float64) * scale, inner
 
-    def _fall_back(self, rel: float, ratio: float) -> None:
+    def _fall_back(self, why: str) -> None:
         self.fell_back = True
         self.note = (
-            f"cg[{self.label}]: mixed-precision refinement with {self.precision} products "
-            f"stagnated at a true relative residual {rel:.2e} > tol {self.tol:g} after "
-            f"{self.rounds} round(s) (the last round's residual ratio was {ratio:.2f} > "
-            f"{_STAGNATION}: the products' error times the condition number is too large); "
-            f"finishing with full-precision inner solves. For this system use "
+            f"cg[{self.label}]: mixed-precision refinement with {self.precision} products: "
+            f"{why}; finishing with full-precision inner solves. For this system use "
             f"inner_precision=None or a finer precision."
         )
         warn(self.note, PrecisionFallbackWarning)
