@@ -24,13 +24,15 @@ error *grow* as the residual falls, i.e. it needs accurate products early and to
 late; with one fixed low precision it stalls at a true residual of about the product error times κ,
 like plain CG with those products. The other candidate, CG on A_lo whose recursive residual is
 *replaced* by the true ``b − A_hi x`` whenever it has fallen 10× (reliable updates, van der Vorst &
-Ye 2000), keeps its search direction across replacements and was measured (prototype, same SPD
-problems, low + full matvecs against refinement's) 10–55 % cheaper when it converges — κ = 1e2
-bf16 tol 1e-10: 117 + 10 vs 140 + 10; κ = 10, 3 % perturbed products, tol 1e-4: 19 + 4 vs 43 + 3;
-κ = 1e4 TF32: 1161 + 10 vs 1285 + 8 — but it *diverged* on κ = 1e4 with fp16 products at tol 1e-10
-(true residual 34 after 3000 iterations) where refinement converged (1315 + 11): its directions
-lose A_hi-conjugacy with no safeguard. Refinement is the robust choice here; a replacement variant
-that restarts on a non-decreasing true residual is the next step to try.
+Ye 2000), keeps its search directions across replacements. Measured with a safeguarded version
+(hand over to refinement when a replacement did not halve the true residual; same SPD problems,
+n = 300, two right-hand sides; low + full-precision matvecs, refinement → replacement): κ = 1e2
+bf16 tol 1e-4 120 + 8 → 98 + 8; κ = 10, 3 % perturbed products 85 + 6 → 37 + 8; κ = 1e4 TF32
+1209 + 8 → 1033 + 8 — but κ = 1e2 with 3 % perturbed products 270 + 6 → 713 + 11 and κ = 1e4
+bf16 367 + 596 (fallback) → 1809 + 14, and without the safeguard it diverged (κ = 1e4 fp16, tol
+1e-10: true residual 34 after 3000 iterations): its directions lose A_hi-conjugacy, and how long
+to wait between replacements is a guess. Refinement is the robust, predictable choice here;
+replacement needs a better stopping rule before it can be the default.
 
 Measured here (float64 SPD matrix n = 300, eigenvalues log-spaced in [1e-2, 1], κ = 100,
 products rounded, tol 1e-10, no preconditioner, η = 1e-2):
