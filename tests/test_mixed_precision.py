@@ -248,6 +248,7 @@ def test_autocast_through_batchnorm_fails_loudly():
     tf32 = Inverse(K, SolverConfig(inner_precision="tf32", tol=1e-3, precond="none"))
     tf32.solve(torch.randn(K.shape[0]))  # TF32 (plain float32 on a CPU) has no such problem
     assert tf32.records[-1]["converged"]
+    assert tf32.records[-1]["inner_precision"] == "tf32 (none on cpu)"
 
 
 # ----------------------------------------------------------------------------- scrub

@@ -176,7 +176,8 @@ def low_precision_products(
             with _tf32():
                 return matmul(X)
 
-        return tf32, precision
+        # TF32 exists on CUDA only: elsewhere the products are plain float32 (recorded).
+        return tf32, precision if A.device.type == "cuda" else f"tf32 (none on {A.device.type})"
     device_type, dtype = A.device.type, _AUTOCAST[precision]
 
     def autocast(X: Tensor) -> Tensor:
