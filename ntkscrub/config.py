@@ -134,7 +134,8 @@ class SolverConfig(_Config):
             (``fallback`` in the record). Unlike ``ProductConfig.autocast`` / ``allow_tf32``,
             which put *every* product (residuals too) in low precision (refused together with
             this field by ``scrub``/``Scrubber``). bf16/fp16 autocast fails in torch through an
-            eval-mode BatchNorm (forward-mode AD): use ``"tf32"`` for such models.
+            eval-mode BatchNorm (forward-mode AD): use ``"tf32"`` for such models. ``refine``
+            does not apply (the mixed solve refines by construction).
         inner_tol: relative residual the first inner solve aims at (``None``: 0.1 for
             ``"bfloat16"``/``"float16"``, 1e-2 for ``"tf32"``, measured in
             :mod:`ntkscrub.solvers.mixed`); later rounds adapt it to the contraction the products
