@@ -275,6 +275,23 @@ def test_scrub_with_emulated_bf16_products_equals_float64_scrub():
     assert ref.info["inner_matvecs"] == 0
 
 
+def test_scrubber_with_emulated_bf16_products_equals_float64_scrub():
+    """Two successive deletion requests (warm starts, the cached α) with mixed-precision solves."""
+    from ntkscrub import Scrubber
+
+    model, init = make_mlp(6, 12, 3, seed=0), make_mlp(6, 12, 3, seed=1)
+    X, Y = make_data("mlp", 24)
+    kw = dict(init=init, ridge=0.5)
+    s = Scrubber(model, (X, Y), solver_config=SolverConfig(inner_precision="bfloat16"), **kw)
+    s.forget([3, 7])
+    res = s.forget([20])
+    keep = [i for i in range(24) if i not in (3, 7, 20)]
+    ref = scrub(model, (X[keep], Y[keep]), (X[[3, 7, 20]], Y[[3, 7, 20]]), solver="cg", **kw)
+    assert float((res.shift - ref.shift).norm() / ref.shift.norm()) <= 1e-6
+    assert s.prepare_info["solves"][0]["inner_precision"] == "bfloat16 (emulated)"
+    assert s.prepare_info["solves"][0]["inner_matvecs"] > 0
+
+
 def test_scrub_and_scrubber_refuse_low_precision_residuals():
     from ntkscrub import Scrubber
     from ntkscrub.config import ProductConfig
