@@ -28,14 +28,20 @@ import torch
 __all__ = [
     "Method",
     "Preconditioner",
+    "InnerPrecision",
     "SolverConfig",
     "ProductConfig",
     "SLQConfig",
     "NoiseConfig",
+    "check_mixed_precision",
 ]
 
 Method = Literal["cg", "dense"]
 Preconditioner = Literal["nystrom", "none"]
+# Precision of the products inside a mixed-precision solve's inner PCG
+# (SolverConfig.inner_precision; ntkscrub.solvers.mixed.PRECISIONS).
+InnerPrecision = Literal["tf32", "bfloat16", "float16"]
+_INNER_PRECISIONS = ("tf32", "bfloat16", "float16")
 
 
 def _num(cls: str, name: str, x: Any, *, positive: bool = False, allow_none: bool = False) -> None:
@@ -114,6 +120,26 @@ class SolverConfig(_Config):
             rows (no second build).
         max_dense_bytes: the dense method refuses operators whose dense twin needs more memory
             (:class:`~ntkscrub.operators.DenseTooLarge`); 4 GiB.
+        inner_precision: a mixed-precision solve (:func:`ntkscrub.solvers.mixed_cg`): ``None``
+            (default) — every product in the operator's precision; ``"tf32"``, ``"bfloat16"``,
+            ``"float16"`` — iterative refinement whose inner PCG solves use products in that
+            precision (TF32 matmuls/convolutions, or ``torch.autocast``) while every residual
+            ``b − A x`` is recomputed in full precision (float64 subtraction), so the returned
+            *true* residual meets ``tol``. Real low-precision products need a float32
+            operator; on a float64 operator they are *emulated* (each product's input and output
+            rounded to that precision: no speed-up, a CPU check of the mixed solve against
+            float64). If refinement stagnates (the low precision cannot get there) or a
+            low-precision product overflows, the solve finishes with full-precision inner
+            solves and a :class:`~ntkscrub.solvers.PrecisionFallbackWarning` naming the system
+            (``fallback`` in the record). Unlike ``ProductConfig.autocast`` / ``allow_tf32``,
+            which put *every* product (residuals too) in low precision (refused together with
+            this field by ``scrub``/``Scrubber``). bf16/fp16 autocast fails in torch through an
+            eval-mode BatchNorm (forward-mode AD): use ``"tf32"`` for such models. ``refine``
+            does not apply (the mixed solve refines by construction).
+        inner_tol: relative residual the first inner solve aims at (``None``: 0.1 for
+            ``"bfloat16"``/``"float16"``, 1e-2 for ``"tf32"``, measured in
+            :mod:`ntkscrub.solvers.mixed`); later rounds adapt it to the contraction the products
+            allow. Ignored without ``inner_precision``.
     """
 
     method: Method = "cg"
@@ -130,6 +156,8 @@ class SolverConfig(_Config):
     warm_start: bool = True
     share_precond: bool = True
     max_dense_bytes: float = 4 * 2**30
+    inner_precision: InnerPrecision | None = None
+    inner_tol: float | None = None
 
     def __post_init__(self) -> None:
         c = "SolverConfig"
@@ -152,6 +180,11 @@ class SolverConfig(_Config):
         _bool(c, "warm_start", self.warm_start)
         _bool(c, "share_precond", self.share_precond)
         _num(c, "max_dense_bytes", self.max_dense_bytes)
+        if self.inner_precision is not None:
+            _choice(c, "inner_precision", self.inner_precision, _INNER_PRECISIONS)
+        _num(c, "inner_tol", self.inner_tol, positive=True, allow_none=True)
+        if self.inner_tol is not None and self.inner_tol >= 1:
+            raise ValueError(f"{c}.inner_tol: must be < 1, got {self.inner_tol}")
 
     def tol_for(self, dtype: torch.dtype) -> float:
         """The tolerance in effect for iterates of ``dtype``.
@@ -199,6 +232,29 @@ class ProductConfig(_Config):
         if self.autocast is not None and not isinstance(self.autocast, torch.dtype):
             raise TypeError(f"{c}.autocast: expected a torch.dtype or None, got {self.autocast!r}")
         _bool(c, "allow_tf32", self.allow_tf32)
+
+
+def check_mixed_precision(solver: SolverConfig, products: ProductConfig) -> None:
+    """Refuse ``solver.inner_precision`` with low-precision *products*: a mixed-precision solve
+    computes its residuals ``b − A x`` with the operator's own products, which
+    ``ProductConfig.autocast`` / ``allow_tf32`` would put in low precision too — the true
+    residual would not be full precision, and the tolerance not honestly met."""
+    if solver.inner_precision is None:
+        return
+    if products.autocast is not None:
+        raise ValueError(
+            f"solver_config.inner_precision={solver.inner_precision!r} needs full-precision "
+            f"products for the residuals, but products.autocast={products.autocast} puts every "
+            "product in low precision; give products.autocast=None (the inner solves already "
+            "run their products under autocast)"
+        )
+    if products.allow_tf32:
+        raise ValueError(
+            f"solver_config.inner_precision={solver.inner_precision!r} needs full-precision "
+            "products for the residuals, but products.allow_tf32=True puts every product in "
+            "TF32; give allow_tf32=False (inner_precision='tf32' allows TF32 in the inner "
+            "solves only)"
+        )
 
 
 @dataclass(frozen=True)

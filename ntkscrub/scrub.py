@@ -37,7 +37,13 @@ from torch import Tensor, nn
 
 from ntkscrub._validation import check_choice, check_not_meta, check_number
 from ntkscrub.batches import subset_indices
-from ntkscrub.config import Method, NoiseConfig, ProductConfig, SolverConfig
+from ntkscrub.config import (
+    Method,
+    NoiseConfig,
+    ProductConfig,
+    SolverConfig,
+    check_mixed_precision,
+)
 from ntkscrub.noise import (  # noqa: F401 - re-exported: part of this module's API
     add_fisher_noise,
     diagonal_fisher,
@@ -462,6 +468,7 @@ def scrub(
             raise ValueError("weight_decay: give either ridge or weight_decay, not both")
     cfg = _solver_config(solver_config, solver, tol, max_iter, strict, seed)
     products = _typed(products, ProductConfig, "products")
+    check_mixed_precision(cfg, products)
     noise_config = _typed(noise_config, NoiseConfig, "noise_config")
     _check_overlap(retain, forget)
     from ntkscrub import distributed  # imported here: torch.distributed only when used
@@ -600,6 +607,8 @@ def _solve_info(
         "dtype": str(space.dtype),
         "device": str(space.device),
         "matvecs": res.matvecs,
+        # of which low-precision products inside mixed-precision solves (inner_precision)
+        "inner_matvecs": sum(rec.get("inner_matvecs", 0) for rec in res.records),
         "solves": res.records,
         "delta_norm": float(res.delta.norm()),
     }

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ntkscrub._validation import check_number
 from ntkscrub.batches import Batches, as_batches
-from ntkscrub.config import Method, ProductConfig, SolverConfig
+from ntkscrub.config import Method, ProductConfig, SolverConfig, check_mixed_precision
 from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter
 from ntkscrub.params import ParameterSpace, ParamSelector
 from ntkscrub.scrub import (
@@ -172,6 +172,7 @@ class Scrubber:
                 raise ValueError("weight_decay: give either ridge or weight_decay, not both")
         self.cfg = _solver_config(solver_config, solver, tol, max_iter, None, seed)
         self.products = _typed(products, ProductConfig, "products")
+        check_mixed_precision(self.cfg, self.products)
         self.model, self.data = model, data
         self.linearize_at, self.loss = linearize_at, loss
         self.ridge, self.weight_decay = ridge, weight_decay

@@ -6,6 +6,10 @@ features (preconditioning, precision, refinement, records) land in one place:
 * ``SolverConfig.method == "cg"``: preconditioned CG (:func:`ntkscrub.solvers.cg`) with a
   randomized Nyström factor (Frangella–Tropp–Udell 2023) built once per inverse from the same
   operator, through the single function :func:`pcg_solve`;
+* ``SolverConfig.inner_precision``: the same PCG inside iterative refinement, its products in
+  TF32 / bf16 / fp16 and every residual ``b − A x`` in full precision
+  (:func:`ntkscrub.solvers.mixed_cg`); records add ``inner_precision``, ``inner_matvecs``
+  (low precision), ``outer_matvecs`` (full precision) and ``fallback``;
 * ``method == "dense"``: Cholesky of ``A.to_dense()`` (the exact twin of the same graph), cached.
   A singular or indefinite dense system raises, naming the system — no least-squares fallback.
 
@@ -33,9 +37,13 @@ from ntkscrub.solvers import (
     CGInfo,
     CGNotConverged,
     LowRankPreconditioner,
+    PrecisionFallbackWarning,
     cg,
+    low_precision_products,
+    mixed_cg,
     nystrom_preconditioner,
 )
+from ntkscrub.solvers.mixed import DEFAULT_INNER_TOL
 
 __all__ = ["Inverse", "SolveNotConverged", "DenseTooLarge", "pcg_solve"]
 
@@ -75,26 +83,35 @@ def pcg_solve(
 
     CG's own budget, early stop and diagnosis (κ from its Lanczos coefficients, the ridge that
     would converge) run here; :class:`Inverse` turns a miss into :class:`SolveNotConverged`.
+    With ``config.inner_precision`` the solve is :func:`ntkscrub.solvers.mixed_cg`: inner PCG
+    with ``A``'s products in that precision (:func:`ntkscrub.solvers.low_precision_products`),
+    true residuals with ``A`` itself.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", RuntimeWarning
-        )  # Inverse raises or warns, naming the system
-        return cg(
-            A,
-            B,
-            precond=precond,
-            x0=x0,
-            tol=config.tol_for(B.dtype),
-            max_iter=config.max_iter,
-            max_seconds=config.max_seconds,
-            refine=config.refine,
-            progress=False if allreduce is not None else config.progress,
-            label=label,
-            scalar_dtype=config.scalar_dtype,
-            allreduce=allreduce,
-            strict=False,
-        )
+    common: dict[str, Any] = {
+        "precond": precond,
+        "x0": x0,
+        "tol": config.tol_for(B.dtype),
+        "max_iter": config.max_iter,
+        "max_seconds": config.max_seconds,
+        "progress": False if allreduce is not None else config.progress,
+        "label": label,
+        "scalar_dtype": config.scalar_dtype,
+        "allreduce": allreduce,
+        "strict": False,
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        # Inverse raises or warns about a miss itself, naming the system.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("always", PrecisionFallbackWarning)
+        if config.inner_precision is None:
+            out = cg(A, B, refine=config.refine, **common)
+        else:
+            lo, precision = low_precision_products(A, config.inner_precision, n=B.shape[0])
+            inner_tol = config.inner_tol or DEFAULT_INNER_TOL[config.inner_precision]
+            out = mixed_cg(A, B, inner=lo, inner_tol=inner_tol, precision=precision, **common)
+    for w in caught:  # the rest (a fallback, torch's own) goes out again, to the caller's filters
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
 def _caller_stacklevel() -> int:

@@ -8,6 +8,8 @@
 * :func:`cg` stops within a time/matvec budget, early when the residual decay cannot reach ``tol``
   in it, and raises :class:`CGNotConverged` with a diagnosis (κ estimated from CG's own Lanczos
   coefficients, the extra ridge that would converge, the matvec cost, the partial solution).
+* :func:`mixed_cg` — iterative refinement around PCG with low-precision products (TF32, bf16,
+  fp16; :func:`low_precision_products`), the true residual in full precision.
 * :func:`lanczos`, :func:`slq_logdet`, :func:`slq_trace` — block Lanczos runs and stochastic Lanczos
   quadrature; :func:`dense_logdet` is the exact small-n reference.
 
@@ -34,6 +36,12 @@ from ntkscrub.solvers.lanczos import (
     slq_logdet,
     slq_trace,
 )
+from ntkscrub.solvers.mixed import (
+    PrecisionFallbackWarning,
+    low_precision_products,
+    mixed_cg,
+    round_to_precision,
+)
 from ntkscrub.solvers.preconditioners import (
     LowRankPreconditioner,
     NystromPreconditioner,
@@ -49,6 +57,10 @@ __all__ = [
     "CGNotConverged",
     "CGNonFinite",
     "DEFAULT_MAX_SECONDS",
+    "mixed_cg",
+    "low_precision_products",
+    "round_to_precision",
+    "PrecisionFallbackWarning",
     "nystrom_preconditioner",
     "LowRankPreconditioner",
     "NystromPreconditioner",

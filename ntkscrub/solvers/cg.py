@@ -252,6 +252,14 @@ class CGInfo:
         negative_curvature: the first pᵀAp ≤ 0 met (``None`` if none).
         refinements: iterative-refinement rounds with float64 residuals (see ``cg(refine=)``).
         max_matvecs, max_seconds: the budget used (``None``: unlimited).
+        inner_precision: a mixed-precision solve (:func:`ntkscrub.solvers.mixed_cg`): the
+            precision of its inner products (``"bfloat16"``, ...; ``" (emulated)"`` appended when
+            rounded float64 products stood in for them); ``None`` for a plain CG solve.
+        inner_matvecs, outer_matvecs: a mixed-precision solve's column-matvecs with the
+            low-precision products (inner PCG) and with the full-precision operator (true
+            residuals, and the inner solves after a fallback); ``matvecs`` is their sum.
+        fallback: a mixed-precision solve's refinement stagnated and it finished with
+            full-precision inner solves.
     """
 
     iterations: int
@@ -280,6 +288,10 @@ class CGInfo:
     refinements: int = 0
     max_matvecs: int | None = None
     max_seconds: float | None = None
+    inner_precision: str | None = None
+    inner_matvecs: int = 0
+    outer_matvecs: int = 0
+    fallback: bool = False
 
     @property
     def all_converged(self) -> bool:
