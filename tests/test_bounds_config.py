@@ -56,6 +56,7 @@ def problem():
         ("cg_strict", 1, TypeError),
         ("cg_scalar_dtype", "float64", TypeError),
         ("precond_rank", -1, ValueError),
+        ("cg_inner_precision", "int8", ValueError),
         ("probes", 1, ValueError),
         ("steps", 0, ValueError),
         ("seed", 1.5, TypeError),
@@ -232,6 +233,18 @@ def test_float32_matches_float64(problem):
             e32 = r32[key] if key == "white_box" else r32[key]["q"]
             assert e32["kl"] == pytest.approx(e64["kl"], rel=tol), (kind, key)
             assert e32["kl"] != e64["kl"], "float32 path not taken"
+    # Mixed precision (products rounded to bf16 inside CG, emulated on float64; the true
+    # residual in float64) reaches the same bounds as full-precision CG.
+    cfg = BoundsConfig(cg_tol=1e-8)
+    full, mixed = (
+        bounds.information_bounds(
+            scrubbed, reference, (Xr, Yr), queries={"q": Xq}, alpha=1e-2, delta=0.05,
+            kind="full", config=dataclasses.replace(cfg, cg_inner_precision=ip),
+        )
+        for ip in (None, "bfloat16")
+    )  # fmt: skip
+    assert mixed["white_box"]["kl"] == pytest.approx(full["white_box"]["kl"], rel=1e-6)
+    assert mixed["black_box"]["q"]["kl"] == pytest.approx(full["black_box"]["q"]["kl"], rel=1e-6)
     # The float32 covariance is computed in float32.
     s32 = copy.deepcopy(scrubbed).float()
     _, C = bounds.output_covariance(s32, (Xr.float(), Yr), Xq.float(), alpha=1e-2)

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from ntkscrub._validation import check_choice, check_int, check_number, check_seed
+from ntkscrub.config import InnerPrecision
 
 __all__ = ["BoundsConfig", "FisherVariance", "Kind", "Reduction", "Loss", "Solver", "Form"]
 
@@ -84,6 +85,8 @@ class BoundsConfig:
         solver: ``"cg"`` (matrix-free) or ``"dense"`` (explicit, Cholesky; small p only).
         form: ``"dual"`` (Woodbury/NTK) or ``"primal"`` (CG in parameter space).
         cg_tol, cg_max_iter, cg_strict, cg_scalar_dtype: as :func:`ntkscrub.solvers.cg`.
+        cg_inner_precision: low-precision products inside each CG solve, the true residual in
+            full precision (:func:`ntkscrub.solvers.mixed_cg`; ``SolverConfig.inner_precision``).
         precond_rank: rank of a Nyström preconditioner for each CG system (0: none).
     Stochastic estimators (matrix-free white box):
         probes (≥ 2), steps: Hutchinson / SLQ probes and Lanczos steps.
@@ -104,6 +107,7 @@ class BoundsConfig:
     cg_max_iter: int | None = None
     cg_strict: bool = False
     cg_scalar_dtype: torch.dtype = torch.float64
+    cg_inner_precision: str | None = None
     precond_rank: int = 0
     probes: int = 30
     steps: int = 30
@@ -130,6 +134,12 @@ class BoundsConfig:
             got = self.cg_scalar_dtype
             raise TypeError(f"BoundsConfig.cg_scalar_dtype: expected a torch.dtype, got {got!r}")
         check_int(self.precond_rank, "BoundsConfig.precond_rank", 0)
+        allowed = get_args(InnerPrecision)
+        if self.cg_inner_precision is not None and self.cg_inner_precision not in allowed:
+            raise ValueError(
+                f"BoundsConfig.cg_inner_precision: expected one of {allowed} or None, got "
+                f"{self.cg_inner_precision!r}"
+            )
         check_int(self.probes, "BoundsConfig.probes", 2)
         check_int(self.steps, "BoundsConfig.steps")
         try:

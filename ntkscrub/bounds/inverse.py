@@ -59,6 +59,7 @@ def solver_config(config: BoundsConfig, *, dense: bool) -> SolverConfig:
         max_iter=config.cg_max_iter,
         strict=config.cg_strict,
         scalar_dtype=config.cg_scalar_dtype,
+        inner_precision=config.cg_inner_precision,
         precond="nystrom" if config.precond_rank > 0 else "none",
         precond_rank=config.precond_rank,
         seed=0 if config.seed is None else config.seed,
