@@ -38,6 +38,7 @@ from ntkscrub.memory import peak_bytes
 
 __all__ = ["PassPlan", "plan_passes"]
 
+
 @dataclass(frozen=True)
 class PassPlan:
     """Vectors per pass and the memory model behind them (bytes; batch = ``batch``).
