@@ -44,7 +44,12 @@ class PassPlan:
     """Vectors per pass and the memory model behind them (bytes; batch = ``batch``).
 
     Attributes:
-        jvp_vectors / vjp_vectors: the most vectors per ``vmap``-ed JVP / VJP pass.
+        jvp_vectors / vjp_vectors: the most vectors per ``vmap``-ed JVP / VJP pass whose
+            modelled memory fits the budget.
+        jvp_gain / vjp_gain: measured throughput of a 2-vector pass over a 1-vector pass
+            (``2·t₁ / t₂``; > 1: vectorising pays). Reported, not used: timings vary from run
+            to run, and the choice of k changes the rounding of multi-vector products (the
+            Nyström sketch), so a seeded scrub would not repeat itself.
         budget: the bytes a pass may hold; ``train_step``: a measured training step's peak.
         jvp_base, jvp_per_vector, vjp_base, vjp_per_vector: the linear model ``base + k·per``.
         over_budget: ``True`` when one vector alone exceeds the budget.
@@ -60,6 +65,8 @@ class PassPlan:
     jvp_per_vector: int
     vjp_base: int
     vjp_per_vector: int
+    jvp_gain: float
+    vjp_gain: float
     over_budget: bool
     seconds: float
 
@@ -74,6 +81,24 @@ class PassPlan:
         return dataclasses.asdict(self)
 
 
+# vmap over k vectors pays on a GPU (0.83–1.41 epochs per vector for 8 vectors against 2.1 for
+# one, H200) but not always on a CPU: on ResNet-18 (2 cores) a 2-vector VJP pass took 12.3 s
+# against 4.4 s for one vector (its JVP pass 4.2 s against 5.5 s). Below this measured gain the
+# plan suggests vector_chunk=1 (a hint only; see PassPlan.jvp_gain).
+_HINT_GAIN = 0.9
+
+
+def _timed(fn: Any, device: torch.device) -> tuple[int, float]:
+    """``(peak live bytes, seconds)`` of ``fn()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    peak = peak_bytes(fn)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return peak, time.perf_counter() - t0
+
+
 def _train_step(f: Any, params: dict[str, Tensor], x: Tensor) -> int:
     def step() -> Any:
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in params.items()}
@@ -84,7 +109,7 @@ def _train_step(f: Any, params: dict[str, Tensor], x: Tensor) -> int:
     return peak_bytes(step)
 
 
-def _jvp_pass(J: Any, x: Tensor, k: int) -> int:
+def _jvp_pass(J: Any, x: Tensor, k: int) -> tuple[int, float]:
     g = J._fn(x)
     V = torch.ones(J.p, k, dtype=J.dtype, device=J.device)
 
@@ -93,10 +118,10 @@ def _jvp_pass(J: Any, x: Tensor, k: int) -> int:
             T = J.space.unflatten(V)
             return vmap(lambda t: jvp(g, (J._params,), (t,))[1])(T)
 
-    return peak_bytes(run)
+    return _timed(run, J.device)
 
 
-def _vjp_pass(J: Any, x: Tensor, k: int) -> int:
+def _vjp_pass(J: Any, x: Tensor, k: int) -> tuple[int, float]:
     U = torch.ones(k, x.shape[0], J.c, dtype=J.dtype, device=J.device)
 
     def run() -> Tensor:
@@ -104,13 +129,15 @@ def _vjp_pass(J: Any, x: Tensor, k: int) -> int:
             out, pullback = vjp(J._fn(x), J._params)
             return J.space.flatten_batched(vmap(pullback)(U.to(out.dtype))[0])
 
-    return peak_bytes(run)
+    return _timed(run, J.device)
 
 
-def _line(m1: int, m2: int) -> tuple[int, int]:
-    """``(base, per_vector)`` of the line through ``m(1)``, ``m(2)`` (per vector ≥ 1 byte)."""
-    per = max(m2 - m1, 1)
-    return max(m1 - per, 0), per
+def _choose(one: tuple[int, float], two: tuple[int, float], limit: int) -> tuple[Any, ...]:
+    """``(base, per_vector, vectors, gain)`` from the measured 1- and 2-vector passes."""
+    per = max(two[0] - one[0], 1)
+    base = max(one[0] - per, 0)
+    gain = 2 * one[1] / max(two[1], 1e-9)
+    return base, per, max(1, math.floor((limit - base) / per)), gain
 
 
 def plan_passes(J: Any, budget: int | None = None) -> PassPlan:
@@ -125,21 +152,35 @@ def plan_passes(J: Any, budget: int | None = None) -> PassPlan:
     b = x.shape[0]
     train = _train_step(J._f, J._params, x)
     limit = 2 * train if budget is None else int(budget)
-    jb, jp = _line(_jvp_pass(J, x, 1), _jvp_pass(J, x, 2))
-    vb, vp = _line(_vjp_pass(J, x, 1), _vjp_pass(J, x, 2))
-    kj = max(1, math.floor((limit - jb) / jp))
-    kv = max(1, math.floor((limit - vb) / vp))
+    jb, jp, kj, jgain = _choose(_jvp_pass(J, x, 1), _jvp_pass(J, x, 2), limit)
+    vb, vp, kv, vgain = _choose(_vjp_pass(J, x, 1), _vjp_pass(J, x, 2), limit)
     over = jb + jp > limit or vb + vp > limit
-    plan = PassPlan(b, limit, train, kj, kv, jb, jp, vb, vp, over, time.perf_counter() - t0)
+    plan = PassPlan(
+        b,
+        limit,
+        train,
+        kj,
+        kv,
+        jb,
+        jp,
+        vb,
+        vp,
+        jgain,
+        vgain,
+        over,
+        time.perf_counter() - t0,
+    )
     logger.info(
         "%s: %d JVP / %d VJP vectors per pass (batch %d, budget %.0f MB, training step %.0f MB; "
-        "measured in %.1f s)",
+        "2-vector speed-up %.2f / %.2f; measured in %.1f s)",
         J.name,
         kj,
         kv,
         b,
         limit / 1e6,
         train / 1e6,
+        jgain,
+        vgain,
         plan.seconds,
     )
     if over:
@@ -148,5 +189,13 @@ def plan_passes(J: Any, budget: int | None = None) -> PassPlan:
             J.name,
             max(jb + jp, vb + vp) / 1e6,
             limit / 1e6,
+        )
+    if min(jgain, vgain) < _HINT_GAIN and max(kj, kv) > 1:
+        logger.info(
+            "%s: a 2-vector pass was slower per vector than a 1-vector pass here (JVP %.2f, "
+            "VJP %.2f); ProductConfig(vector_chunk=1) may be faster",
+            J.name,
+            jgain,
+            vgain,
         )
     return plan
