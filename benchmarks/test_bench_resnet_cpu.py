@@ -106,6 +106,7 @@ def run_scrub(model, theta0, retain, forget, *, params: str, ridge: float) -> di
             outcome="converged" if all(s.get("all_converged", True) for s in solves) else "other",
             matvecs=res.info["matvecs"],
             p=res.info["p"],
+            passes=res.info.get("passes"),
             solves=[
                 {
                     k: s.get(k)

@@ -77,3 +77,21 @@ def check_not_meta(obj: Any, name: str) -> None:
             f"{name}: holds tensors on the 'meta' device (shapes without data); load real "
             f"weights / data first (e.g. module.to_empty(device='cpu') then load_state_dict)"
         )
+
+
+def check_vector_chunk(vector_chunk: Any, memory_budget: Any, owner: str = "") -> None:
+    """Validate ``vector_chunk`` (a positive int, ``"auto"`` or ``None``) and ``memory_budget``."""
+    if vector_chunk != "auto" and vector_chunk is not None:
+        if isinstance(vector_chunk, bool) or not isinstance(vector_chunk, int) or vector_chunk < 1:
+            raise ValueError(
+                f"{owner}vector_chunk: expected a positive int, 'auto' or None, "
+                f"got {vector_chunk!r}"
+            )
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
+            raise TypeError(
+                f"{owner}memory_budget: expected an int (bytes) or None, got "
+                f"{type(memory_budget).__name__}"
+            )
+        if memory_budget < 1:
+            raise ValueError(f"{owner}memory_budget: must be ≥ 1 byte, got {memory_budget}")

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from ntkscrub._validation import check_vector_chunk
+
 __all__ = [
     "Method",
     "Preconditioner",
@@ -213,7 +215,11 @@ class ProductConfig(_Config):
 
     Attributes:
         batch_size: samples per JVP/VJP batch (memory ∝ batch_size · activations · vectors).
-        vector_chunk: the most vectors pushed through one ``vmap`` per batch; ``None``: all.
+        vector_chunk: the most vectors pushed through one ``vmap`` per batch: ``"auto"``
+            (default) as many as fit ``memory_budget``, measured once per batch shape
+            (:func:`ntkscrub.operators.passes.plan_passes`); an int fixes it; ``None``: all.
+        memory_budget: bytes one pass may hold with ``vector_chunk="auto"``; ``None``: twice a
+            measured training step at the same batch size.
         autocast: a ``torch.autocast`` dtype for the products (experimental: bf16 products are
             2–3 % off, too coarse for CG); ``None`` computes in the parameters' dtype.
         allow_tf32: keep PyTorch's TF32 convolutions/matmuls during solves (default ``False``:
@@ -221,14 +227,15 @@ class ProductConfig(_Config):
     """
 
     batch_size: int = 256
-    vector_chunk: int | None = 32
+    vector_chunk: int | str | None = "auto"
+    memory_budget: int | None = None
     autocast: torch.dtype | None = None
     allow_tf32: bool = False
 
     def __post_init__(self) -> None:
         c = "ProductConfig"
         _int(c, "batch_size", self.batch_size, 1)
-        _int(c, "vector_chunk", self.vector_chunk, 1, allow_none=True)
+        check_vector_chunk(self.vector_chunk, self.memory_budget, owner=f"{c}.")
         if self.autocast is not None and not isinstance(self.autocast, torch.dtype):
             raise TypeError(f"{c}.autocast: expected a torch.dtype or None, got {self.autocast!r}")
         _bool(c, "allow_tf32", self.allow_tf32)

@@ -587,6 +587,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         "batch_size": products.batch_size,
         "autocast": products.autocast,
         "vector_chunk": products.vector_chunk,
+        "memory_budget": products.memory_budget,
     }
     J_r = J_f = None
     with comm.guard("building the Jacobians and residuals of its shards"):

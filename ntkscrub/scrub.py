@@ -109,7 +109,8 @@ class ScrubResult:
         shift: the deterministic shift ``s·Δ`` ``(p,)`` in ``model.named_parameters()`` order over
             the linearised parameters — after rescaling, before noise.
         info: solver records, ``converged`` (all solves), matvecs, seconds, peak memory, the
-            configuration used (``info["config"]``), rescale factor, ...
+            configuration used (``info["config"]``), the measured memory plan of the passes
+            (``info["passes"]``, :class:`~ntkscrub.operators.passes.PassPlan`), rescale factor, ...
         delta: the unrescaled Δ = w_lin(D_r) − w_lin(D) ``(p,)``.
         scale: the rescale factor s (1 without rescaling); ``shift = scale · delta``.
         w_lin_r: the retain-only linear model's displacement from the linearisation point
@@ -502,6 +503,7 @@ def scrub(
         "batch_size": products.batch_size,
         "autocast": products.autocast,
         "vector_chunk": products.vector_chunk,
+        "memory_budget": products.memory_budget,
     }
     J_r = Jacobian(space, retain, name="retain", **jkw)
     J_f = Jacobian(space, forget, at=J_r.theta, name="forget", **jkw)
@@ -554,6 +556,7 @@ def scrub(
         "rescale_factor": scale,
         "rescale_cos": cos,
         "shift_norm": float(shift.norm()),
+        "passes": {J.name: plan.to_dict() for J in (J_r, J_f) if (plan := J.pass_plan(False))},
         "noise": noise_info,
         "config": {
             "solver": cfg.to_dict(),

@@ -268,6 +268,7 @@ class Scrubber:
             batch_size=p.batch_size,
             autocast=p.autocast,
             vector_chunk=p.vector_chunk,
+            memory_budget=p.memory_budget,
         )
 
     # ------------------------------------------------------------------ requests
