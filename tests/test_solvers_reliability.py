@@ -325,3 +325,17 @@ def test_non_strict_warning_points_at_the_caller():
         warnings.simplefilter("always")
         cg(A, torch.ones(50, dtype=F64), tol=1e-12, max_iter=3, strict=False)
     assert len(rec) == 1 and rec[0].filename == __file__
+
+
+def test_no_ridge_hint_when_the_budget_allows_too_few_iterations():
+    """With a budget of a couple of iterations even κ = 1 cannot reach tol: the diagnosis must say
+    the budget is the problem instead of recommending an infinite ridge (seen as "add ≈ inf")."""
+    n = 60
+    A = spd(torch.logspace(-2, 2, n, dtype=F64), seed=7)
+    b = torch.randn(n, dtype=F64, generator=_gen(8))
+    with pytest.raises(CGNotConverged) as exc:
+        cg(A, b, tol=1e-10, max_iter=3)
+    info, msg = exc.value.info, str(exc.value)
+    assert info.kappa is not None and info.hint_iterations is not None
+    assert info.ridge_hint is None
+    assert "inf" not in msg and "No ridge converges" in msg and "budget" in msg

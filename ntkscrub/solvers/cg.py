@@ -1123,14 +1123,27 @@ class _CGRun:
         if info.kappa is not None and st != "not_positive_definite":
             hint_its = max(int(self._hint_iterations()), 1)
             delta = ridge_for_iterations(info.eig_min, info.eig_max, hint_its, tol)
-            info.ridge_hint, info.hint_iterations = delta, hint_its
-            parts.append(
+            info.hint_iterations = hint_its
+            info.ridge_hint = delta if math.isfinite(delta) else None
+            advice = self._budget_advice(st, bad)
+            kappa = (
                 f"Estimated condition number κ ≈ {info.kappa:.2e} (Ritz values "
                 f"{info.eig_min:.2e} … {info.eig_max:.2e} from CG's Lanczos coefficients; a lower "
-                f"estimate). To converge in ≈ {hint_its} iterations, add ≈ {delta:.3g} to the "
-                f"ridge (κ-based estimate λ_max/(λ_min + ridge)), or use a stronger "
-                f"preconditioner{self._budget_advice(st, bad)}."
+                f"estimate)."
             )
+            if info.ridge_hint is None:
+                # Even κ = 1 needs more iterations than the budget allows: no ridge helps.
+                parts.append(
+                    f"{kappa} No ridge converges in the ≈ {hint_its} iteration(s) the budget "
+                    f"allows (even κ = 1 needs more): the budget is what is too small"
+                    f"{advice or ', raise max_seconds / max_matvecs'}."
+                )
+            else:
+                parts.append(
+                    f"{kappa} To converge in ≈ {hint_its} iterations, add ≈ {delta:.3g} to the "
+                    f"ridge (κ-based estimate λ_max/(λ_min + ridge)), or use a stronger "
+                    f"preconditioner{advice}."
+                )
         parts.append("The partial solution is attached (err.x / the returned X).")
         info.message = " ".join(parts)
 
