@@ -113,6 +113,44 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         kp = d["kernel_prediction"]
         assert 0.0 <= kp["forget_error"] <= 1.0 and kp["forget_l1_to_retrain"]["n"] >= 2
         assert ("laziness" in d) == (form in ("ntk_paper", "ntk_ce_init", "ntk_projected"))
+    # issue 13 item 4: the engine scrubs and bounds; seed 0 also runs the dense twin
+    cfg = meta["config"]
+    assert cfg["solver"] == cfg["bounds_solver"] == "cg" and cfg["dense_check_seed"] == 0
+    for form, rec in seed["ntk"].items():
+        assert rec["scrub_info"]["solver"] == "cg" and rec["scrub_info"]["matvecs"] > 0, form
+    dc = seed["dense_check"]
+    assert set(dc["scrub"]) == set(seed["ntk"])
+    for form, e in dc["scrub"].items():
+        # float32 products, CG to its float32 tolerance 1e-3: the two paths agree to that
+        assert e["cg_converged"] and e["rel_l2_delta"] <= 1e-3, (form, e)
+        assert e["rel_max_entry_delta"] <= 1e-2 and e["rel_trapezium_scale"] <= 1e-3, (form, e)
+    assert dc["max_rel_shift"] == max(
+        max(e["rel_l2_delta"], e["rel_trapezium_scale"]) for e in dc["scrub"].values()
+    )
+    assert set(dc["bounds"]) >= {"ntk", "fisher"}
+    for pname, rel in dc["bounds"].items():
+        assert set(rel) >= {"white_box", "black_box_forget"}
+        for name, v in rel.items():
+            assert v["rel"] is not None and v["rel"] <= 1e-3, (pname, name, v)
+    assert dc["shift_within_expected"] and dc["bounds_within_expected"]
+    assert "solver_warnings" not in seed  # every smoke solve converges
+    # the report carries the check and, for every method, its band position and cost
+    summ = res["summary"]
+    assert summ["dense_check"]["0"]["max_rel_shift"] == dc["max_rel_shift"]
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected"):
+        assert summ["costs"][m]["matvecs"]["mean"] == seed["ntk"][m]["scrub_info"]["matvecs"]
+        assert summ["costs"][m]["all_converged"] is True and m in summ["inside_band"]
+        assert m in summ["diagnostics"] and m in seed["line"]
+    assert (
+        summ["costs"]["ntk_ce_init"]["step"]["mean"]
+        == (seed["methods_config"]["ntk_ce_init_tuning"]["a"])
+    )
+    md = (out / "results.md").read_text()
+    assert "against its dense twin" in md and "where it lands against the retrain band" in md
+    labels = meta["method_labels"]
+    land = md[md.index("where it lands against the retrain band") :]
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "fisher", "ntk_ref_trap"):
+        assert f"| {labels[m]} |" in land, m
     # the information sweep is exact in α for the diagonal-Fisher noise
     chk = seed["information"]["alpha_scaling_check"]
     assert abs(chk["white_box_direct"] - chk["white_box_scaled"]) <= 1e-4 * abs(
@@ -257,12 +295,17 @@ def test_method_registry_orders_tables_and_labels() -> None:
     assert list(METHODS)[:2] == ["original", "finetune"]
     labels = method_labels()
     assert list(labels)[:2] == ["original", "retrain"] and set(labels) - {"retrain"} == set(METHODS)
+    # Fig. 4 draws the line of every NTK scrub, issue 13's methods included, each in its style
     assert {m for m, e in METHODS.items() if e.line} == {
         "ntk_paper",
         "ntk_paper_trap",
         "ntk_ref",
         "ntk_ref_trap",
+        "ntk_ce_init",
+        "ntk_ce_trained",
+        "ntk_projected",
     }
+    assert set(figures.FIG4_STYLES) == {m for m, e in METHODS.items() if e.line}
 
 
 # ----------------------------------------------------------------------------- data location

@@ -43,7 +43,7 @@ from ntkscrub.recipes.reproduction.failures import (
     require_trained,
     training_failure,
 )
-from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_form
+from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_call, scrub_form
 from ntkscrub.recipes.reproduction.weights import fisher_variance
 from ntkscrub.recipes.runtime import RunLog, log
 
@@ -267,6 +267,44 @@ def stage_forget(run: SeedRun) -> None:
     }
 
 
+# float32 products with CG to its float32 tolerance: what the cg-vs-dense differences should be
+DENSE_CHECK_EXPECTED = 1e-3
+
+
+def is_dense_check_seed(run: SeedRun) -> bool:
+    """Whether this seed also runs the dense twin (``forget.dense_check_seed``); never when the
+    configured solvers are dense already (nothing to compare)."""
+    cfg = run.cfg
+    engine = cfg.forget.solver == "cg" or cfg.measure.bounds_solver == "cg"
+    return engine and cfg.forget.dense_check_seed == run.seed
+
+
+def stage_dense_check(run: SeedRun) -> None:
+    """Issue 13, item 4: every NTK scrub of this seed again on the dense path (explicit
+    Jacobians, Cholesky); records the relative differences of the shifts (``dense_check``)."""
+    if not is_dense_check_seed(run) or run.cfg.forget.solver != "cg":
+        return
+    with run.stage("dense_check"):
+        scrub = {
+            form: M.shift_dense_check(r, scrub_call(run, form, "dense"))
+            for form, r in run._scrubs.items()
+        }
+    rels = [v for e in scrub.values() for v in (e["rel_l2_delta"], e["rel_trapezium_scale"])]
+    worst = max(rels, default=None)
+    run.res["dense_check"] = {
+        "what": "cg (the configured solver) vs dense (explicit J, Cholesky) on the same seed",
+        "expected_max": DENSE_CHECK_EXPECTED,
+        "scrub": scrub,
+        "max_rel_shift": worst,
+        "shift_within_expected": None if worst is None else worst <= DENSE_CHECK_EXPECTED,
+    }
+    if worst is not None and worst > DENSE_CHECK_EXPECTED:
+        log(
+            f"dense check: the cg shifts differ from the dense ones by up to {worst:.2e} "
+            f"(> {DENSE_CHECK_EXPECTED:g} expected); see dense_check in results.json"
+        )
+
+
 def present(run: SeedRun) -> dict[str, nn.Module]:
     """The methods' models of this seed (a failed baseline left out)."""
     return {k: m for k, m in run.models.items() if m is not None}
@@ -363,6 +401,27 @@ def stage_information(run: SeedRun) -> None:
             info["alpha_scaling_check"] = _alpha_check(run, info, ref0, queries)
         info["sweep"] = _sweep(run, info)
         run.res["information"] = info
+    if is_dense_check_seed(run) and ms.bounds_solver == "cg":
+        with run.stage("dense_check"):
+            rel = {
+                pname: M.bounds_dense_check(
+                    info["pairs"][pname],
+                    M.info_pair(m, ref0, run.split, queries, cfg, ms.info_alpha, "dense"),
+                )
+                for pname, m in pairs.items()
+            }
+        vals = [v["rel"] for e in rel.values() for v in e.values() if v["rel"] is not None]
+        worst = max(vals, default=None)  # inf (a non-finite KL) counts as the worst
+        chk = run.res.setdefault("dense_check", {"expected_max": DENSE_CHECK_EXPECTED})
+        chk["bounds"] = rel
+        chk["max_rel_bounds"] = worst
+        chk["bounds_within_expected"] = None if worst is None else worst <= DENSE_CHECK_EXPECTED
+    for pname, p in info["pairs"].items():
+        if p.get("cg") and not p["cg"].get("all_converged", True):
+            run.res.setdefault("solver_warnings", []).append(
+                {"what": f"information bounds, pair {pname}", "cg": p["cg"]}
+            )
+            log(f"WARNING: information bounds ({pname}): a CG solve did NOT converge")
 
 
 def _alpha_check(run: SeedRun, info: dict, ref0: nn.Module, queries: dict) -> dict[str, Any]:
@@ -466,6 +525,7 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
     stage_train_retrains(run)
     stage_train_seed_matched(run)
     stage_forget(run)
+    stage_dense_check(run)
     retrain_probs = stage_readouts(run)
     stage_diagnostics(run)
     stage_line(run, retrain_probs)
