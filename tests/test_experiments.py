@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "reproduce.py"
 
@@ -224,11 +227,24 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
     )
     assert proc2.returncode == 0, proc2.stderr[-4000:]
     assert list(json.loads((tmp_path / "rs" / "results.json").read_text())["seeds"]) == ["0"]
-    # the same cache with the preset's own Fine-tune recipe trains that baseline afresh
-    proc3 = _script(args[:-2], env)
+    # the same cache with the preset's own Fine-tune recipe trains that baseline afresh; with
+    # a CG budget of 2 iterations to a tolerance float32 cannot reach, the scrubs cannot
+    # converge: their partial results are used, but recorded loudly
+    over = ["--set", "cg_max_iter=2", "--set", "cg_tol=1e-12", "--set", "dense_check_seed=None"]
+    proc3 = _script(args[:-2] + over, env)
     assert proc3.returncode == 0, proc3.stderr[-4000:]
-    ft = json.loads((out / "results.json").read_text())["seeds"]["0"]["training"]["finetune"]
+    res3 = json.loads((out / "results.json").read_text())
+    ft = res3["seeds"]["0"]["training"]["finetune"]
     assert "excluded" not in ft and ft["recipe"]["lr"] != 1e30 and not ft["from_cache"]
+    warnings = res3["seeds"]["0"]["solver_warnings"]
+    assert {w["what"] for w in warnings} >= {"scrub ntk_paper", "scrub ntk_ref"}
+    paper = next(w for w in warnings if w["what"] == "scrub ntk_paper")
+    assert paper["unconverged_solves"] and paper["unconverged_solves"][0]["iterations"] <= 2
+    assert paper["unconverged_solves"][0]["max_residual"] > paper["tol"]
+    assert "did NOT reach tol" in proc3.stderr and "dense_check" not in res3["seeds"]["0"]
+    md = (out / "results.md").read_text()
+    assert "SOLVER WARNING, seed 0: scrub ntk_paper did NOT converge" in md
+    assert res3["summary"]["costs"]["ntk_paper"]["all_converged"] is False
 
 
 def test_report_counts_diverged_relearn_runs() -> None:
@@ -405,3 +421,29 @@ def test_fisher_forgetting_matches_the_sweep_draw() -> None:
     a, b = flat_params(lib) - before, flat_params(sweep) - before
     assert float(a.norm()) > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-12)
     assert torch.equal(flat_params(model), before)  # the input is not modified
+
+
+def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> None:
+    """A forgetting method that raises is left out of its seed with its error recorded (the other
+    methods go on); a failure of w(D) or of the seed-matched run (no stage) still propagates."""
+    from ntkscrub.recipes.reproduction import config as C
+    from ntkscrub.recipes.reproduction import figures, methods, stages
+    from ntkscrub.recipes.runtime import Budget, RunLog
+
+    def boom(run):
+        raise ValueError("D: Newton direction is not a descent direction")
+
+    monkeypatch.setitem(methods.METHODS, "boom", methods.Method("boom", "B", "B", "scrub_x", boom))
+    monkeypatch.setitem(methods.METHODS, "core", methods.Method("core", "C", "C", None, boom))
+    ctx = stages.Context(
+        C.PRESETS["smoke"], torch.device("cpu"), tmp_path, tmp_path, False, RunLog(Budget(None))
+    )
+    run = stages.SeedRun(ctx, 0, {})
+    assert run.model("boom") is None and run.models["boom"] is None
+    assert "ValueError: D: Newton direction" in run.res["method_failures"]["boom"]
+    assert "seed0/scrub_x" in ctx.runlog.timings
+    with pytest.raises(ValueError, match="descent"):
+        run.model("core")
+    doc = {"meta": {}, "seeds": {"0": {"method_failures": run.res["method_failures"]}}}
+    text = "\n".join(figures._report_header(doc))
+    assert "METHOD FAILED, seed 0: boom" in text

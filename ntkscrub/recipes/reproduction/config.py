@@ -7,8 +7,9 @@ pre-training, the fine-tuning runs, the forgetting methods and the measurements.
 The *flat* form (:meth:`Config.flat`, :func:`from_flat`) is the record written to
 ``results.json`` (``meta.config``) and the source of every cache key: its field names are
 those of the earlier flat ``Config`` (``ft_lr``, ``finetune_lr``, ``relearn_momentum``, …) plus
-``cg_tol`` and ``dense_check_seed`` (issue 13), so committed results, their reports and existing
-checkpoints keep their meaning (the training checkpoints' keys do not involve the solver), and
+``cg_tol``, ``cg_max_seconds`` and ``dense_check_seed`` (issue 13), so committed results, their
+reports and existing checkpoints keep their meaning (the training checkpoints' keys do not involve
+the solver), and
 ``--set FIELD=VALUE`` overrides one flat field.
 """
 
@@ -134,9 +135,10 @@ class ForgetConfig:
 
     Attributes:
         solver: ``"cg"`` (the matrix-free engine) or ``"dense"`` (explicit Jacobians, Cholesky).
-        cg_max_iter, cg_tol: the CG budget and per-column relative residual of every scrub solve
-            (``cg_tol=None``: the library default for the model's dtype, 1e-3 in float32). A solve
-            that misses it is used but recorded loudly (``solver_warnings``, results.md).
+        cg_max_iter, cg_tol, cg_max_seconds: the CG budget (iterations, wall seconds per solve)
+            and per-column relative residual of every scrub solve (``None``: the library
+            defaults — 1e-3 in float32, 300 s). A solve that misses its tolerance is used but
+            recorded loudly (``solver_warnings``, results.md).
         dense_check_seed: the one seed (``None``: none) whose NTK scrubs and information bounds
             are also computed on the dense path; the largest relative differences of the shifts
             and of the bounds (cg vs dense) go to ``seeds.<s>.dense_check`` and results.md.
@@ -145,6 +147,7 @@ class ForgetConfig:
     solver: str = "cg"
     cg_max_iter: int = 300
     cg_tol: float | None = None
+    cg_max_seconds: float | None = None
     dense_check_seed: int | None = None
     jac_batch: int = 128
     fisher_alpha: float = 1e-6
@@ -235,6 +238,7 @@ FLAT_FIELDS: dict[str, tuple[str, ...] | None] = {
         for k in ("solver", "cg_max_iter", "jac_batch", "fisher_alpha", "ntk_noise_alpha")
     },
     "cg_tol": ("forget", "cg_tol"),
+    "cg_max_seconds": ("forget", "cg_max_seconds"),
     "dense_check_seed": ("forget", "dense_check_seed"),
     "headline": ("forget", "headline"),
     **{

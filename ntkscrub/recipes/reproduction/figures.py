@@ -430,6 +430,8 @@ def _report_header(results: dict[str, Any]) -> list[str]:
     for s_name, f in (meta.get("failed_seeds") or {}).items():
         L.append(f"- **Seed {s_name} FAILED**: {f.get('reason')}")
     for s_name, s in results.get("seeds", {}).items():
+        for m, why in (s.get("method_failures") or {}).items():
+            L.append(f"- **METHOD FAILED, seed {s_name}: {m}** (left out of this seed): `{why}`")
         for w in s.get("solver_warnings") or []:
             L.append(
                 f"- **SOLVER WARNING, seed {s_name}: {w.get('what')} did NOT converge** (its "

@@ -163,9 +163,18 @@ def scrub_call(run: SeedRun, form: str, solver: str) -> Any:
         tol=cfg.cg_tol if solver == "cg" else None,
         strict=False,
         products=ProductConfig(batch_size=cfg.jac_batch),
-        solver_config=SolverConfig(max_dense_bytes=40 * 2**30),
+        solver_config=SolverConfig(
+            max_dense_bytes=40 * 2**30,
+            max_seconds=cfg.cg_max_seconds if solver == "cg" else None,
+        ),
         **NTK_FORMS[form],
     )
+
+
+def _max_finite(values: Any) -> float | None:
+    """The largest of a record's per-column values (``None``: non-finite or absent)."""
+    vals = [v for v in (values if isinstance(values, list) else [values]) if v is not None]
+    return max(vals, default=None)
 
 
 def scrub_form(run: SeedRun, form: str) -> Any:
@@ -184,9 +193,11 @@ def scrub_form(run: SeedRun, form: str) -> Any:
     scale = float(r.info["rescale_factor"])
     run.res["ntk"][form] = {"scrub_info": info, "trapezium_scale": scale, **NTK_FORMS[form]}
     if not r.info["converged"]:
+        keep = ("system", "status", "iterations", "matvecs", "seconds", "kappa")
+        keep += ("ridge_hint", "predicted_iterations", "matvec_seconds")
         bad = [
-            {k: rec.get(k) for k in ("system", "iterations", "max_residual", "converged")}
-            for rec in info["solves"]
+            {**{k: rec.get(k) for k in keep}, "max_residual": _max_finite(rec.get("residuals"))}
+            for rec in r.info["solves"]
             if not rec.get("converged", True)
         ]
         warning = {

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from ntkscrub.recipes.reproduction.failures import (
 )
 from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_call, scrub_form
 from ntkscrub.recipes.reproduction.weights import fisher_variance
-from ntkscrub.recipes.runtime import RunLog, log
+from ntkscrub.recipes.runtime import BudgetExceeded, RunLog, log
 
 __all__ = ["Context", "SeedRun", "run_seed", "run_pretrain", "run_all"]
 
@@ -124,10 +125,29 @@ class SeedRun:
         )
 
     def model(self, name: str) -> nn.Module | None:
-        """The model of method ``name`` (made on first use, see :data:`METHODS`)."""
+        """The model of method ``name`` (made on first use, see :data:`METHODS`).
+
+        A forgetting method that raises is left out of this seed (``None``), its error recorded
+        in ``res["method_failures"]`` and printed in results.md: one method's failure (a Newton
+        step that is no descent direction after a truncated solve, say) must not cost the other
+        methods' readouts. w(D) and the seed-matched run are not methods that can fail here."""
         if name not in self.models:
-            with self.stage(METHODS[name].stage):
-                self.models[name] = METHODS[name].make(self)
+            try:
+                with self.stage(METHODS[name].stage):
+                    self.models[name] = METHODS[name].make(self)
+            except BudgetExceeded:
+                raise
+            except Exception as err:  # recorded, never silent
+                if METHODS[name].stage is None:
+                    raise
+                self.models[name] = None
+                self.res.setdefault("method_failures", {})[name] = "".join(
+                    traceback.format_exception_only(type(err), err)
+                ).strip()
+                log(
+                    f"{'!' * 60}\n!! METHOD FAILED: {name}: {err!r}; left out of this seed\n"
+                    f"{'!' * 60}"
+                )
         return self.models[name]
 
     def scrubbed(self, form: str) -> Any:
@@ -333,7 +353,7 @@ def stage_diagnostics(run: SeedRun) -> None:
         diag = {
             name: M.shift_diagnostics(run.models[name], run.w_d, run.retrains, run.w_sm)
             for name, m in METHODS.items()
-            if m.diagnostics
+            if m.diagnostics and run.models.get(name) is not None
         }
         diag["true_shifts"] = M.true_shifts(run.w_d, run.retrains, run.w_sm)
         run.res["diagnostics"] = diag
@@ -346,7 +366,7 @@ def stage_line(run: SeedRun, retrain_probs: list[dict[str, Tensor]]) -> None:
         run.res["line"] = {
             name: M.along_line(run.w_d, run.models[name], run.split, retrain_probs, n)
             for name, m in METHODS.items()
-            if m.line
+            if m.line and run.models.get(name) is not None
         }
         # issue 13, item 1: raw line a ∈ [0, 4], kernel prediction, laziness, per NTK scrub
         run.res["fidelity"] = {
@@ -525,10 +545,11 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
     stage_train_retrains(run)
     stage_train_seed_matched(run)
     stage_forget(run)
-    stage_dense_check(run)
     retrain_probs = stage_readouts(run)
     stage_diagnostics(run)
     stage_line(run, retrain_probs)
+    # after the readouts: a budget stop in the dense twin still leaves every readout written
+    stage_dense_check(run)
     stage_information(run)
     stage_pca(run)
     stage_relearn(run)
