@@ -230,7 +230,9 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
     # the same cache with the preset's own Fine-tune recipe trains that baseline afresh; with
     # a CG budget of 2 iterations to a tolerance float32 cannot reach, the scrubs cannot
     # converge: their partial results are used, but recorded loudly
-    over = ["--set", "cg_max_iter=2", "--set", "cg_tol=1e-12", "--set", "dense_check_seed=None"]
+    # (ntk_projected on the dense path by name: no solver warning and no cg-vs-dense row)
+    over = ["--set", "cg_max_iter=2", "--set", "cg_tol=1e-12"]
+    over += ["--set", "dense_forms=('ntk_projected',)"]
     proc3 = _script(args[:-2] + over, env)
     assert proc3.returncode == 0, proc3.stderr[-4000:]
     res3 = json.loads((out / "results.json").read_text())
@@ -241,7 +243,14 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
     paper = next(w for w in warnings if w["what"] == "scrub ntk_paper")
     assert paper["unconverged_solves"] and paper["unconverged_solves"][0]["iterations"] <= 2
     assert paper["unconverged_solves"][0]["max_residual"] > paper["tol"]
-    assert "did NOT reach tol" in proc3.stderr and "dense_check" not in res3["seeds"]["0"]
+    assert "did NOT reach tol" in proc3.stderr
+    ntk = res3["seeds"]["0"]["ntk"]
+    assert ntk["ntk_projected"]["scrub_info"]["solver"] == "dense"
+    assert {f for f, e in ntk.items() if e["scrub_info"]["solver"] == "cg"} == set(ntk) - {
+        "ntk_projected"
+    }
+    assert set(res3["seeds"]["0"]["dense_check"]["scrub"]) == set(ntk) - {"ntk_projected"}
+    assert "scrub ntk_projected" not in {w["what"] for w in warnings}
     md = (out / "results.md").read_text()
     assert "SOLVER WARNING, seed 0: scrub ntk_paper did NOT converge" in md
     assert res3["summary"]["costs"]["ntk_paper"]["all_converged"] is False

@@ -7,9 +7,9 @@ pre-training, the fine-tuning runs, the forgetting methods and the measurements.
 The *flat* form (:meth:`Config.flat`, :func:`from_flat`) is the record written to
 ``results.json`` (``meta.config``) and the source of every cache key: its field names are
 those of the earlier flat ``Config`` (``ft_lr``, ``finetune_lr``, ``relearn_momentum``, …) plus
-``cg_tol``, ``cg_max_seconds`` and ``dense_check_seed`` (issue 13), so committed results, their
-reports and existing checkpoints keep their meaning (the training checkpoints' keys do not involve
-the solver), and
+issue 13's ``cg_tol``, ``cg_max_seconds``, ``dense_forms`` and ``dense_check_seed``, so committed
+results, their reports and existing checkpoints keep their meaning (the training checkpoints' keys
+do not involve the solver), and
 ``--set FIELD=VALUE`` overrides one flat field.
 """
 
@@ -139,6 +139,9 @@ class ForgetConfig:
             and per-column relative residual of every scrub solve (``None``: the library
             defaults — 1e-3 in float32, 300 s). A solve that misses its tolerance is used but
             recorded loudly (``solver_warnings``, results.md).
+        dense_forms: NTK forms (:data:`~.methods.NTK_FORMS` keys) scrubbed on the dense path
+            whatever ``solver`` says — for a CPU run on which the form's CG solves cannot finish
+            (recorded per scrub as ``scrub_info.solver``; such forms have no cg-vs-dense check).
         dense_check_seed: the one seed (``None``: none) whose NTK scrubs and information bounds
             are also computed on the dense path; the largest relative differences of the shifts
             and of the bounds (cg vs dense) go to ``seeds.<s>.dense_check`` and results.md.
@@ -148,6 +151,7 @@ class ForgetConfig:
     cg_max_iter: int = 300
     cg_tol: float | None = None
     cg_max_seconds: float | None = None
+    dense_forms: tuple[str, ...] = ()
     dense_check_seed: int | None = None
     jac_batch: int = 128
     fisher_alpha: float = 1e-6
@@ -239,6 +243,7 @@ FLAT_FIELDS: dict[str, tuple[str, ...] | None] = {
     },
     "cg_tol": ("forget", "cg_tol"),
     "cg_max_seconds": ("forget", "cg_max_seconds"),
+    "dense_forms": ("forget", "dense_forms"),
     "dense_check_seed": ("forget", "dense_check_seed"),
     "headline": ("forget", "headline"),
     **{

@@ -183,8 +183,13 @@ def scrub_form(run: SeedRun, form: str) -> Any:
     A solve that missed its tolerance is still used (the partial solution is the method's
     output at this budget) but never silently: it is logged with a banner and listed in
     ``res["solver_warnings"]``, which results.md prints at the top."""
-    t0 = time.perf_counter()
-    r = scrub_call(run, form, run.cfg.forget.solver)
+    t0, f = time.perf_counter(), run.cfg.forget
+    unknown = set(f.dense_forms) - set(NTK_FORMS)
+    if unknown:
+        raise ValueError(
+            f"dense_forms: unknown NTK forms {sorted(unknown)}; known: {list(NTK_FORMS)}"
+        )
+    r = scrub_call(run, form, "dense" if form in f.dense_forms else f.solver)
     info = {k: v for k, v in r.info.items() if k != "solves"}
     info["solves"] = [
         {k: v for k, v in rec.items() if not isinstance(v, list)} for rec in r.info["solves"]
