@@ -432,6 +432,9 @@ def test_fisher_forgetting_matches_the_sweep_draw() -> None:
     assert torch.equal(flat_params(model), before)  # the input is not modified
 
 
+_CTX = ("device", "data_root", "cache_dir", "progress", "runlog")
+
+
 def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> None:
     """A forgetting method that raises is left out of its seed with its error recorded (the other
     methods go on); a failure of w(D) or of the seed-matched run (no stage) still propagates."""
@@ -453,6 +456,10 @@ def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> Non
     assert "seed0/scrub_x" in ctx.runlog.timings
     with pytest.raises(ValueError, match="descent"):
         run.model("core")
+    # a method named in forget.skip_methods is not made at all, and said so
+    skip = C.derive(C.PRESETS["smoke"], skip_methods=("core",))
+    run2 = stages.SeedRun(stages.Context(skip, *[getattr(ctx, k) for k in _CTX]), 0, {})
+    assert run2.model("core") is None and "skipped" in run2.res["method_failures"]["core"]
     doc = {"meta": {}, "seeds": {"0": {"method_failures": run.res["method_failures"]}}}
     text = "\n".join(figures._report_header(doc))
     assert "METHOD FAILED, seed 0: boom" in text

@@ -142,6 +142,8 @@ class ForgetConfig:
         dense_forms: NTK forms (:data:`~.methods.NTK_FORMS` keys) scrubbed on the dense path
             whatever ``solver`` says — for a CPU run on which the form's CG solves cannot finish
             (recorded per scrub as ``scrub_info.solver``; such forms have no cg-vs-dense check).
+        skip_methods: methods (:data:`~.methods.METHODS` keys) not run, recorded as skipped in
+            results.md (a CPU run that cannot afford them).
         dense_check_seed: the one seed (``None``: none) whose NTK scrubs and information bounds
             are also computed on the dense path; the largest relative differences of the shifts
             and of the bounds (cg vs dense) go to ``seeds.<s>.dense_check`` and results.md.
@@ -152,6 +154,7 @@ class ForgetConfig:
     cg_tol: float | None = None
     cg_max_seconds: float | None = None
     dense_forms: tuple[str, ...] = ()
+    skip_methods: tuple[str, ...] = ()
     dense_check_seed: int | None = None
     jac_batch: int = 128
     fisher_alpha: float = 1e-6
@@ -244,6 +247,7 @@ FLAT_FIELDS: dict[str, tuple[str, ...] | None] = {
     "cg_tol": ("forget", "cg_tol"),
     "cg_max_seconds": ("forget", "cg_max_seconds"),
     "dense_forms": ("forget", "dense_forms"),
+    "skip_methods": ("forget", "skip_methods"),
     "dense_check_seed": ("forget", "dense_check_seed"),
     "headline": ("forget", "headline"),
     **{

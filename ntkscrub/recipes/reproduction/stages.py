@@ -131,6 +131,9 @@ class SeedRun:
         in ``res["method_failures"]`` and printed in results.md: one method's failure (a Newton
         step that is no descent direction after a truncated solve, say) must not cost the other
         methods' readouts. w(D) and the seed-matched run are not methods that can fail here."""
+        if name not in self.models and name in self.cfg.forget.skip_methods:
+            self.models[name] = None
+            self.res.setdefault("method_failures", {})[name] = "skipped (forget.skip_methods)"
         if name not in self.models:
             try:
                 with self.stage(METHODS[name].stage):
