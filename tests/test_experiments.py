@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "reproduce.py"
 
@@ -113,6 +116,44 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         kp = d["kernel_prediction"]
         assert 0.0 <= kp["forget_error"] <= 1.0 and kp["forget_l1_to_retrain"]["n"] >= 2
         assert ("laziness" in d) == (form in ("ntk_paper", "ntk_ce_init", "ntk_projected"))
+    # issue 13 item 4: the engine scrubs and bounds; seed 0 also runs the dense twin
+    cfg = meta["config"]
+    assert cfg["solver"] == cfg["bounds_solver"] == "cg" and cfg["dense_check_seed"] == 0
+    for form, rec in seed["ntk"].items():
+        assert rec["scrub_info"]["solver"] == "cg" and rec["scrub_info"]["matvecs"] > 0, form
+    dc = seed["dense_check"]
+    assert set(dc["scrub"]) == set(seed["ntk"])
+    for form, e in dc["scrub"].items():
+        # float32 products, CG to its float32 tolerance 1e-3: the two paths agree to that
+        assert e["cg_converged"] and e["rel_l2_delta"] <= 1e-3, (form, e)
+        assert e["rel_max_entry_delta"] <= 1e-2 and e["rel_trapezium_scale"] <= 1e-3, (form, e)
+    assert dc["max_rel_shift"] == max(
+        max(e["rel_l2_delta"], e["rel_trapezium_scale"]) for e in dc["scrub"].values()
+    )
+    assert set(dc["bounds"]) >= {"ntk", "fisher"}
+    for pname, rel in dc["bounds"].items():
+        assert set(rel) >= {"white_box", "black_box_forget"}
+        for name, v in rel.items():
+            assert v["rel"] is not None and v["rel"] <= 1e-3, (pname, name, v)
+    assert dc["shift_within_expected"] and dc["bounds_within_expected"]
+    assert "solver_warnings" not in seed  # every smoke solve converges
+    # the report carries the check and, for every method, its band position and cost
+    summ = res["summary"]
+    assert summ["dense_check"]["0"]["max_rel_shift"] == dc["max_rel_shift"]
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected"):
+        assert summ["costs"][m]["matvecs"]["mean"] == seed["ntk"][m]["scrub_info"]["matvecs"]
+        assert summ["costs"][m]["all_converged"] is True and m in summ["inside_band"]
+        assert m in summ["diagnostics"] and m in seed["line"]
+    assert (
+        summ["costs"]["ntk_ce_init"]["step"]["mean"]
+        == (seed["methods_config"]["ntk_ce_init_tuning"]["a"])
+    )
+    md = (out / "results.md").read_text()
+    assert "against its dense twin" in md and "where it lands against the retrain band" in md
+    labels = meta["method_labels"]
+    land = md[md.index("where it lands against the retrain band") :]
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "fisher", "ntk_ref_trap"):
+        assert f"| {labels[m]} |" in land, m
     # the information sweep is exact in α for the diagonal-Fisher noise
     chk = seed["information"]["alpha_scaling_check"]
     assert abs(chk["white_box_direct"] - chk["white_box_scaled"]) <= 1e-4 * abs(
@@ -186,11 +227,33 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
     )
     assert proc2.returncode == 0, proc2.stderr[-4000:]
     assert list(json.loads((tmp_path / "rs" / "results.json").read_text())["seeds"]) == ["0"]
-    # the same cache with the preset's own Fine-tune recipe trains that baseline afresh
-    proc3 = _script(args[:-2], env)
+    # the same cache with the preset's own Fine-tune recipe trains that baseline afresh; with
+    # a CG budget of 2 iterations to a tolerance float32 cannot reach, the scrubs cannot
+    # converge: their partial results are used, but recorded loudly
+    # (ntk_projected on the dense path by name: no solver warning and no cg-vs-dense row)
+    over = ["--set", "cg_max_iter=2", "--set", "cg_tol=1e-12"]
+    over += ["--set", "dense_forms=('ntk_projected',)"]
+    proc3 = _script(args[:-2] + over, env)
     assert proc3.returncode == 0, proc3.stderr[-4000:]
-    ft = json.loads((out / "results.json").read_text())["seeds"]["0"]["training"]["finetune"]
+    res3 = json.loads((out / "results.json").read_text())
+    ft = res3["seeds"]["0"]["training"]["finetune"]
     assert "excluded" not in ft and ft["recipe"]["lr"] != 1e30 and not ft["from_cache"]
+    warnings = res3["seeds"]["0"]["solver_warnings"]
+    assert {w["what"] for w in warnings} >= {"scrub ntk_paper", "scrub ntk_ref"}
+    paper = next(w for w in warnings if w["what"] == "scrub ntk_paper")
+    assert paper["unconverged_solves"] and paper["unconverged_solves"][0]["iterations"] <= 2
+    assert paper["unconverged_solves"][0]["max_residual"] > paper["tol"]
+    assert "did NOT reach tol" in proc3.stderr
+    ntk = res3["seeds"]["0"]["ntk"]
+    assert ntk["ntk_projected"]["scrub_info"]["solver"] == "dense"
+    assert {f for f, e in ntk.items() if e["scrub_info"]["solver"] == "cg"} == set(ntk) - {
+        "ntk_projected"
+    }
+    assert set(res3["seeds"]["0"]["dense_check"]["scrub"]) == set(ntk) - {"ntk_projected"}
+    assert "scrub ntk_projected" not in {w["what"] for w in warnings}
+    md = (out / "results.md").read_text()
+    assert "SOLVER WARNING, seed 0: scrub ntk_paper did NOT converge" in md
+    assert res3["summary"]["costs"]["ntk_paper"]["all_converged"] is False
 
 
 def test_report_counts_diverged_relearn_runs() -> None:
@@ -257,12 +320,17 @@ def test_method_registry_orders_tables_and_labels() -> None:
     assert list(METHODS)[:2] == ["original", "finetune"]
     labels = method_labels()
     assert list(labels)[:2] == ["original", "retrain"] and set(labels) - {"retrain"} == set(METHODS)
+    # Fig. 4 draws the line of every NTK scrub, issue 13's methods included, each in its style
     assert {m for m, e in METHODS.items() if e.line} == {
         "ntk_paper",
         "ntk_paper_trap",
         "ntk_ref",
         "ntk_ref_trap",
+        "ntk_ce_init",
+        "ntk_ce_trained",
+        "ntk_projected",
     }
+    assert set(figures.FIG4_STYLES) == {m for m, e in METHODS.items() if e.line}
 
 
 # ----------------------------------------------------------------------------- data location
@@ -362,3 +430,36 @@ def test_fisher_forgetting_matches_the_sweep_draw() -> None:
     a, b = flat_params(lib) - before, flat_params(sweep) - before
     assert float(a.norm()) > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-12)
     assert torch.equal(flat_params(model), before)  # the input is not modified
+
+
+_CTX = ("device", "data_root", "cache_dir", "progress", "runlog")
+
+
+def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> None:
+    """A forgetting method that raises is left out of its seed with its error recorded (the other
+    methods go on); a failure of w(D) or of the seed-matched run (no stage) still propagates."""
+    from ntkscrub.recipes.reproduction import config as C
+    from ntkscrub.recipes.reproduction import figures, methods, stages
+    from ntkscrub.recipes.runtime import Budget, RunLog
+
+    def boom(run):
+        raise ValueError("D: Newton direction is not a descent direction")
+
+    monkeypatch.setitem(methods.METHODS, "boom", methods.Method("boom", "B", "B", "scrub_x", boom))
+    monkeypatch.setitem(methods.METHODS, "core", methods.Method("core", "C", "C", None, boom))
+    ctx = stages.Context(
+        C.PRESETS["smoke"], torch.device("cpu"), tmp_path, tmp_path, False, RunLog(Budget(None))
+    )
+    run = stages.SeedRun(ctx, 0, {})
+    assert run.model("boom") is None and run.models["boom"] is None
+    assert "ValueError: D: Newton direction" in run.res["method_failures"]["boom"]
+    assert "seed0/scrub_x" in ctx.runlog.timings
+    with pytest.raises(ValueError, match="descent"):
+        run.model("core")
+    # a method named in forget.skip_methods is not made at all, and said so
+    skip = C.derive(C.PRESETS["smoke"], skip_methods=("core",))
+    run2 = stages.SeedRun(stages.Context(skip, *[getattr(ctx, k) for k in _CTX]), 0, {})
+    assert run2.model("core") is None and "skipped" in run2.res["method_failures"]["core"]
+    doc = {"meta": {}, "seeds": {"0": {"method_failures": run.res["method_failures"]}}}
+    text = "\n".join(figures._report_header(doc))
+    assert "METHOD FAILED, seed 0: boom" in text

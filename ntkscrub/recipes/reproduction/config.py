@@ -5,9 +5,11 @@ the Fine-tune baseline, the head probe, relearning). :class:`Config` nests the d
 pre-training, the fine-tuning runs, the forgetting methods and the measurements.
 
 The *flat* form (:meth:`Config.flat`, :func:`from_flat`) is the record written to
-``results.json`` (``meta.config``) and the source of every cache key: its 52 field names are
-those of the earlier flat ``Config`` (``ft_lr``, ``finetune_lr``, ``relearn_momentum``, …), so
-committed results, their reports and existing checkpoints keep their meaning, and
+``results.json`` (``meta.config``) and the source of every cache key: its field names are
+those of the earlier flat ``Config`` (``ft_lr``, ``finetune_lr``, ``relearn_momentum``, …) plus
+issue 13's ``cg_tol``, ``cg_max_seconds``, ``dense_forms`` and ``dense_check_seed``, so committed
+results, their reports and existing checkpoints keep their meaning (the training checkpoints' keys
+do not involve the solver), and
 ``--set FIELD=VALUE`` overrides one flat field.
 """
 
@@ -129,10 +131,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ForgetConfig:
-    """The forgetting methods' settings (see :mod:`.methods`)."""
+    """The forgetting methods' settings (see :mod:`.methods`).
+
+    Attributes:
+        solver: ``"cg"`` (the matrix-free engine) or ``"dense"`` (explicit Jacobians, Cholesky).
+        cg_max_iter, cg_tol, cg_max_seconds: the CG budget (iterations, wall seconds per solve)
+            and per-column relative residual of every scrub solve (``None``: the library
+            defaults — 1e-3 in float32, 300 s). A solve that misses its tolerance is used but
+            recorded loudly (``solver_warnings``, results.md).
+        dense_forms: NTK forms (:data:`~.methods.NTK_FORMS` keys) scrubbed on the dense path
+            whatever ``solver`` says — for a CPU run on which the form's CG solves cannot finish
+            (recorded per scrub as ``scrub_info.solver``; such forms have no cg-vs-dense check).
+        skip_methods: methods (:data:`~.methods.METHODS` keys) not run, recorded as skipped in
+            results.md (a CPU run that cannot afford them).
+        dense_check_seed: the one seed (``None``: none) whose NTK scrubs and information bounds
+            are also computed on the dense path; the largest relative differences of the shifts
+            and of the bounds (cg vs dense) go to ``seeds.<s>.dense_check`` and results.md.
+    """
 
     solver: str = "cg"
     cg_max_iter: int = 300
+    cg_tol: float | None = None
+    cg_max_seconds: float | None = None
+    dense_forms: tuple[str, ...] = ()
+    skip_methods: tuple[str, ...] = ()
+    dense_check_seed: int | None = None
     jac_batch: int = 128
     fisher_alpha: float = 1e-6
     ntk_noise_alpha: float = 1e-9
@@ -221,6 +244,11 @@ FLAT_FIELDS: dict[str, tuple[str, ...] | None] = {
         k: ("forget", k)
         for k in ("solver", "cg_max_iter", "jac_batch", "fisher_alpha", "ntk_noise_alpha")
     },
+    "cg_tol": ("forget", "cg_tol"),
+    "cg_max_seconds": ("forget", "cg_max_seconds"),
+    "dense_forms": ("forget", "dense_forms"),
+    "skip_methods": ("forget", "skip_methods"),
+    "dense_check_seed": ("forget", "dense_check_seed"),
     "headline": ("forget", "headline"),
     **{
         k: ("measure", k)
@@ -333,7 +361,10 @@ PRESETS: dict[str, Config] = {
         finetune_epochs=1,
         retrains=2,
         seeds=(0,),
-        solver="dense",
+        # the engine, with its dense twin on the one seed (CI covers the cg-vs-dense check)
+        solver="cg",
+        bounds_solver="cg",
+        dense_check_seed=0,
         jac_batch=16,
         check_alpha_scaling=True,
         sweep_alphas=(1e-9, 1e-7, 1e-5),
@@ -363,8 +394,12 @@ PRESETS: dict[str, Config] = {
         finetune_lr=0.001,  # as the paper preset: the peak rate collapses an annealed model
         finetune_schedule="constant",
         retrains=5,
-        seeds=(0,),
-        solver="dense",
+        seeds=(0, 1, 2),
+        # issue 13 item 4: scrub and bound on the matrix-free path; seed 0 also runs the dense
+        # twin and records the largest cg-vs-dense relative differences
+        solver="cg",
+        bounds_solver="cg",
+        dense_check_seed=0,
         sweep_alphas=tuple(float(a) for a in np.logspace(-10, -4, 7)),
         sweep_draws=1,
         line_points=6,
@@ -403,8 +438,9 @@ PRESETS: dict[str, Config] = {
         finetune_schedule="constant",
         retrains=5,
         seeds=(0, 1, 2, 3, 4),
-        solver="dense",
-        bounds_solver="dense",
+        solver="cg",
+        bounds_solver="cg",
+        dense_check_seed=0,
         check_alpha_scaling=True,
         sweep_draws=2,
         n_query=50,

@@ -262,40 +262,77 @@ def fig3(results: dict[str, Any], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ Fig. 4
+FIG4_STYLES = {
+    "ntk_ref_trap": ("C3", "-", "NTK ref. + trapezium"),
+    "ntk_paper_trap": ("C1", "-", "NTK paper + trapezium"),
+    "ntk_ref": ("C3", ":", "NTK ref. (no rescale)"),
+    "ntk_paper": ("C1", ":", "NTK paper (no rescale)"),
+    "ntk_ce_init": ("C2", "-", "NTK CE at θ0 (a on val)"),
+    "ntk_ce_trained": ("C4", "-", "NTK CE at w(D) (a on val)"),
+    "ntk_projected": ("C9", "-", "NTK projected displacement"),
+}
+# the raw-step panel: one line per scrubbed form (un-rescaled Δ, a ∈ [0, 4])
+FIG4_FORMS = {
+    "ntk_paper": ("C1", "paper form"),
+    "ntk_ref": ("C3", "ref.-code form"),
+    "ntk_ce_init": ("C2", "CE at θ0"),
+    "ntk_ce_trained": ("C4", "CE at w(D)"),
+    "ntk_projected": ("C9", "projected"),
+}
+
+
+def _spread_band(ax: Any, seeds: list[dict[str, Any]], st: str) -> None:
+    """The retrain-vs-retrain softmax-L1 spread on set ``st`` (grey band, mean line)."""
+    spread = [s["retrain_spread"][st]["mean"] for s in seeds if "retrain_spread" in s]
+    spread = [v for v in spread if v is not None]
+    if spread:
+        ax.axhspan(min(spread), max(spread), color="0.6", alpha=0.3, lw=0)
+        ax.axhline(np.mean(spread), color="0.4", lw=1, label="retrain vs retrain (SGD noise)")
+
+
+def _curve(ax: Any, a: list[float], curves: list[Any], color: str, ls: str, label: str) -> None:
+    mean = np.mean(curves, 0)
+    ax.plot(a, mean, ls, color=color, label=label, marker="o", ms=3)
+    if len(curves) > 1:
+        sd = np.std(curves, 0, ddof=1)
+        ax.fill_between(a, mean - sd, mean + sd, color=color, alpha=0.15, lw=0)
+
+
 def fig4(results: dict[str, Any], path: Path) -> Path:
     """Softmax L1 distance to the retrains along w(D) → scrubbed, on D_f and D_r, with the
-    retrain-vs-retrain spread (grey band)."""
+    retrain-vs-retrain spread (grey band); third panel: on D_f along the *raw* step w(D) + a·Δ,
+    a ∈ [0, 4], of every scrubbed form (issue 13's extended line, ``seeds.<s>.fidelity``)."""
     seeds = [s for s in finished_seeds(results) if "line" in s]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    styles = {
-        "ntk_ref_trap": ("C3", "-", "NTK ref. + trapezium"),
-        "ntk_paper_trap": ("C1", "-", "NTK paper + trapezium"),
-        "ntk_ref": ("C3", ":", "NTK ref. (no rescale)"),
-        "ntk_paper": ("C1", ":", "NTK paper (no rescale)"),
-    }
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     for ax, st in zip(axes, ("forget", "retain")):
         if not seeds:
             _empty(ax, "no line results")
             continue
-        spread = [s["retrain_spread"][st]["mean"] for s in seeds if "retrain_spread" in s]
-        spread = [v for v in spread if v is not None]
-        if spread:
-            ax.axhspan(min(spread), max(spread), color="0.6", alpha=0.3, lw=0)
-            ax.axhline(np.mean(spread), color="0.4", lw=1, label="retrain vs retrain (SGD noise)")
-        for name, (color, ls, label) in styles.items():
+        _spread_band(ax, seeds, st)
+        for name, (color, ls, label) in FIG4_STYLES.items():
             curves = [np.asarray(s["line"][name][st]["mean"]) for s in seeds if name in s["line"]]
-            if not curves:
-                continue
-            a = seeds[0]["line"][name]["alphas"]
-            mean = np.mean(curves, 0)
-            ax.plot(a, mean, ls, color=color, label=label, marker="o", ms=3)
-            if len(curves) > 1:
-                sd = np.std(curves, 0, ddof=1)
-                ax.fill_between(a, mean - sd, mean + sd, color=color, alpha=0.15, lw=0)
-        ax.set_xlabel("α  (0 = w(D), 1 = scrubbed)")
+            if curves:
+                a = next(s["line"][name]["alphas"] for s in seeds if name in s["line"])
+                _curve(ax, a, curves, color, ls, label)
+        ax.set_xlabel("α  (0 = w(D), 1 = the method's model)")
         ax.set_ylabel("mean ‖softmax − softmax_retrain‖₁")
         ax.set_title(f"on D_{'f' if st == 'forget' else 'r'}", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
+    ax = axes[2]
+    fid = [s for s in seeds if s.get("fidelity")]
+    if not fid:
+        _empty(ax, "no raw-step lines")
+    else:
+        _spread_band(ax, fid, "forget")
+        for form, (color, label) in FIG4_FORMS.items():
+            rows = [s["fidelity"][form]["raw_line"] for s in fid if form in s["fidelity"]]
+            if rows:
+                curves = [np.asarray(r["forget_l1_mean"]) for r in rows]
+                _curve(ax, rows[0]["alphas"], curves, color, "-", label)
+        ax.set_xlabel("a  (w(D) + a·Δ, Δ the raw un-rescaled step)")
+        ax.set_ylabel("mean ‖softmax − softmax_retrain‖₁ on D_f")
+        ax.set_title("on D_f, raw step extended to a = 4", fontsize=10)
+        ax.legend(fontsize=6.5)
     return _save(fig, path, "Fig. 4 — scrubbing line, distance to the retrained models", results)
 
 
@@ -392,6 +429,14 @@ def _report_header(results: dict[str, Any]) -> list[str]:
     L.append(f"- **Status**: {status}; seeds finished: {summ.get('seeds', [])}")
     for s_name, f in (meta.get("failed_seeds") or {}).items():
         L.append(f"- **Seed {s_name} FAILED**: {f.get('reason')}")
+    for s_name, s in results.get("seeds", {}).items():
+        for m, why in (s.get("method_failures") or {}).items():
+            L.append(f"- **METHOD FAILED, seed {s_name}: {m}** (left out of this seed): `{why}`")
+        for w in s.get("solver_warnings") or []:
+            L.append(
+                f"- **SOLVER WARNING, seed {s_name}: {w.get('what')} did NOT converge** (its "
+                f"partial result is what the readouts use): {json.dumps(w, default=str)}"
+            )
     L.append(f"- **Command**: `{meta.get('command')}`")
     gpu = f", GPU {hw.get('gpu')} ({hw.get('gpu_memory_gib')} GiB)" if hw.get("gpu") else ""
     L.append(
@@ -595,11 +640,11 @@ def _report_diagnostics(results: dict[str, Any]) -> list[str]:
     L.append("")
     L.append(
         "| variant | cos vs retrains | ratio vs retrains | cos vs seed-matched "
-        "| ratio vs seed-matched | dist ratio to retrains | trapezium s |"
+        "| ratio vs seed-matched | dist ratio to retrains | step a |"
     )
     L.append("|---|---|---|---|---|---|---|")
     diag = summ.get("diagnostics", {})
-    for n in ("ntk_paper", "ntk_paper_trap", "ntk_ref", "ntk_ref_trap"):
+    for n in METHOD_ORDER:
         if n not in diag:
             continue
         d = diag[n]
@@ -607,8 +652,13 @@ def _report_diagnostics(results: dict[str, Any]) -> list[str]:
             f"| {labels.get(n, n)} | {_fmt(d['cos_vs_retrains'], 1, 3)} "
             f"| {_fmt(d['norm_ratio_vs_retrains'], 1, 3)} | {_fmt(d['cos_vs_seed_matched'], 1, 3)} "
             f"| {_fmt(d['norm_ratio_vs_seed_matched'], 1, 3)} "
-            f"| {_fmt(d['dist_ratio_to_retrains'], 1, 3)} | {_fmt(d['trapezium_scale'], 1, 2)} |"
+            f"| {_fmt(d['dist_ratio_to_retrains'], 1, 3)} "
+            f"| {_fmt(d.get('step') or d['trapezium_scale'], 1, 2)} |"
         )
+    L.append(
+        "\nstep a: the applied multiple of the raw step Δ — the trapezium factor (`+ trapezium`),"
+        " the validation-chosen a (`step on val`), 1 otherwise."
+    )
     if "retrain_shift_pairwise_cos" in diag:
         L.append(
             f"\nPairwise cosine between two retrains' true shifts (w(D_r,i) − w(D) vs "
@@ -624,6 +674,156 @@ def _report_diagnostics(results: dict[str, Any]) -> list[str]:
                 f"{_fmt(ts['distance_between_retrains'], 1, 3)}, "
                 f"‖seed-matched − w(D)‖ = {_num(ts['norm_seed_matched_minus_original'])}"
             )
+    return L
+
+
+_LAND = (
+    ("error_forget", "D_f err (%)", 100.0, 1),
+    ("attack", "attack", 1.0, 2),
+    ("error_test", "test err (%)", 100.0, 1),
+    ("l1_forget", "L1 D_f", 1.0, 3),
+)
+
+
+def _report_methods(results: dict[str, Any]) -> list[str]:
+    """Issue 13: for every method, where it lands against the retrain band (D_f error, attack,
+    test error, softmax-L1 to the retrains on D_f against the retrain-vs-retrain floor, cosine to
+    the true shift) and what it cost (matvecs, seconds)."""
+    summ = results.get("summary") or {}
+    labels = results.get("meta", {}).get("method_labels", {})
+    table, band, inside = (
+        summ.get("table", {}),
+        summ.get("retrain_band", {}),
+        summ.get("inside_band", {}),
+    )
+    costs, diag = summ.get("costs", {}), summ.get("diagnostics", {})
+    floor = (summ.get("retrain_spread_l1") or {}).get("forget", {}).get("mean")
+    L = ["\n## Per method: where it lands against the retrain band, and its cost\n"]
+    L.append(
+        "Each cell: the method's mean over seeds, then `in` / `out` of the band (mean ± std of "
+        "all retrains). L1 D_f ×floor = its softmax-L1 to the retrains on D_f over the "
+        "retrain-vs-retrain value. cos = cosine of its weight shift to the true shifts "
+        "w(D_r,k) − w(D). matvecs = retain column products of the scrub (one JVP + one VJP over "
+        "D_r each; dense solves count none); seconds = the scrub's wall time (other methods: "
+        "their stage's)."
+    )
+    L.append("")
+    head = "| method | " + " | ".join(n for _, n, _, _ in _LAND)
+    L.append(head + " | L1 D_f ×floor | cos to true shift | step a | matvecs | seconds | solves |")
+    L.append("|---|" + "---|" * (len(_LAND) + 6))
+    bcells = [f"{_fmt(band.get(rn), sc, d)} (band)" for rn, _, sc, d in _LAND]
+    L.append(f"| **Retrain band** | {' | '.join(bcells)} | 1 | – | – | – | – | – |")
+    for m in METHOD_ORDER:
+        if m not in table:
+            continue
+        cells = []
+        for rn, _, sc, d in _LAND:
+            e = (inside.get(m) or {}).get(rn)
+            tag = "" if not e else (" in" if e["inside_mean_pm_std"] else " out")
+            cells.append(_fmt(table[m].get(rn), sc, d) + tag)
+        l1 = (table[m].get("l1_forget") or {}).get("mean")
+        ratio = f"{l1 / floor:.2f}" if l1 is not None and floor else "–"
+        c = costs.get(m, {})
+        conv = {True: "converged", False: "**NOT converged**", None: "–"}[c.get("all_converged")]
+        cos = _fmt((diag.get(m) or {}).get("cos_vs_retrains"), 1, 3)
+        L.append(
+            f"| {labels.get(m, m)} | {' | '.join(cells)} | {ratio} | {cos} "
+            f"| {_fmt(c.get('step'), 1, 2)} | {_fmt(c.get('matvecs'), 1, 0)} "
+            f"| {_fmt(c.get('seconds'), 1, 1)} | {conv} |"
+        )
+    L.extend(_report_fidelity(summ))
+    L.extend(_report_dense_check(summ))
+    return L
+
+
+def _report_fidelity(summ: dict[str, Any]) -> list[str]:
+    """Issue 13 item 1 per scrubbed form: the kernel prediction, the raw line, laziness."""
+    fid = summ.get("fidelity") or {}
+    if not fid:
+        return []
+    L = ["\n### Fidelity diagnostics per scrubbed form (issue 13, item 1)\n"]
+    L.append(
+        "kernel pred. = the retain-only linear model's outputs on D_f, f(θ_lin; D_f) + J_f "
+        "w_lin(D_r): if it does not predict the retrains' outputs, no step built from it can. "
+        "raw line = w(D) + a·Δ, a ∈ [0, 4]: the a with the smallest D_f softmax-L1 (read on D_f "
+        "and the retrains: a diagnostic, never a tuner). laziness = ‖w − θ0 − w_lin‖ / ‖w − θ0‖ "
+        "(≪ 1: lazy; at θ0 only)."
+    )
+    L.append("")
+    L.append(
+        "| form | kernel pred. D_f err (%) | kernel pred. L1 D_f | raw line best a "
+        "| its L1 D_f | laziness w(D) | laziness retrains |"
+    )
+    L.append("|---|---|---|---|---|---|---|")
+    for form, f in fid.items():
+        L.append(
+            f"| {form} | {_fmt(f['kernel_forget_error'], 100, 1)} "
+            f"| {_fmt(f['kernel_forget_l1'], 1, 3)} | {_fmt(f['raw_argmin_alpha'], 1, 2)} "
+            f"| {_fmt(f['raw_argmin_l1'], 1, 3)} | {_fmt(f['laziness_original'], 1, 3)} "
+            f"| {_fmt(f['laziness_retrains'], 1, 3)} |"
+        )
+    return L
+
+
+def _report_dense_check(summ: dict[str, Any]) -> list[str]:
+    """Issue 13 item 4: the cg path against its dense twin on one seed."""
+    checks = summ.get("dense_check") or {}
+    if not checks:
+        return ["\n### cg vs dense\n", "No seed ran the dense check (`dense_check_seed`)."]
+    L = ["\n### The matrix-free path against its dense twin (issue 13, item 4)\n"]
+    for s_name, chk in checks.items():
+        exp = chk.get("expected_max")
+        L.append(
+            f"Seed {s_name}: every NTK scrub and the information bounds again with explicit "
+            f"Jacobians (Cholesky). Largest relative difference of the shifts "
+            f"{_num(chk.get('max_rel_shift'))}, of the bounds {_num(chk.get('max_rel_bounds'))} "
+            f"(float32 expectation ≤ {exp:g})."
+        )
+        L.append("")
+        L.append(
+            "| form | ‖Δ_cg − Δ_dense‖/‖Δ_dense‖ | largest entry | trapezium factor "
+            "| cg tol | cg converged | cg matvecs | cg s | dense s |"
+        )
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for form, e in (chk.get("scrub") or {}).items():
+            L.append(
+                f"| {form} | {_num(e['rel_l2_delta'])} | {_num(e['rel_max_entry_delta'])} "
+                f"| {_num(e['rel_trapezium_scale'])} | {_num(e.get('cg_tol'))} "
+                f"| {e['cg_converged']} | {_num(e.get('cg_matvecs'))} "
+                f"| {_num(e.get('cg_seconds'))} | {_num(e.get('dense_seconds'))} |"
+            )
+        for pname, rel in (chk.get("bounds") or {}).items():
+            L.append(
+                f"- bounds, pair {pname}: relative differences (cg KL / dense KL, nats) "
+                + ", ".join(
+                    f"{k} {_num(v['rel'])} ({_num(v['kl_cg'])} / {_num(v['kl_dense'])})"
+                    if isinstance(v, dict)
+                    else f"{k} {_num(v)}"
+                    for k, v in rel.items()
+                )
+            )
+        if chk.get("bounds"):
+            L.append(
+                "  (relative to the magnitude of the KL's terms, ½(|quadratic| + |tr(Σ0⁻¹Σ)| + "
+                "|log-det|), when that exceeds |KL|: the KL of two close models is a difference of "
+                "large terms and its rounding scales with them)"
+            )
+        if chk.get("shift_within_expected") is False:
+            L.append(
+                f"- **The shifts differ by more than {exp:g}.** The CG solves stop at a "
+                "relative residual of `cg_tol` (float32 default 1e-3), and the error of the "
+                "solution can be up to κ times that residual; rerun with a smaller "
+                "`--set cg_tol=...` (at more matvecs): if the difference falls with it, it "
+                "is the tolerance, otherwise the products differ."
+            )
+        if chk.get("bounds_within_expected") is False:
+            L.append(
+                f"- **The bounds differ by more than {exp:g}.** The diagonal-Fisher bounds "
+                "solve nothing: cg and dense differ only in how the query Jacobians are formed "
+                "(VJPs of unit vectors vs explicit rows, float32), so a larger difference means "
+                "a KL dominated by rounding (see the KL values) or a product bug."
+            )
+        L.append("")
     return L
 
 
@@ -654,6 +854,7 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         _report_setup,
         _report_table,
         _report_band,
+        _report_methods,
         _report_diagnostics,
         _report_tail,
     ):

@@ -39,6 +39,9 @@ __all__ = [
     "kernel_prediction",
     "laziness",
     "fidelity_diagnostics",
+    "rel_diff",
+    "shift_dense_check",
+    "bounds_dense_check",
 ]
 
 SETS = ("forget", "retain", "test")
@@ -166,8 +169,10 @@ def info_pair(
     queries: dict[str, Any],
     cfg: Config,
     alpha: float,
+    solver: str | None = None,
 ) -> dict[str, Any]:
-    """Both bounds of Proposition 1 (diagonal Fisher noise, the reference's Σ) at one α."""
+    """Both bounds of Proposition 1 (diagonal Fisher noise, the reference's Σ) at one α, on
+    ``solver`` (default ``cfg.measure.bounds_solver``; "dense" is the explicit twin)."""
     res = bounds.information_bounds(
         scrubbed,
         reference,
@@ -176,7 +181,7 @@ def info_pair(
         alpha=alpha,
         kind="diag",
         config=bounds.BoundsConfig(
-            solver=cfg.measure.bounds_solver, batch_size=cfg.forget.jac_batch
+            solver=solver or cfg.measure.bounds_solver, batch_size=cfg.forget.jac_batch
         ),
     )
     wb = res["white_box"]
@@ -195,6 +200,73 @@ def info_pair(
         "black_box": bb,
         "convention": res["convention"],
         "seconds": res["seconds"],
+        "solver": solver or cfg.measure.bounds_solver,
+        "cg": res.get("cg"),
+    }
+
+
+def rel_diff(a: float | Tensor, b: float | Tensor) -> float:
+    """``|a − b| / |b|`` (vectors: ``‖a − b‖₂ / ‖b‖₂``) in float64; 0 when both are 0."""
+    a_t, b_t = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
+    num, den = float((a_t - b_t).norm()), float(b_t.norm())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def shift_dense_check(cg_result: Any, dense_result: Any) -> dict[str, Any]:
+    """cg vs dense for one scrub (:class:`~ntkscrub.scrub.ScrubResult`s of the same form): the
+    relative differences of the raw step Δ ``(p,)`` (2-norm and largest entry over the largest
+    entry), of the applied shift and of the trapezium factor, with each path's cost."""
+    d_cg, d_dn = cg_result.delta.double().cpu(), dense_result.delta.double().cpu()
+    ci, di = cg_result.info, dense_result.info
+    return {
+        "rel_l2_delta": rel_diff(d_cg, d_dn),
+        "rel_max_entry_delta": float(
+            (d_cg - d_dn).abs().max() / d_dn.abs().max().clamp_min(1e-300)
+        ),
+        "rel_l2_shift": rel_diff(cg_result.shift, dense_result.shift),
+        "rel_trapezium_scale": rel_diff(ci["rescale_factor"], di["rescale_factor"]),
+        "cg_converged": bool(ci["converged"]),
+        "cg_tol": ci.get("tol"),
+        "cg_matvecs": ci.get("matvecs"),
+        "cg_seconds": ci.get("seconds"),
+        "dense_seconds": di.get("seconds"),
+    }
+
+
+# a floor (nats) for the comparison's denominator when an entry records no dimension k
+KL_ZERO = 1e-9
+
+
+def _kl_rel(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """|KL_a − KL_b| over the magnitude of b's terms, ½(|quadratic| + |tr(Σ0⁻¹Σ)| + |log-det|)
+    with tr(Σ0⁻¹Σ) = (trace − k) + k: the KL is computed as a difference of those terms, so its
+    rounding error scales with them (≥ k/2), not with the KL — two identical models give a KL of
+    ±1e-10 in float32 whose plain relative difference would be meaningless. Equals the plain
+    relative difference when no term cancels; None when a value is missing."""
+    if a.get("kl") is None or b.get("kl") is None:
+        return None
+    trace = (b.get("trace_minus_k") or 0.0) + (b.get("k") or 0.0)
+    terms = [b.get("quadratic"), trace, b.get("logdet_ratio")]
+    scale = 0.5 * sum(abs(t) for t in terms if t is not None and math.isfinite(t))
+    den = max(abs(b["kl"]), scale, KL_ZERO)
+    diff = abs(a["kl"] - b["kl"])
+    if not math.isfinite(diff):
+        return float("inf")
+    return diff / den if den > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def bounds_dense_check(cg_pair: dict[str, Any], dense_pair: dict[str, Any]) -> dict[str, Any]:
+    """cg vs dense for one pair of :func:`info_pair`: per bound (white box, black box on each
+    query set) the relative difference of the KL (:func:`_kl_rel`) and both KLs."""
+    both = {"white_box": (cg_pair["white_box"], dense_pair["white_box"])}
+    for q, e in cg_pair["black_box"].items():
+        if q in dense_pair["black_box"]:
+            both[f"black_box_{q}"] = (e, dense_pair["black_box"][q])
+    return {
+        name: {"rel": _kl_rel(a, b), "kl_cg": a.get("kl"), "kl_dense": b.get("kl")}
+        for name, (a, b) in both.items()
     }
 
 

@@ -31,7 +31,16 @@ from ntkscrub.scrub import scrub
 if TYPE_CHECKING:  # pragma: no cover
     from ntkscrub.recipes.reproduction.stages import SeedRun
 
-__all__ = ["Method", "METHODS", "NTK_FORMS", "STEP_GRID", "method_labels", "fisher_noise_seed"]
+__all__ = [
+    "Method",
+    "METHODS",
+    "NTK_FORMS",
+    "STEP_GRID",
+    "method_labels",
+    "fisher_noise_seed",
+    "scrub_call",
+    "scrub_form",
+]
 
 
 @dataclass(frozen=True)
@@ -137,24 +146,50 @@ def _fisher_val(run: SeedRun) -> nn.Module:
     return add_noise(run.w_d, var, alpha, seed)
 
 
-def scrub_form(run: SeedRun, form: str) -> Any:
-    """Scrub w(D) in one NTK form (eq. 10, trapezium-rescaled); records ``res["ntk"][form]``."""
-    cfg, t0 = run.cfg.forget, time.perf_counter()
-    r = scrub(
+def scrub_call(run: SeedRun, form: str, solver: str) -> Any:
+    """One NTK form's :func:`~ntkscrub.scrub.scrub` of w(D) on ``solver`` ("cg" or "dense"),
+    trapezium-rescaled, never strict (a missed tolerance is recorded by the caller)."""
+    cfg = run.cfg.forget
+    return scrub(
         run.w_d,
         run.split.retain,
         run.split.forget,
         init=run.init,
-        solver=cfg.solver,
+        solver=solver,
         rescale="trapezium",
         weight_decay=run.cfg.train.finetune.weight_decay,
         seed=run.seed,
-        max_iter=cfg.cg_max_iter if cfg.solver == "cg" else None,
+        max_iter=cfg.cg_max_iter if solver == "cg" else None,
+        tol=cfg.cg_tol if solver == "cg" else None,
         strict=False,
         products=ProductConfig(batch_size=cfg.jac_batch),
-        solver_config=SolverConfig(max_dense_bytes=40 * 2**30),
+        solver_config=SolverConfig(
+            max_dense_bytes=40 * 2**30,
+            max_seconds=cfg.cg_max_seconds if solver == "cg" else None,
+        ),
         **NTK_FORMS[form],
     )
+
+
+def _max_finite(values: Any) -> float | None:
+    """The largest of a record's per-column values (``None``: non-finite or absent)."""
+    vals = [v for v in (values if isinstance(values, list) else [values]) if v is not None]
+    return max(vals, default=None)
+
+
+def scrub_form(run: SeedRun, form: str) -> Any:
+    """Scrub w(D) in one NTK form on the configured solver; records ``res["ntk"][form]``.
+
+    A solve that missed its tolerance is still used (the partial solution is the method's
+    output at this budget) but never silently: it is logged with a banner and listed in
+    ``res["solver_warnings"]``, which results.md prints at the top."""
+    t0, f = time.perf_counter(), run.cfg.forget
+    unknown = set(f.dense_forms) - set(NTK_FORMS)
+    if unknown:
+        raise ValueError(
+            f"dense_forms: unknown NTK forms {sorted(unknown)}; known: {list(NTK_FORMS)}"
+        )
+    r = scrub_call(run, form, "dense" if form in f.dense_forms else f.solver)
     info = {k: v for k, v in r.info.items() if k != "solves"}
     info["solves"] = [
         {k: v for k, v in rec.items() if not isinstance(v, list)} for rec in r.info["solves"]
@@ -162,6 +197,26 @@ def scrub_form(run: SeedRun, form: str) -> Any:
     info["wall_seconds"] = time.perf_counter() - t0
     scale = float(r.info["rescale_factor"])
     run.res["ntk"][form] = {"scrub_info": info, "trapezium_scale": scale, **NTK_FORMS[form]}
+    if not r.info["converged"]:
+        keep = ("system", "status", "iterations", "matvecs", "seconds", "kappa")
+        keep += ("ridge_hint", "predicted_iterations", "matvec_seconds")
+        bad = [
+            {**{k: rec.get(k) for k in keep}, "max_residual": _max_finite(rec.get("residuals"))}
+            for rec in r.info["solves"]
+            if not rec.get("converged", True)
+        ]
+        warning = {
+            "what": f"scrub {form}",
+            "solver": info.get("solver"),
+            "tol": info.get("tol"),
+            "unconverged_solves": bad,
+            "method_converged": (info.get("method_info") or {}).get("converged"),
+        }
+        run.res.setdefault("solver_warnings", []).append(warning)
+        log(
+            f"{'!' * 60}\n!! WARNING: {form}: a solve did NOT reach tol {info.get('tol')}: "
+            f"{bad or warning['method_converged']}; its partial result is used\n{'!' * 60}"
+        )
     return r
 
 
@@ -285,6 +340,7 @@ METHODS: dict[str, Method] = {
             "scrub_ntk_ce_init",
             _ntk_val("ntk_ce_init"),
             diagnostics=True,
+            line=True,
         ),
         Method(
             "ntk_ce_trained",
@@ -293,6 +349,7 @@ METHODS: dict[str, Method] = {
             "scrub_ntk_ce_trained",
             _ntk_val("ntk_ce_trained"),
             diagnostics=True,
+            line=True,
         ),
         Method(
             "ntk_projected",
@@ -301,6 +358,7 @@ METHODS: dict[str, Method] = {
             "scrub_ntk_projected",
             _ntk("ntk_projected", False),
             diagnostics=True,
+            line=True,
         ),
         Method("ntk_noise", "NTK + noise", "NTK\n+noise", "fisher", _ntk_noise, diagnostics=True),
         Method(

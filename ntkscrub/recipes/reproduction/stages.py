@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,9 @@ from ntkscrub.recipes.reproduction.failures import (
     require_trained,
     training_failure,
 )
-from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_form
+from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_call, scrub_form
 from ntkscrub.recipes.reproduction.weights import fisher_variance
-from ntkscrub.recipes.runtime import RunLog, log
+from ntkscrub.recipes.runtime import BudgetExceeded, RunLog, log
 
 __all__ = ["Context", "SeedRun", "run_seed", "run_pretrain", "run_all"]
 
@@ -124,10 +125,32 @@ class SeedRun:
         )
 
     def model(self, name: str) -> nn.Module | None:
-        """The model of method ``name`` (made on first use, see :data:`METHODS`)."""
+        """The model of method ``name`` (made on first use, see :data:`METHODS`).
+
+        A forgetting method that raises is left out of this seed (``None``), its error recorded
+        in ``res["method_failures"]`` and printed in results.md: one method's failure (a Newton
+        step that is no descent direction after a truncated solve, say) must not cost the other
+        methods' readouts. w(D) and the seed-matched run are not methods that can fail here."""
+        if name not in self.models and name in self.cfg.forget.skip_methods:
+            self.models[name] = None
+            self.res.setdefault("method_failures", {})[name] = "skipped (forget.skip_methods)"
         if name not in self.models:
-            with self.stage(METHODS[name].stage):
-                self.models[name] = METHODS[name].make(self)
+            try:
+                with self.stage(METHODS[name].stage):
+                    self.models[name] = METHODS[name].make(self)
+            except BudgetExceeded:
+                raise
+            except Exception as err:  # recorded, never silent
+                if METHODS[name].stage is None:
+                    raise
+                self.models[name] = None
+                self.res.setdefault("method_failures", {})[name] = "".join(
+                    traceback.format_exception_only(type(err), err)
+                ).strip()
+                log(
+                    f"{'!' * 60}\n!! METHOD FAILED: {name}: {err!r}; left out of this seed\n"
+                    f"{'!' * 60}"
+                )
         return self.models[name]
 
     def scrubbed(self, form: str) -> Any:
@@ -267,6 +290,45 @@ def stage_forget(run: SeedRun) -> None:
     }
 
 
+# float32 products with CG to its float32 tolerance: what the cg-vs-dense differences should be
+DENSE_CHECK_EXPECTED = 1e-3
+
+
+def is_dense_check_seed(run: SeedRun) -> bool:
+    """Whether this seed also runs the dense twin (``forget.dense_check_seed``); never when the
+    configured solvers are dense already (nothing to compare)."""
+    cfg = run.cfg
+    engine = cfg.forget.solver == "cg" or cfg.measure.bounds_solver == "cg"
+    return engine and cfg.forget.dense_check_seed == run.seed
+
+
+def stage_dense_check(run: SeedRun) -> None:
+    """Issue 13, item 4: every NTK scrub of this seed again on the dense path (explicit
+    Jacobians, Cholesky); records the relative differences of the shifts (``dense_check``)."""
+    if not is_dense_check_seed(run) or run.cfg.forget.solver != "cg":
+        return
+    with run.stage("dense_check"):
+        scrub = {
+            form: M.shift_dense_check(r, scrub_call(run, form, "dense"))
+            for form, r in run._scrubs.items()
+            if r.info["solver"] == "cg"  # a form in forget.dense_forms has nothing to compare
+        }
+    rels = [v for e in scrub.values() for v in (e["rel_l2_delta"], e["rel_trapezium_scale"])]
+    worst = max(rels, default=None)
+    run.res["dense_check"] = {
+        "what": "cg (the configured solver) vs dense (explicit J, Cholesky) on the same seed",
+        "expected_max": DENSE_CHECK_EXPECTED,
+        "scrub": scrub,
+        "max_rel_shift": worst,
+        "shift_within_expected": None if worst is None else worst <= DENSE_CHECK_EXPECTED,
+    }
+    if worst is not None and worst > DENSE_CHECK_EXPECTED:
+        log(
+            f"dense check: the cg shifts differ from the dense ones by up to {worst:.2e} "
+            f"(> {DENSE_CHECK_EXPECTED:g} expected); see dense_check in results.json"
+        )
+
+
 def present(run: SeedRun) -> dict[str, nn.Module]:
     """The methods' models of this seed (a failed baseline left out)."""
     return {k: m for k, m in run.models.items() if m is not None}
@@ -295,7 +357,7 @@ def stage_diagnostics(run: SeedRun) -> None:
         diag = {
             name: M.shift_diagnostics(run.models[name], run.w_d, run.retrains, run.w_sm)
             for name, m in METHODS.items()
-            if m.diagnostics
+            if m.diagnostics and run.models.get(name) is not None
         }
         diag["true_shifts"] = M.true_shifts(run.w_d, run.retrains, run.w_sm)
         run.res["diagnostics"] = diag
@@ -308,7 +370,7 @@ def stage_line(run: SeedRun, retrain_probs: list[dict[str, Tensor]]) -> None:
         run.res["line"] = {
             name: M.along_line(run.w_d, run.models[name], run.split, retrain_probs, n)
             for name, m in METHODS.items()
-            if m.line
+            if m.line and run.models.get(name) is not None
         }
         # issue 13, item 1: raw line a ∈ [0, 4], kernel prediction, laziness, per NTK scrub
         run.res["fidelity"] = {
@@ -322,6 +384,7 @@ def stage_line(run: SeedRun, retrain_probs: list[dict[str, Tensor]]) -> None:
                 retrain_probs,
             )
             for form, r in run._scrubs.items()
+            if r.info["solver"] == "cg"  # a form in forget.dense_forms has nothing to compare
         }
 
 
@@ -363,6 +426,27 @@ def stage_information(run: SeedRun) -> None:
             info["alpha_scaling_check"] = _alpha_check(run, info, ref0, queries)
         info["sweep"] = _sweep(run, info)
         run.res["information"] = info
+    if is_dense_check_seed(run) and ms.bounds_solver == "cg":
+        with run.stage("dense_check"):
+            rel = {
+                pname: M.bounds_dense_check(
+                    info["pairs"][pname],
+                    M.info_pair(m, ref0, run.split, queries, cfg, ms.info_alpha, "dense"),
+                )
+                for pname, m in pairs.items()
+            }
+        vals = [v["rel"] for e in rel.values() for v in e.values() if v["rel"] is not None]
+        worst = max(vals, default=None)  # inf (a non-finite KL) counts as the worst
+        chk = run.res.setdefault("dense_check", {"expected_max": DENSE_CHECK_EXPECTED})
+        chk["bounds"] = rel
+        chk["max_rel_bounds"] = worst
+        chk["bounds_within_expected"] = None if worst is None else worst <= DENSE_CHECK_EXPECTED
+    for pname, p in info["pairs"].items():
+        if p.get("cg") and not p["cg"].get("all_converged", True):
+            run.res.setdefault("solver_warnings", []).append(
+                {"what": f"information bounds, pair {pname}", "cg": p["cg"]}
+            )
+            log(f"WARNING: information bounds ({pname}): a CG solve did NOT converge")
 
 
 def _alpha_check(run: SeedRun, info: dict, ref0: nn.Module, queries: dict) -> dict[str, Any]:
@@ -469,6 +553,8 @@ def run_seed(ctx: Context, seed: int, res: dict[str, Any]) -> None:
     retrain_probs = stage_readouts(run)
     stage_diagnostics(run)
     stage_line(run, retrain_probs)
+    # after the readouts: a budget stop in the dense twin still leaves every readout written
+    stage_dense_check(run)
     stage_information(run)
     stage_pca(run)
     stage_relearn(run)

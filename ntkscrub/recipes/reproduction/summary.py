@@ -20,6 +20,7 @@ from ntkscrub.recipes.reproduction.failures import (
     drop_failed_seeds,
 )
 from ntkscrub.recipes.reproduction.measure import SETS, mean_std
+from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS
 from ntkscrub.recipes.runtime import log
 
 __all__ = ["READOUT_NAMES", "RESULTS_NAME", "summarize", "resummarize"]
@@ -27,7 +28,86 @@ __all__ = ["READOUT_NAMES", "RESULTS_NAME", "summarize", "resummarize"]
 RESULTS_NAME = "results.json"
 READOUT_NAMES = ["error_forget", "error_retain", "error_test", "attack", "relearn"]
 READOUT_NAMES += ["l1_forget", "l1_retain", "l1_test"]
-_NTK = ("ntk_paper", "ntk_paper_trap", "ntk_ref", "ntk_ref_trap")
+# every NTK method of the registry whose model is a scrub of one form (not the +noise model)
+_NTK = tuple(m for m in METHODS if m.removesuffix("_trap") in NTK_FORMS)
+
+
+def _form(name: str) -> str:
+    return name.removesuffix("_trap")
+
+
+def method_step(seed: dict[str, Any], name: str) -> float | None:
+    """The step a of w(D) + a·Δ an NTK method took in one seed: the trapezium factor (``*_trap``),
+    the validation-chosen a (``methods_config.<form>_tuning``), else 1 (the raw step)."""
+    if name.endswith("_trap"):
+        return (seed.get("ntk", {}).get(_form(name)) or {}).get("trapezium_scale")
+    tuning = (seed.get("methods_config") or {}).get(f"{name}_tuning")
+    return tuning["a"] if tuning else 1.0
+
+
+def method_cost(results: dict[str, Any], seed_name: str, name: str) -> dict[str, Any]:
+    """What one method cost in one seed: the scrub's matvecs (retain column products), wall
+    seconds and convergence for an NTK form; the stage's seconds for the others (Fisher's stage
+    also holds the noise variances; the Fine-tune baseline: its training)."""
+    seed = results["seeds"][seed_name]
+    if _form(name) in NTK_FORMS:
+        info = (seed.get("ntk", {}).get(_form(name)) or {}).get("scrub_info") or {}
+        return {
+            "matvecs": info.get("matvecs"),
+            "seconds": info.get("wall_seconds"),
+            "converged": info.get("converged"),
+            "solver": info.get("solver"),
+        }
+    stage = METHODS[name].stage if name in METHODS else None
+    st = results.get("meta", {}).get("stage_seconds", {})
+    secs = st.get(f"seed{seed_name}/{stage}") if stage else None
+    return {"matvecs": None, "seconds": secs, "converged": None, "solver": None}
+
+
+def _costs(results: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Per method, over the finished seeds: matvecs, seconds, the step a, and whether every
+    solve converged."""
+    names = [k for k, s in results["seeds"].items() if "readouts" in s]
+    out = {}
+    for m in methods:
+        rows = [method_cost(results, k, m) for k in names]
+        steps = [method_step(results["seeds"][k], m) for k in names] if m in _NTK else []
+        conv = [r["converged"] for r in rows if r["converged"] is not None]
+        out[m] = {
+            "matvecs": mean_std([r["matvecs"] for r in rows]),
+            "seconds": mean_std([r["seconds"] for r in rows]),
+            "step": mean_std(steps),
+            "all_converged": all(conv) if conv else None,
+        }
+    return out
+
+
+def _fidelity(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 13 item 1 over seeds, per NTK form: the kernel prediction of the retrained outputs
+    on D_f (error, softmax-L1 to the retrains), the raw line's best a and its L1, laziness."""
+    out: dict[str, Any] = {}
+    for form in NTK_FORMS:
+        rows = [s["fidelity"][form] for s in seeds if form in s.get("fidelity", {})]
+        if not rows:
+            continue
+        kp = [r["kernel_prediction"] for r in rows]
+        lz = [r["laziness"] for r in rows if "laziness" in r]
+        out[form] = {
+            "kernel_forget_error": mean_std([k["forget_error"] for k in kp]),
+            "kernel_forget_l1": mean_std([k["forget_l1_to_retrain"]["mean"] for k in kp]),
+            "raw_argmin_alpha": mean_std(
+                [r["raw_line"]["argmin_forget_l1"]["alpha"] for r in rows]
+            ),
+            "raw_argmin_l1": mean_std([r["raw_line"]["argmin_forget_l1"]["l1"] for r in rows]),
+            "laziness_original": mean_std([z["original"] for z in lz]),
+            "laziness_retrains": mean_std([z["retrains"]["mean"] for z in lz]),
+        }
+    return out
+
+
+def _dense_checks(results: dict[str, Any]) -> dict[str, Any]:
+    """The seeds' cg-vs-dense checks, keyed by seed (see ``stages.stage_dense_check``)."""
+    return {k: s["dense_check"] for k, s in results["seeds"].items() if s.get("dense_check")}
 
 
 def _inside(band: dict[str, Any], value: float | None) -> dict[str, Any] | None:
@@ -47,11 +127,13 @@ def _diagnostics(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """The linearisation diagnostics of the NTK forms, averaged over seeds."""
     diag = {}
     for name in _NTK:
-        rows = [s["diagnostics"][name] for s in seeds if "diagnostics" in s]
+        rows = [s["diagnostics"][name] for s in seeds if name in s.get("diagnostics", {})]
         if not rows:
             continue
         scales = [
-            s["ntk"][name.replace("_trap", "")]["trapezium_scale"] for s in seeds if "ntk" in s
+            s["ntk"][_form(name)]["trapezium_scale"]
+            for s in seeds
+            if _form(name) in s.get("ntk", {})
         ]
         diag[name] = {
             "cos_vs_retrains": mean_std([r["cos_vs_retrains_mean"]["mean"] for r in rows]),
@@ -64,6 +146,7 @@ def _diagnostics(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                 [r["dist_ratio_to_retrains_mean"]["mean"] for r in rows]
             ),
             "trapezium_scale": mean_std(scales),
+            "step": mean_std([method_step(s, name) for s in seeds if "ntk" in s]),
         }
     ts = [s["diagnostics"]["true_shifts"] for s in seeds if "diagnostics" in s]
     if ts:
@@ -120,6 +203,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             for m in methods
         },
         "diagnostics": _diagnostics(seeds),
+        "costs": _costs(results, methods),
+        "fidelity": _fidelity(seeds),
+        "dense_check": _dense_checks(results),
+        "solver_warnings": {
+            k: s["solver_warnings"] for k, s in results["seeds"].items() if s.get("solver_warnings")
+        },
     }
     infos = [s["information"] for s in seeds if "information" in s]
     if infos:
