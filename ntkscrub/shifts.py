@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ntkscrub._progress import warn
 from ntkscrub.config import SolverConfig
 from ntkscrub.operators import (
     NTK,
@@ -208,25 +209,76 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         beta = (r - _apply_blocks(Hh, u)) / lam
         Tb = Theta @ beta
         dec2 = float(r.double() @ Tb.double())  # gᵀ(∇²L)⁻¹g, the squared Newton decrement
+        step_kind = "newton"
         if dec2 <= 0 or not math.isfinite(dec2):
-            raise ValueError(f"{label}: Newton direction is not a descent direction (δ²={dec2})")
-        done = 0.5 * dec2 <= rtol * max(1.0, abs(obj))
-        t = 1.0
-        while True:
-            a_new, q_new = alpha - t * beta, q - t * Tb
-            z_new = f0 + q_new.reshape(-1, c)
-            obj_new = _ce_objective(z_new, onehot, a_new, q_new, lam)
-            if obj_new <= obj - newton.armijo * t * dec2 or t < 1e-10:
-                break
-            t *= 0.5
-        history.append({"objective": obj_new, "decrement2": dec2, "inner_tol": tol_k, "step": t})
+            beta, Tb, dec2 = _gradient_fallback(inv, label, it, dec2, r, Tr)
+            step_kind = "gradient"
+        done = step_kind == "newton" and 0.5 * dec2 <= rtol * max(1.0, abs(obj))
+        t, a_new, q_new, z_new, obj_new = _armijo(
+            alpha, q, beta, Tb, f0, onehot, lam, obj, newton.armijo * dec2
+        )
+        history.append(
+            {
+                "objective": obj_new,
+                "decrement2": dec2,
+                "inner_tol": tol_k,
+                "step": t,
+                "direction": step_kind,
+            }
+        )
         alpha, q, z, obj = a_new, q_new, z_new, obj_new
-        dec_first = dec2 if dec_first is None else dec_first
-        dec_prev = dec2 / dec_first  # (δ_k/δ_1)²: quadratic forcing, exact near the minimum
+        if step_kind == "newton":
+            dec_first = dec2 if dec_first is None else dec_first
+            dec_prev = dec2 / dec_first  # (δ_k/δ_1)²: quadratic forcing, exact near the minimum
         if done:  # the last (full, quadratically convergent) step was still taken
             converged = True
             break
     return CEModel(alpha, z, obj, it, converged, history, precond)
+
+
+def _armijo(
+    alpha: Tensor,
+    q: Tensor,
+    beta: Tensor,
+    Tb: Tensor,
+    f0: Tensor,
+    onehot: Tensor,
+    lam: float,
+    obj: float,
+    slope: float,
+) -> tuple[float, Tensor, Tensor, Tensor, float]:
+    """Backtracking (halving) from t = 1 until ``obj(t) ≤ obj − t·slope`` (Armijo), t ≥ 1e-10;
+    returns ``(t, α, Θα, z, objective)`` at the accepted step."""
+    t, c = 1.0, onehot.shape[1]
+    while True:
+        a_new, q_new = alpha - t * beta, q - t * Tb
+        z_new = f0 + q_new.reshape(-1, c)
+        obj_new = _ce_objective(z_new, onehot, a_new, q_new, lam)
+        if obj_new <= obj - t * slope or t < 1e-10:
+            return t, a_new, q_new, z_new, obj_new
+        t *= 0.5
+
+
+def _gradient_fallback(
+    inv: Inverse, label: str, it: int, dec2: float, r: Tensor, Tr: Tensor
+) -> tuple[Tensor, Tensor, float]:
+    """``(β, Θβ, δ²)`` of the gradient direction β = r, for a Newton step whose inexact inner
+    solve gave no descent direction (seen on the quick preset: a dual solve stopped by its time
+    budget at residual 2.8e-3 > tol made δ² = −56; β = (r − H^½u)/λ is a difference of large
+    terms, so an inexact u can flip its sign). ``rᵀΘr ≥ 0`` always descends; an exactly solved
+    system that still gives δ² ≤ 0 is a genuine error and raises."""
+    if all(rec.get("converged", True) for rec in inv.records):
+        raise ValueError(f"{label}: Newton direction is not a descent direction (δ²={dec2})")
+    g2 = float(r.double() @ Tr.double())
+    if g2 <= 0 or not math.isfinite(g2):
+        raise ValueError(f"{label}: neither the Newton nor the gradient direction descends")
+    warn(
+        f"{label}: Newton step {it}'s inner solve did not converge and its direction does not "
+        f"descend (δ² = {dec2:.3g}); taking a gradient step instead. Give the solves more "
+        f"budget (SolverConfig.max_seconds) or a larger ridge for Newton's fast convergence.",
+        RuntimeWarning,
+    )
+    return r, Tr, g2
 
 
 def _apply_blocks(B: Tensor, v: Tensor) -> Tensor:

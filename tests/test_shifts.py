@@ -265,3 +265,46 @@ def test_ce_newton_one_sketch_serves_every_step_and_the_retain_fit():
     assert origins[n_d] == "nystrom (restricted from the previous system)"
     assert sum(r["precond_matvecs"] for r in cg.info["solves"]) == 10
     assert rel(cg.delta, dense.delta) <= 1e-8
+
+
+def _corrupt_first_newton_solve(monkeypatch, converged: bool):
+    """Make the first inner solve of every CE Newton fit return a wrong solution whose direction
+    does not descend, as a solve stopped early by its budget can (seen: δ² = −56 on the quick
+    preset): u = 1e4·rhs gives δ² = (rᵀΘr − 1e4·rᵀΘHΘr)/λ < 0."""
+    import ntkscrub.shifts as shifts
+
+    class Corrupt(shifts.Inverse):
+        def solve(self, rhs):  # noqa: D102 - a test double
+            u = super().solve(rhs)
+            if self.label.endswith("#1"):
+                self.records[-1] = {**self.records[-1], "converged": converged}
+                return 1e4 * rhs
+            return u
+
+    monkeypatch.setattr(shifts, "Inverse", Corrupt)
+
+
+def test_ce_newton_takes_a_gradient_step_when_an_inexact_solve_does_not_descend(monkeypatch):
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    kw = {"init": theta0, "loss": "ce", "method": "ce_newton", "ridge": 0.7, "solver": "cg"}
+    exact = scrub(*args, **kw)
+    _corrupt_first_newton_solve(monkeypatch, converged=False)
+    with pytest.warns(RuntimeWarning, match="taking a gradient step"):
+        res = scrub(*args, **kw)
+    hist = res.info["method_info"]["newton"]["D"]["history"]
+    assert hist[0]["direction"] == "gradient" and hist[-1]["direction"] == "newton"
+    assert res.info["method_info"]["newton"]["D"]["converged"]
+    assert rel(res.delta, exact.delta) <= 1e-6  # the same minimiser, reached anyway
+
+
+def test_ce_newton_non_descent_after_a_converged_solve_still_raises(monkeypatch):
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    _corrupt_first_newton_solve(monkeypatch, converged=True)
+    with pytest.raises(ValueError, match="not a descent direction"):
+        scrub(
+            trained, (X[:16], Y[:16]), (X[16:], Y[16:]), init=theta0, loss="ce",
+            method="ce_newton", ridge=0.7, solver="cg",
+        )  # fmt: skip
