@@ -148,3 +148,24 @@ def test_the_plan_repeats_itself():
     for key in ("seconds", "jvp_gain", "vjp_gain"):
         a.pop(key), b.pop(key)
     assert a == b
+
+
+def test_a_plan_that_cannot_be_measured_falls_back_to_one_vector(monkeypatch):
+    import ntkscrub.operators.jacobian as jacobian
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("dispatch mode not supported here")
+
+    monkeypatch.setattr(jacobian, "plan_passes", refuse)
+    X, Y = images(12)
+    J = Jacobian(ParameterSpace(conv_net()), (X, Y), batch_size=12)
+    ref = Jacobian(J.space, (X, Y), batch_size=12, vector_chunk=None)
+    V = torch.randn(J.p, 3)
+    with pytest.warns(RuntimeWarning, match="one vector per pass"):
+        out = J.matvec(V)
+    assert J.pass_plan() is None and J._column_chunks(3, "vjp") == [
+        slice(0, 1),
+        slice(1, 2),
+        slice(2, 3),
+    ]
+    assert torch.allclose(out, ref.matvec(V), rtol=1e-5, atol=1e-5)

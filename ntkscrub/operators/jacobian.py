@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
+from ntkscrub._progress import warn
 from ntkscrub._validation import check_vector_chunk
 from ntkscrub.batches import Batches, as_batches, check_model_accepts
 from ntkscrub.operators.base import Operator, check_vector
@@ -148,13 +149,24 @@ class Jacobian(Operator):
         key = (tuple(x.shape), self.dtype, self.autocast, self.memory_budget)
         plans = _PLANS.setdefault(self.space, {})
         if key not in plans and measure:
-            plans[key] = plan_passes(self, self.memory_budget)
+            try:
+                plans[key] = plan_passes(self, self.memory_budget)
+            except (RuntimeError, NotImplementedError, TypeError) as err:
+                # The tracker relies on dispatch modes inside torch.func transforms (and the
+                # 2-vector probe may itself run out of memory): if either fails, one vector per
+                # pass is the safe choice, said out loud.
+                warn(
+                    f"{self.name}: could not measure the memory of a multi-vector pass ({err}); "
+                    f"using one vector per pass (ProductConfig.vector_chunk sets it)",
+                    RuntimeWarning,
+                )
+                plans[key] = None
         return plans.get(key)
 
     def _column_chunks(self, k: int, kind: str) -> list[slice]:
         if self.vector_chunk == "auto":
             plan = self.pass_plan()
-            step = plan.jvp_vectors if kind == "jvp" else plan.vjp_vectors
+            step = 1 if plan is None else plan.jvp_vectors if kind == "jvp" else plan.vjp_vectors
         else:
             step = self.vector_chunk or k
         return [slice(i, min(i + step, k)) for i in range(0, k, step)]
