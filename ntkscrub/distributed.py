@@ -54,7 +54,6 @@ from torch import Tensor, nn
 
 from ntkscrub.config import SolverConfig
 from ntkscrub.operators import Inverse, Jacobian, Operator, StackedJacobian
-from ntkscrub.params import ParameterSpace
 from ntkscrub.solvers import LowRankPreconditioner
 from ntkscrub.solvers.lanczos import LanczosResult, LogdetEstimate, Sharding, lanczos, slq_logdet
 
@@ -541,13 +540,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
     (not data-parallel yet).
     """
     from ntkscrub.config import ProductConfig, SolverConfig
-    from ntkscrub.scrub import (
-        ScrubResult,
-        _module_params,
-        _targets,
-        load_weights,
-        trapezium_scale,
-    )
+    from ntkscrub.scrub import ScrubResult, _spaces, _targets, trapezium_scale
 
     t_start = time.perf_counter()
     cfg = solver_config if solver_config is not None else SolverConfig()
@@ -560,14 +553,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         raise ValueError("noise: the Fisher noise is not data-parallel yet; scrub with noise=0")
     comm = Comm(process_group)
     with comm.guard("reading the model and init"):
-        space_w = ParameterSpace(model, params)
-        space_w.check_compatible(
-            init if isinstance(init, Mapping) else _module_params(init, "init"), "init"
-        )
-        init_model = load_weights(model, init, "init")
-        w_d, theta0 = space_w.point(), space_w.point(init_model)
-        if not bool(torch.isfinite(theta0).all()):
-            raise ValueError("init: parameters contain NaN or infinite values")
+        space_w, space, w_d, theta0 = _spaces(model, init, params, linearize_at)
     _check_same_everywhere(
         comm,
         {
@@ -582,7 +568,6 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         w_d,
         theta0,
     )
-    space = ParameterSpace(init_model if linearize_at == "init" else model, space_w.names)
     jkw = {
         "batch_size": products.batch_size,
         "autocast": products.autocast,

@@ -616,6 +616,15 @@ def _agree(comm: Any, flag: bool) -> bool:
     return float(comm.sum_scalars(torch.tensor([float(flag)], dtype=torch.float64))[0]) > 0
 
 
+def _train_mode(net: nn.Module, freeze_bn: bool) -> None:
+    """``net.train()``, with every BatchNorm kept in eval mode when ``freeze_bn``."""
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, _BN):
+                m.eval()
+
+
 def _train_epoch(
     net: nn.Module,
     epoch_iter: Callable[[], Any],
@@ -634,11 +643,7 @@ def _train_epoch(
         _data_parallel_epoch(net, epoch_iter, sgd, loss, lr, freeze_bn, device, comm, steps)
         return
     has_bn = any(isinstance(m, _BN) for m in net.modules())
-    net.train()
-    if freeze_bn:
-        for m in net.modules():
-            if isinstance(m, _BN):
-                m.eval()
+    _train_mode(net, freeze_bn)
     for x, y in epoch_iter():
         if not freeze_bn and has_bn and x.shape[0] == 1:
             continue
@@ -664,11 +669,7 @@ def _data_parallel_epoch(
     """``steps`` steps, each on every rank's next local batch (none once a shard is used up):
     ``∇ = Σ_ranks Σ_batch ∇ℓ_i / Σ_ranks b_k`` — the gradient of the mean loss over the global
     batch — from one all-reduce of the flat gradients with the local count appended."""
-    net.train()
-    if freeze_bn:
-        for m in net.modules():
-            if isinstance(m, _BN):
-                m.eval()
+    _train_mode(net, freeze_bn)
     params = list(sgd.params.values())
     dt = params[0].dtype
     for p in params[1:]:
