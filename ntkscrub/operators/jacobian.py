@@ -207,11 +207,21 @@ class Jacobian(Operator):
                     out[r0:r1] = jv.reshape(-1).to(self.dtype)
                     continue
                 for sl in chunks:
-                    # Unflattened per batch and chunk (a copy of k·p), not all of V up front.
-                    T = self.space.unflatten(V[:, sl])
-                    jv = vmap(lambda t, g=g: jvp(g, (self._params,), (t,))[1])(T)  # (k, b, c)
+                    jv = self._jvp_block(g, V[:, sl])  # (k, b, c)
                     out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
         return out
+
+    def _jvp_block(self, g: Callable, V: Tensor) -> Tensor:
+        """``(k, b, c)``: the JVPs of batch function ``g`` along the k columns of ``V`` ``(p, k)``
+        in one ``vmap`` (unflattened here, per batch and chunk — a copy of k·p — not all of V
+        up front). :func:`~ntkscrub.operators.passes.plan_passes` measures this same call."""
+        T = self.space.unflatten(V)
+        return vmap(lambda t: jvp(g, (self._params,), (t,))[1])(T)
+
+    def _vjp_block(self, pullback: Callable, u: Tensor) -> Tensor:
+        """``(p, k)``: ``pullback`` (of one batch's forward) applied to the k cotangents
+        ``u`` ``(k, b, c)`` in one ``vmap``; measured by the pass plan the same way."""
+        return self.space.flatten_batched(vmap(pullback)(u)[0])
 
     def _tmm(self, U: Tensor) -> Tensor:
         """``Jᵀ U`` for ``U`` ``(c·N, k)`` — one VJP pass over S.
@@ -239,8 +249,7 @@ class Jacobian(Operator):
                     continue
                 for sl in chunks:
                     u = U[r0:r1, sl].T.reshape(sl.stop - sl.start, -1, self.c)  # (k, b, c)
-                    g = vmap(pullback)(u.to(out.dtype))[0]  # dict of (k, *shape)
-                    acc[:, sl] += self.space.flatten_batched(g).to(self.dtype)
+                    acc[:, sl] += self._vjp_block(pullback, u.to(out.dtype)).to(self.dtype)
         return acc
 
     def outputs(self) -> Tensor:
@@ -335,6 +344,18 @@ class StackedJacobian(Jacobian):
 
     def _mm(self, V: Tensor) -> Tensor:
         return torch.cat([j._mm(V) for j in self.parts])
+
+    def _jvp_block(self, g: Callable, V: Tensor) -> Tensor:
+        """``(k, b, c)``: the JVPs of batch function ``g`` along the k columns of ``V`` ``(p, k)``
+        in one ``vmap`` (unflattened here, per batch and chunk — a copy of k·p — not all of V
+        up front). :func:`~ntkscrub.operators.passes.plan_passes` measures this same call."""
+        T = self.space.unflatten(V)
+        return vmap(lambda t: jvp(g, (self._params,), (t,))[1])(T)
+
+    def _vjp_block(self, pullback: Callable, u: Tensor) -> Tensor:
+        """``(p, k)``: ``pullback`` (of one batch's forward) applied to the k cotangents
+        ``u`` ``(k, b, c)`` in one ``vmap``; measured by the pass plan the same way."""
+        return self.space.flatten_batched(vmap(pullback)(u)[0])
 
     def _tmm(self, U: Tensor) -> Tensor:
         out = None

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp
 
 from ntkscrub._progress import logger
 from ntkscrub.memory import peak_bytes
@@ -115,8 +115,7 @@ def _jvp_pass(J: Any, x: Tensor, k: int) -> tuple[int, float]:
 
     def run() -> Tensor:
         with J._ctx():
-            T = J.space.unflatten(V)
-            return vmap(lambda t: jvp(g, (J._params,), (t,))[1])(T)
+            return J._jvp_block(g, V)
 
     return _timed(run, J.device)
 
@@ -127,7 +126,7 @@ def _vjp_pass(J: Any, x: Tensor, k: int) -> tuple[int, float]:
     def run() -> Tensor:
         with J._ctx():
             out, pullback = vjp(J._fn(x), J._params)
-            return J.space.flatten_batched(vmap(pullback)(U.to(out.dtype))[0])
+            return J._vjp_block(pullback, U.to(out.dtype))
 
     return _timed(run, J.device)
 
