@@ -568,12 +568,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         w_d,
         theta0,
     )
-    jkw = {
-        "batch_size": products.batch_size,
-        "autocast": products.autocast,
-        "vector_chunk": products.vector_chunk,
-        "memory_budget": products.memory_budget,
-    }
+    jkw = products.jacobian_options()
     J_r = J_f = None
     with comm.guard("building the Jacobians and residuals of its shards"):
         J_r = Jacobian(space, retain, name="retain", **jkw)

@@ -499,12 +499,7 @@ def scrub(
         )
 
     space_w, space, w_d, theta0 = _spaces(model, init, params, linearize_at)
-    jkw = {
-        "batch_size": products.batch_size,
-        "autocast": products.autocast,
-        "vector_chunk": products.vector_chunk,
-        "memory_budget": products.memory_budget,
-    }
+    jkw = products.jacobian_options()
     J_r = Jacobian(space, retain, name="retain", **jkw)
     J_f = Jacobian(space, forget, at=J_r.theta, name="forget", **jkw)
     e_r, e_f = _targets(J_r, loss), _targets(J_f, loss)

@@ -265,10 +265,7 @@ class Scrubber:
             data,
             at=None if at is None else at.theta,
             name=name,
-            batch_size=p.batch_size,
-            autocast=p.autocast,
-            vector_chunk=p.vector_chunk,
-            memory_budget=p.memory_budget,
+            **p.jacobian_options(),
         )
 
     # ------------------------------------------------------------------ requests

@@ -15,6 +15,7 @@ in one pass by ``vmap`` over the tangents/cotangents, which shares the primal co
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +28,7 @@ from ntkscrub._progress import warn
 from ntkscrub._validation import check_vector_chunk
 from ntkscrub.batches import Batches, as_batches, check_model_accepts
 from ntkscrub.operators.base import Operator, check_vector
+from ntkscrub.operators.forward_cache import ForwardCache
 from ntkscrub.operators.passes import PassPlan, plan_passes
 from ntkscrub.params import ParameterSpace
 
@@ -59,6 +61,9 @@ class Jacobian(Operator):
             ``None``: all at once.
         memory_budget: bytes one pass may hold when ``vector_chunk="auto"``; ``None``: twice a
             measured training step at the same batch size.
+        cache_bytes: bytes of forward passes all Jacobians of the process may keep so that later
+            products skip the primal computation (:mod:`~ntkscrub.operators.forward_cache`);
+            ``None`` (default): a quarter of the device's available memory; 0: never.
 
     Shapes: ``J @ V``: ``(p,)``→``(c·N,)`` or ``(p, k)``→``(c·N, k)``; ``J.mT @ U`` the reverse
     (``matvec`` / ``rmatvec`` are the same products, with errors naming ``V`` / ``U``).
@@ -75,6 +80,7 @@ class Jacobian(Operator):
         autocast: torch.dtype | None = None,
         vector_chunk: int | str | None = "auto",
         memory_budget: int | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
         if not isinstance(space, ParameterSpace):
             raise TypeError(f"space: expected a ParameterSpace, got {type(space).__name__}")
@@ -90,6 +96,11 @@ class Jacobian(Operator):
         check_vector_chunk(vector_chunk, memory_budget)
         self.vector_chunk = vector_chunk
         self.memory_budget = memory_budget
+        if cache_bytes is not None and (
+            isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0
+        ):
+            raise ValueError(f"cache_bytes: expected an int ≥ 0 or None, got {cache_bytes!r}")
+        self.cache = ForwardCache(cache_bytes, space.device)
         # Independent tensors, not views of the flat θ: under vmap, forward-mode AD through a
         # primal that is a view materialises a tangent for the whole base storage once per
         # parameter tensor — measured on torchvision ResNet-18 (62 tensors, p = 11.2 M): 2.8 GB
@@ -199,24 +210,44 @@ class Jacobian(Operator):
         )
         chunks = [] if single else self._column_chunks(V.shape[1], "jvp")
         T1 = self.space.unflatten(V) if single else None
-        for r0, r1, x in self._row_batches():
+        cached = self._cacheable()
+        for i, (r0, r1, x) in enumerate(self._row_batches()):
             g = self._fn(x)
             with self._ctx():
+                lin = self.cache.linearized(i, g, self._params) if cached else None
+                t0 = time.perf_counter()
                 if single:
-                    jv = jvp(g, (self._params,), (T1,))[1]  # (b, c)
-                    out[r0:r1] = jv.reshape(-1).to(self.dtype)
-                    continue
-                for sl in chunks:
-                    jv = self._jvp_block(g, V[:, sl])  # (k, b, c)
-                    out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
+                    jv = lin(T1) if lin is not None else jvp(g, (self._params,), (T1,))[1]
+                    out[r0:r1] = jv.reshape(-1).to(self.dtype)  # (b, c) → rows
+                else:
+                    for sl in chunks:
+                        jv = self._jvp_block(g, V[:, sl], lin)  # (k, b, c)
+                        out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
+                if cached and lin is None:
+                    self.cache.note_jvp(
+                        i, (time.perf_counter() - t0) / (1 if single else V.shape[1])
+                    )
         return out
 
-    def _jvp_block(self, g: Callable, V: Tensor) -> Tensor:
+    def _jvp_block(self, g: Callable, V: Tensor, lin: Callable | None = None) -> Tensor:
         """``(k, b, c)``: the JVPs of batch function ``g`` along the k columns of ``V`` ``(p, k)``
         in one ``vmap`` (unflattened here, per batch and chunk — a copy of k·p — not all of V
-        up front). :func:`~ntkscrub.operators.passes.plan_passes` measures this same call."""
+        up front); through the kept tangent map ``lin`` when given.
+        :func:`~ntkscrub.operators.passes.plan_passes` measures this same call."""
         T = self.space.unflatten(V)
+        if lin is not None:
+            return vmap(lin)(T)
         return vmap(lambda t: jvp(g, (self._params,), (t,))[1])(T)
+
+    def _cacheable(self) -> bool:
+        """Keep forward passes only for full-precision products: a kept graph would ignore an
+        autocast that a mixed-precision solve opens around a product."""
+        if self.autocast is not None:
+            return False
+        try:
+            return not torch.is_autocast_enabled(self.device.type)
+        except TypeError:  # torch < 2.4 has no device argument
+            return not torch.is_autocast_enabled()
 
     def _vjp_block(self, pullback: Callable, u: Tensor) -> Tensor:
         """``(p, k)``: ``pullback`` (of one batch's forward) applied to the k cotangents
@@ -239,17 +270,22 @@ class Jacobian(Operator):
             self.p, *([] if single else [U.shape[1]]), dtype=self.dtype, device=self.device
         )
         chunks = [] if single else self._column_chunks(U.shape[1], "vjp")
-        for r0, r1, x in self._row_batches():
+        cached = self._cacheable()
+        for i, (r0, r1, x) in enumerate(self._row_batches()):
             with self._ctx():
-                out, pullback = vjp(self._fn(x), self._params)
+                if cached:
+                    pullback, out_dtype = self.cache.pullback(i, self._fn(x), self._params)
+                else:
+                    out, pullback = vjp(self._fn(x), self._params)
+                    out_dtype = out.dtype
                 # Under autocast the output may be in lower precision; the cotangent must match.
                 if single:
-                    g = pullback(U[r0:r1].reshape(-1, self.c).to(out.dtype))[0]
+                    g = pullback(U[r0:r1].reshape(-1, self.c).to(out_dtype))[0]
                     acc += self.space.flatten(g)
                     continue
                 for sl in chunks:
                     u = U[r0:r1, sl].T.reshape(sl.stop - sl.start, -1, self.c)  # (k, b, c)
-                    acc[:, sl] += self._vjp_block(pullback, u.to(out.dtype)).to(self.dtype)
+                    acc[:, sl] += self._vjp_block(pullback, u.to(out_dtype)).to(self.dtype)
         return acc
 
     def outputs(self) -> Tensor:
@@ -344,18 +380,6 @@ class StackedJacobian(Jacobian):
 
     def _mm(self, V: Tensor) -> Tensor:
         return torch.cat([j._mm(V) for j in self.parts])
-
-    def _jvp_block(self, g: Callable, V: Tensor) -> Tensor:
-        """``(k, b, c)``: the JVPs of batch function ``g`` along the k columns of ``V`` ``(p, k)``
-        in one ``vmap`` (unflattened here, per batch and chunk — a copy of k·p — not all of V
-        up front). :func:`~ntkscrub.operators.passes.plan_passes` measures this same call."""
-        T = self.space.unflatten(V)
-        return vmap(lambda t: jvp(g, (self._params,), (t,))[1])(T)
-
-    def _vjp_block(self, pullback: Callable, u: Tensor) -> Tensor:
-        """``(p, k)``: ``pullback`` (of one batch's forward) applied to the k cotangents
-        ``u`` ``(k, b, c)`` in one ``vmap``; measured by the pass plan the same way."""
-        return self.space.flatten_batched(vmap(pullback)(u)[0])
 
     def _tmm(self, U: Tensor) -> Tensor:
         out = None
