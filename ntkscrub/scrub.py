@@ -110,7 +110,8 @@ class ScrubResult:
             the linearised parameters — after rescaling, before noise.
         info: solver records, ``converged`` (all solves), matvecs, seconds, peak memory, the
             configuration used (``info["config"]``), the measured memory plan of the passes
-            (``info["passes"]``, :class:`~ntkscrub.operators.passes.PassPlan`), rescale factor, ...
+            (``info["passes"]``, :class:`~ntkscrub.operators.passes.PassPlan`), the kept forward
+            passes (``info["forward_cache"]``), rescale factor, ...
         delta: the unrescaled Δ = w_lin(D_r) − w_lin(D) ``(p,)``.
         scale: the rescale factor s (1 without rescaling); ``shift = scale · delta``.
         w_lin_r: the retain-only linear model's displacement from the linearisation point
@@ -552,6 +553,7 @@ def scrub(
         "rescale_cos": cos,
         "shift_norm": float(shift.norm()),
         "passes": {J.name: plan.to_dict() for J in (J_r, J_f) if (plan := J.pass_plan(False))},
+        "forward_cache": {J.name: J.cache.info() for J in (J_r, J_f)},
         "noise": noise_info,
         "config": {
             "solver": cfg.to_dict(),

@@ -97,6 +97,10 @@ def test_scrub_with_and_without_the_cache_agree():
     d0, d1 = out[None].delta, out[0].delta
     assert float((d0 - d1).norm() / d1.norm()) <= 1e-9
     assert out[None].info["matvecs"] == out[0].info["matvecs"]
+    kept = out[None].info["forward_cache"]
+    assert (
+        kept["retain"]["vjp_batches"] == 3 and out[0].info["forward_cache"]["retain"]["bytes"] == 0
+    )
 
 
 def test_cache_bytes_is_validated():
