@@ -44,6 +44,7 @@ from ntkscrub.config import (
     SolverConfig,
     check_mixed_precision,
 )
+from ntkscrub.matching import MatchConfig, check_match, output_match_shift
 from ntkscrub.noise import (  # noqa: F401 - re-exported: part of this module's API
     add_fisher_noise,
     diagonal_fisher,
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 Form = Literal["solves", "block"]
-ShiftMethod = Literal["one_shot", "projected", "ce_newton"]
+ShiftMethod = Literal["one_shot", "projected", "ce_newton", "output_match"]
 
 
 @contextlib.contextmanager
@@ -405,6 +406,8 @@ def scrub(
     products: ProductConfig | None = None,
     noise_config: NoiseConfig | None = None,
     method: ShiftMethod = "one_shot",
+    match: MatchConfig | None = None,
+    anchor_data: Any = None,
     process_group: Any = None,
 ) -> ScrubResult:
     """Scrub D_f from ``model`` in one shot: ``S(w) = w(D) + s·Δ + n`` (Prop. 2, eq. 10–11).
@@ -448,7 +451,14 @@ def scrub(
             ridge) or ``"ce_newton"`` (Δ_ce = w_ce(D_r) − w_ce(D) of the linearised
             cross-entropy + ridge model by damped Newton, the ridge centred at θ0; needs
             ``loss="ce"`` and a ridge > 0).
+            ``"output_match"`` (:mod:`ntkscrub.matching`: a first step, then Levenberg–Marquardt
+            rounds re-linearised at the current weights that move D_f's outputs to the retain
+            model's predicted logits while holding anchors at w(D)'s; knobs in ``match``).
             ``form`` applies to ``"one_shot"`` only; rescale and noise apply to every method.
+        match: :class:`~ntkscrub.matching.MatchConfig` of ``method="output_match"`` (rounds,
+            damping, anchors, first step, seed); ``None``: its defaults.
+        anchor_data: ``method="output_match"``: extra unlabelled anchor images (X, a Dataset or
+            DataLoader; labels ignored), e.g. validation images, held at w(D)'s outputs.
         process_group: data-parallel scrub (:mod:`ntkscrub.distributed`): when given, or when a
             default ``torch.distributed`` group is initialised, ``retain`` and ``forget`` are this
             rank's shards and the shift equals the one-process scrub of the shards concatenated
@@ -463,6 +473,7 @@ def scrub(
     check_not_meta(model, "model")
     check_not_meta(init, "init")
     _check_method(method, loss, ridge, weight_decay, form)
+    match = check_match(method, match, anchor_data, loss, ridge, weight_decay)
     ridge, noise = check_number(ridge, "ridge"), check_number(noise, "noise")
     if weight_decay is not None:
         weight_decay = check_number(weight_decay, "weight_decay")
@@ -514,6 +525,12 @@ def scrub(
             res = ntk_shift(
                 J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form=form, config=cfg
             )
+        elif method == "output_match":
+            res = output_match_shift(
+                J_r, J_f, e_r, e_f, space=space_w, w_d=w_d, displacement=w_d - theta0,
+                linearize_at=linearize_at, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg,
+                products=products, match=match, anchor_data=anchor_data,
+            )  # fmt: skip
         else:
             res = _method_shift(
                 method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg
@@ -629,7 +646,7 @@ def _check_scrub_args(
 
 
 def _check_method(method: Any, loss: Any, ridge: Any, weight_decay: Any, form: Any) -> None:
-    check_choice(method, "method", ("one_shot", "projected", "ce_newton"))
+    check_choice(method, "method", ("one_shot", "projected", "ce_newton", "output_match"))
     if method != "one_shot" and form != "solves":
         raise ValueError(f"form: applies to method='one_shot' only, got form={form!r}")
     if method == "ce_newton":

@@ -88,7 +88,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     assert tune["alpha"] == (max(ok) if ok else min(tune["alphas"]))
     assert tune["qualified"] == bool(ok)
     # issue 13: the new methods' readouts, their validation-only step rule, and the diagnostics
-    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected"):
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "ntk_match"):
         assert set(seed["readouts"][m]["error"]) >= {"forget", "retain", "test"}
         assert seed["diagnostics"][m]["cos_vs_retrains"]
     for form in ("ntk_ce_init", "ntk_ce_trained"):
@@ -100,7 +100,18 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         newton = seed["ntk"][form]["scrub_info"]["method_info"]["newton"]
         assert newton["D"]["converged"] and newton["D_r"]["converged"]
     fid = seed["fidelity"]
-    assert set(fid) == {"ntk_paper", "ntk_ref", "ntk_ce_init", "ntk_ce_trained", "ntk_projected"}
+    assert set(fid) == {
+        "ntk_paper",
+        "ntk_ref",
+        "ntk_ce_init",
+        "ntk_ce_trained",
+        "ntk_projected",
+        "ntk_match",
+    }
+    # output matching: its rounds are recorded, the validation images served as anchors
+    match = seed["ntk"]["ntk_match"]["scrub_info"]["method_info"]
+    assert match["anchors_extra"] == len(idx["val"]) and len(match["rounds"]) >= 2
+    assert match["rounds"][-1]["forget_rel"] < match["rounds"][0]["forget_rel"]
     for form, d in fid.items():
         line = d["raw_line"]
         assert line["alphas"][0] == 0.0 and line["alphas"][-1] == 4.0
@@ -115,7 +126,8 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         )
         kp = d["kernel_prediction"]
         assert 0.0 <= kp["forget_error"] <= 1.0 and kp["forget_l1_to_retrain"]["n"] >= 2
-        assert ("laziness" in d) == (form in ("ntk_paper", "ntk_ce_init", "ntk_projected"))
+        lazy = ("ntk_paper", "ntk_ce_init", "ntk_projected", "ntk_match")
+        assert ("laziness" in d) == (form in lazy)
     # issue 13 item 4: the engine scrubs and bounds; seed 0 also runs the dense twin
     cfg = meta["config"]
     assert cfg["solver"] == cfg["bounds_solver"] == "cg" and cfg["dense_check_seed"] == 0
@@ -140,7 +152,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     # the report carries the check and, for every method, its band position and cost
     summ = res["summary"]
     assert summ["dense_check"]["0"]["max_rel_shift"] == dc["max_rel_shift"]
-    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected"):
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "ntk_match"):
         assert summ["costs"][m]["matvecs"]["mean"] == seed["ntk"][m]["scrub_info"]["matvecs"]
         assert summ["costs"][m]["all_converged"] is True and m in summ["inside_band"]
         assert m in summ["diagnostics"] and m in seed["line"]
@@ -329,6 +341,7 @@ def test_method_registry_orders_tables_and_labels() -> None:
         "ntk_ce_init",
         "ntk_ce_trained",
         "ntk_projected",
+        "ntk_match",
     }
     assert set(figures.FIG4_STYLES) == {m for m, e in METHODS.items() if e.line}
 

@@ -270,6 +270,7 @@ FIG4_STYLES = {
     "ntk_ce_init": ("C2", "-", "NTK CE at θ0 (a on val)"),
     "ntk_ce_trained": ("C4", "-", "NTK CE at w(D) (a on val)"),
     "ntk_projected": ("C9", "-", "NTK projected displacement"),
+    "ntk_match": ("C6", "-", "NTK output matching"),
 }
 # the raw-step panel: one line per scrubbed form (un-rescaled Δ, a ∈ [0, 4])
 FIG4_FORMS = {
@@ -278,6 +279,7 @@ FIG4_FORMS = {
     "ntk_ce_init": ("C2", "CE at θ0"),
     "ntk_ce_trained": ("C4", "CE at w(D)"),
     "ntk_projected": ("C9", "projected"),
+    "ntk_match": ("C6", "output matching"),
 }
 
 
