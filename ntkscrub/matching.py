@@ -84,10 +84,14 @@ class MatchConfig:
         rounds: Levenberg–Marquardt solves at most (≥ 1). 3: the first round removes most of
             the misfit the linear model leaves (it is exact on a model linear in its
             parameters); later rounds correct the curvature of the network and cost the same.
-        damping: μ relative to the mean diagonal of Θ_AA(θ_k) (≥ 0; 0 = undamped Gauss–Newton).
-            1e-2: directions of Θ_AA whose eigenvalue is below 1 % of the average per-output
-            squared gradient norm — nearly collinear samples, where an undamped step grows long
-            and moves the outputs off A — are damped; the others are matched almost exactly.
+        damping: the first round's μ relative to the mean diagonal of Θ_AA(θ_k) (≥ 0; 0 =
+            undamped Gauss–Newton); later rounds adapt it (Nielsen's rule on the gain ratio, ×10
+            after a rejected round). 0.1: directions of Θ_AA whose eigenvalue is below 10 % of
+            the average per-output squared gradient norm — nearly collinear samples, where an
+            undamped step grows long and leaves the region where the network is linear — are
+            damped. Measured (float32 All-CNN ×0.0625 and ×0.125, CPU): at 1e-2 the first
+            round's gain ratio (actual/predicted misfit decrease) was 0.22 and −2.8 (a wasted,
+            rejected round), at 0.1 it was 0.90.
         anchors: images of D_r held at w(D)'s outputs (≥ 0; all of D_r when it has fewer).
             100: at the paper's |D_f| = 25 and c = 5 the system has 625 rows (plus 5 per
             ``anchor_data`` image), the size of eq. 10's Schur block — enough to pin D_r's
@@ -100,7 +104,7 @@ class MatchConfig:
     """
 
     rounds: int = 3
-    damping: float = 1e-2
+    damping: float = 0.1
     anchors: int = 100
     first_step: FirstStep = "one_shot"
     seed: int = 0
@@ -268,7 +272,7 @@ def _first_step(
     match: MatchConfig,
 ) -> Any:
     """The one-shot step at θ_lin: eq. 10 (``form="solves"``) or the cross-entropy model's."""
-    from ntkscrub.scrub import _method_shift, ntk_shift  # scrub imports this module lazily
+    from ntkscrub.scrub import _method_shift, ntk_shift  # here: scrub imports this module
 
     if match.first_step == "one_shot":
         return ntk_shift(
