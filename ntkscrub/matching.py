@@ -31,6 +31,9 @@ the record holds the misfits on D_f and on the anchors, μ, matvecs and the solv
 from __future__ import annotations
 
 import math
+import re
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,7 +44,15 @@ from torch.utils.data import Subset
 from ntkscrub._validation import check_choice
 from ntkscrub.batches import Batches, as_batches
 from ntkscrub.config import ProductConfig, SolverConfig
-from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter, StackedJacobian
+from ntkscrub.operators import (
+    NTK,
+    Counted,
+    Inverse,
+    Jacobian,
+    MatvecCounter,
+    SolveNotConverged,
+    StackedJacobian,
+)
 from ntkscrub.params import ParameterSpace
 from ntkscrub.shifts import MethodShift
 
@@ -73,10 +84,14 @@ class MatchConfig:
         rounds: Levenberg–Marquardt solves at most (≥ 1). 3: the first round removes most of
             the misfit the linear model leaves (it is exact on a model linear in its
             parameters); later rounds correct the curvature of the network and cost the same.
-        damping: μ relative to the mean diagonal of Θ_AA(θ_k) (≥ 0; 0 = undamped Gauss–Newton).
-            1e-2: directions of Θ_AA whose eigenvalue is below 1 % of the average per-output
-            squared gradient norm — nearly collinear samples, where an undamped step grows long
-            and moves the outputs off A — are damped; the others are matched almost exactly.
+        damping: the first round's μ relative to the mean diagonal of Θ_AA(θ_k) (≥ 0; 0 =
+            undamped Gauss–Newton); later rounds adapt it (Nielsen's rule on the gain ratio, ×10
+            after a rejected round). 0.1: directions of Θ_AA whose eigenvalue is below 10 % of
+            the average per-output squared gradient norm — nearly collinear samples, where an
+            undamped step grows long and leaves the region where the network is linear — are
+            damped. Measured (float32 All-CNN ×0.0625 and ×0.125, CPU): at 1e-2 the first
+            round's gain ratio (actual/predicted misfit decrease) was 0.22 and −2.8 (a wasted,
+            rejected round), at 0.1 it was 0.90.
         anchors: images of D_r held at w(D)'s outputs (≥ 0; all of D_r when it has fewer).
             100: at the paper's |D_f| = 25 and c = 5 the system has 625 rows (plus 5 per
             ``anchor_data`` image), the size of eq. 10's Schur block — enough to pin D_r's
@@ -89,7 +104,7 @@ class MatchConfig:
     """
 
     rounds: int = 3
-    damping: float = 1e-2
+    damping: float = 0.1
     anchors: int = 100
     first_step: FirstStep = "one_shot"
     seed: int = 0
@@ -196,7 +211,7 @@ def output_match_shift(
         "batch_size": products.batch_size,
         "autocast": products.autocast,
         "vector_chunk": products.vector_chunk,
-        "memory_budget": products.memory_budget,
+        "memory_budget": _budget(J_r, products),
     }
     sets, n_anchor_r = _anchor_sets(J_r.data, J_f.data, anchor_data, match)
 
@@ -233,6 +248,17 @@ def output_match_shift(
     return MethodShift(theta - w_d, first.w_lin_r, first.matvecs + counter.count, records, extra)
 
 
+def _budget(J_r: Jacobian, products: ProductConfig) -> int | None:
+    """The memory one pass over A may hold: the retain passes' budget when none is given. The
+    default (twice a training step at the batch size) is tiny for A's small batches and gave one
+    vector per pass, where a pass's fixed cost dominates (measured on a CPU, All-CNN ×0.125:
+    a 2-vector pass cost what a 1-vector pass did); the scrub already held the retain budget."""
+    if products.memory_budget is not None or products.vector_chunk != "auto":
+        return products.memory_budget
+    plan = J_r.pass_plan(measure=False)
+    return None if plan is None else plan.budget
+
+
 def _first_step(
     J_r: Jacobian,
     J_f: Jacobian,
@@ -246,7 +272,7 @@ def _first_step(
     match: MatchConfig,
 ) -> Any:
     """The one-shot step at θ_lin: eq. 10 (``form="solves"``) or the cross-entropy model's."""
-    from ntkscrub.scrub import _method_shift, ntk_shift  # scrub imports this module lazily
+    from ntkscrub.scrub import _method_shift, ntk_shift  # here: scrub imports this module
 
     if match.first_step == "one_shot":
         return ntk_shift(
@@ -303,7 +329,8 @@ class _LMRounds:
 
         floor = _CG_FLOOR.get(J_A.dtype, 0.0)
         tol = config.tol_for(J_A.dtype)
-        self.round_config = config.replace(tol=min(tol, max(_ROUND_TOL * tol, 10.0 * floor)))
+        tight = min(tol, max(_ROUND_TOL * tol, 10.0 * floor))
+        self.round_config = config.replace(tol=tight, strict=False)  # judged in _judged_solve
         self.records: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = [{"round": 0, **self._misfits(out)}]
         self.stop, self.forwards, self.precond = "rounds", 1, None
@@ -327,7 +354,7 @@ class _LMRounds:
             if misfit == 0.0:
                 self.stop = "targets reached"
                 break
-            start = self.counter.count
+            start, t0 = self.counter.count, time.perf_counter()
             if mean_diag is None:  # new point θ_k: estimate its Θ_AA's mean diagonal
                 mean_diag = self._mean_diagonal(k)
             mu = scale * mean_diag
@@ -349,6 +376,7 @@ class _LMRounds:
                 mean_diagonal=mean_diag,
                 step_norm=float(delta.norm()),
                 matvecs=self.counter.count - start,
+                seconds=time.perf_counter() - t0,
                 solve=rec,
             )
             if not accepted:  # keep θ_k and its Jacobian; retry with more damping
@@ -385,9 +413,36 @@ class _LMRounds:
             shared = self.precond.restrict(slice(0, r.shape[0]), mu)
         A = Counted(NTK(jac_a=self.J_A, ridge=mu), self.counter)
         inv = Inverse(A, self.round_config, label=f"output match #{k} (Θ_AA + μI)", precond=shared)
-        x = inv.solve(r)
+        x = _judged_solve(inv, r, self.config)
         self.precond = inv.preconditioner or self.precond
         self.records.extend(inv.records)
         delta = Counted(self.J_A, self.counter).mT @ x
-        keep = ("solver", "size", "iterations", "converged", "max_residual", "precond_rank")
-        return delta, x, {key: inv.records[-1].get(key) for key in keep}
+        rec = inv.records[-1]
+        keep = ("solver", "size", "iterations", "converged", "precond_rank", "tight_tol_missed")
+        out = {key: rec.get(key) for key in keep}
+        res = [v for v in rec.get("residuals") or [rec.get("max_residual")] if v is not None]
+        return delta, x, {**out, "residual": max(res, default=None)}
+
+
+def _judged_solve(inv: Inverse, r: Tensor, config: SolverConfig) -> Tensor:
+    """``inv.solve(r)`` aiming at the tight round tolerance (``inv.config``), judged against the
+    scrub's own (``config``): float32 CG can stall just above the tight one (seen: 1.4e-4
+    against 1e-4), no failure of a scrub asked for 1e-3 — then the record says so
+    (``tight_tol_missed``) and counts as converged; above the scrub's tolerance the solve
+    raises (``config.strict``) or warns like any other."""
+    loose = config.tol_for(r.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", re.escape(inv.label) + ":", RuntimeWarning)
+        x = inv.solve(r)
+    rec = inv.records[-1]
+    if rec.get("converged", True):
+        return x
+    worst = max((v for v in rec.get("residuals") or [] if v is not None), default=math.inf)
+    if worst <= loose:
+        rec["converged"], rec["tight_tol_missed"] = True, True
+        return x
+    message = f"{inv.label}: {inv.last_info.message if inv.last_info else 'not converged'}"
+    if config.strict:
+        raise SolveNotConverged(message, inv.last_info, system=inv.label, partial=x, record=rec)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return x

@@ -236,3 +236,39 @@ def test_bad_knobs_name_the_argument():
         scrub(*args, init=theta0, method="output_match", anchor_data=[1, 2, 3])
     with pytest.raises(ValueError, match="form"):
         scrub(*args, init=theta0, method="output_match", form="block")
+
+
+def test_round_solve_judged_against_the_scrubs_tolerance():
+    """A round aims at a tighter tolerance than the scrub's (its error is amplified in δ): missing
+    only the tight one is recorded and counts as converged; missing the scrub's raises when
+    strict, warns otherwise."""
+    import warnings
+
+    from model_zoo import spd
+
+    from ntkscrub.config import SolverConfig
+    from ntkscrub.matching import _judged_solve
+    from ntkscrub.operators import Dense, Inverse, SolveNotConverged
+
+    A = Dense(spd(torch.logspace(0, 1, 30, dtype=torch.float64), seed=1), symmetric=True)
+    b = torch.randn(30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base = SolverConfig(precond="none", max_iter=4, strict=False)
+    probe = Inverse(A, base.replace(tol=1e-14))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe.solve(b)
+    reached = probe.records[-1]["residuals"][0]  # what 4 iterations reach
+    assert 1e-6 < reached < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tight miss is not warned about
+        inv = Inverse(A, base.replace(tol=0.1 * reached), label="round")
+        x = _judged_solve(inv, b, base.replace(tol=2 * reached, strict=True))
+    assert inv.records[-1]["converged"] and inv.records[-1]["tight_tol_missed"]
+    assert torch.isfinite(x).all()
+    with pytest.raises(SolveNotConverged, match="round"):
+        inv = Inverse(A, base.replace(tol=0.1 * reached), label="round")
+        _judged_solve(inv, b, base.replace(tol=0.5 * reached, strict=True))
+    with pytest.warns(RuntimeWarning, match="round"):
+        inv = Inverse(A, base.replace(tol=0.1 * reached), label="round")
+        _judged_solve(inv, b, base.replace(tol=0.5 * reached, strict=False))
+    assert not inv.records[-1]["converged"]
