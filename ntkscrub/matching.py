@@ -43,7 +43,7 @@ from torch.utils.data import Subset
 
 from ntkscrub._validation import check_choice
 from ntkscrub.batches import Batches, as_batches
-from ntkscrub.config import ProductConfig, SolverConfig
+from ntkscrub.config import ProductConfig, SolverConfig, _choice, _Config, _int, _num
 from ntkscrub.operators import (
     NTK,
     Counted,
@@ -77,7 +77,7 @@ _ROUND_TOL = 0.1
 
 
 @dataclass(frozen=True)
-class MatchConfig:
+class MatchConfig(_Config):
     """The knobs of ``scrub(method="output_match")`` (choose them on validation images only).
 
     Attributes:
@@ -111,39 +111,15 @@ class MatchConfig:
     min_decrease: float = 1e-2
 
     def __post_init__(self) -> None:
-        for name, low in (("rounds", 1), ("anchors", 0), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"MatchConfig.{name}: expected an int, got {type(v).__name__}")
-            if v < low:
-                raise ValueError(f"MatchConfig.{name}: must be ≥ {low}, got {v}")
-        for name in ("damping", "min_decrease"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"MatchConfig.{name}: expected a number, got {type(v).__name__}")
-        if not (math.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(
-                f"MatchConfig.damping: must be a finite number ≥ 0, got {self.damping}"
-            )
-        if not 0 < self.min_decrease < 1:
-            raise ValueError(
-                f"MatchConfig.min_decrease: must be in (0, 1), got {self.min_decrease}"
-            )
-        if self.first_step not in ("one_shot", "ce_newton"):
-            raise ValueError(
-                "MatchConfig.first_step: expected 'one_shot' or 'ce_newton', got "
-                f"{self.first_step!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rounds": self.rounds,
-            "damping": self.damping,
-            "anchors": self.anchors,
-            "first_step": self.first_step,
-            "seed": self.seed,
-            "min_decrease": self.min_decrease,
-        }
+        c = "MatchConfig"
+        _int(c, "rounds", self.rounds, 1)
+        _int(c, "anchors", self.anchors, 0)
+        _int(c, "seed", self.seed, 0)
+        _num(c, "damping", self.damping)
+        _num(c, "min_decrease", self.min_decrease, positive=True)
+        if self.min_decrease >= 1:
+            raise ValueError(f"{c}.min_decrease: must be in (0, 1), got {self.min_decrease}")
+        _choice(c, "first_step", self.first_step, ("one_shot", "ce_newton"))
 
 
 def check_match(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ntkscrub._progress import warn
-from ntkscrub.config import SolverConfig
+from ntkscrub.config import SolverConfig, _Config
 from ntkscrub.operators import (
     NTK,
     Counted,
@@ -53,7 +53,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class NewtonConfig:
+class NewtonConfig(_Config):
     """The damped Newton iteration of :func:`ce_newton_fit`.
 
     Attributes:
@@ -90,14 +90,6 @@ class NewtonConfig:
         if self.rtol is not None:
             return float(self.rtol)
         return 1e-14 if dtype == torch.float64 else 1e-7
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_iter": self.max_iter,
-            "rtol": self.rtol,
-            "forcing": self.forcing,
-            "armijo": self.armijo,
-        }
 
 
 @dataclass
@@ -431,8 +423,7 @@ def projected_shift(
     x0 = torch.stack([y[:cr], torch.zeros_like(e_r, dtype=y.dtype)], 1)
     X = inv_r.solve(B, x0=x0 if config.warm_start else None)
     delta = Counted(J_d, counter).mT @ torch.cat([X[:, 0] - y[:cr], -y[cr:]])
-    w_lin_r = Counted(J_r, counter).mT @ X[:, 1]
-    leg = Counted(J_r, counter).mT @ X[:, 0]
+    leg, w_lin_r = (Counted(J_r, counter).mT @ X).unbind(1)  # one VJP pass, two cotangents
     cancel = float(leg.norm() / delta.norm()) if float(delta.norm()) > 0 else float("inf")
     return MethodShift(
         delta, w_lin_r, counter.count, inv_d.records + inv_r.records, {"cancellation": cancel}

@@ -3,8 +3,11 @@ so that the benchmarks' conftest cannot shadow them when both folders are collec
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 def make_mlp(in_dim: int = 6, hidden: int = 8, c: int = 3, seed: int = 0) -> nn.Module:
@@ -72,3 +75,33 @@ def min_norm_interpolant(theta0: nn.Module, X: torch.Tensor, Y: torch.Tensor) ->
         out[2].weight.add_(Wb[:, :-1])
         out[2].bias.add_(Wb[:, -1])
     return out
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    """The trainable parameters as one vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def explicit_jacobian(model: nn.Module, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N·c, p) Jacobian of the logits in named_parameters order, and the logits (N, c) —
+    by torch.autograd.functional.jacobian on the flat vector (independent of ntkscrub)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+    theta = flat(model).clone()
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = math.prod(s)
+            params[n] = t[i : i + k].reshape(s)
+            i += k
+        return functional_call(model, params, (X,))
+
+    J = torch.autograd.functional.jacobian(f, theta)  # (N, c, p)
+    with torch.no_grad():
+        out = f(theta)
+    return J.reshape(-1, theta.numel()), out

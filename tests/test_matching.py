@@ -10,8 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from model_zoo import make_data, make_mlp, random_features_model
-from torch.func import functional_call
+from model_zoo import explicit_jacobian, flat, make_data, make_mlp, random_features_model, rel
 
 from ntkscrub.config import ProductConfig
 from ntkscrub.matching import MatchConfig
@@ -19,35 +18,6 @@ from ntkscrub.scrub import scrub
 
 # one vector per pass: the pass plan's memory probe means nothing at these sizes
 PRODUCTS = ProductConfig(vector_chunk=None)
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def explicit_jacobian(model, X):
-    """(N·c, p) Jacobian of the logits (torch.autograd.functional, independent of ntkscrub) and
-    the logits (N, c)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
-    theta = flat(model).clone()
-
-    def f(t):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            params[n] = t[i : i + k].reshape(s)
-            i += k
-        return functional_call(model, params, (X,))
-
-    J = torch.autograd.functional.jacobian(f, theta)
-    with torch.no_grad():
-        out = f(theta)
-    return J.reshape(-1, theta.numel()), out
 
 
 def kernel_targets(at, X_r, Y_r, X_f, lam):

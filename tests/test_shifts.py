@@ -7,41 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_zoo import make_data, make_mlp, min_norm_interpolant, random_features_model
+from model_zoo import (
+    explicit_jacobian,
+    flat,
+    make_data,
+    make_mlp,
+    min_norm_interpolant,
+    random_features_model,
+    rel,
+)
 from scipy.optimize import minimize
-from torch.func import functional_call
 
 from ntkscrub.scrub import scrub
 from ntkscrub.shifts import NewtonConfig
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def explicit_jacobian(model, X):
-    """(N·c, p) Jacobian of the logits in named_parameters order, and the logits (N, c) —
-    by torch.autograd.functional.jacobian on the flat vector (independent of ntkscrub)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
-    theta = flat(model).clone()
-
-    def f(t):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            params[n] = t[i : i + k].reshape(s)
-            i += k
-        return functional_call(model, params, (X,))
-
-    J = torch.autograd.functional.jacobian(f, theta)  # (N, c, p)
-    with torch.no_grad():
-        out = f(theta)
-    return J.reshape(-1, theta.numel()), out
 
 
 def lbfgs_ce_minimiser(J, f0, Y, lam, centre=None):
