@@ -88,7 +88,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     assert tune["alpha"] == (max(ok) if ok else min(tune["alphas"]))
     assert tune["qualified"] == bool(ok)
     # issue 13: the new methods' readouts, their validation-only step rule, and the diagnostics
-    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "ntk_match"):
+    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "ntk_match", "ntk_match_ce"):
         assert set(seed["readouts"][m]["error"]) >= {"forget", "retain", "test"}
         assert seed["diagnostics"][m]["cos_vs_retrains"]
     for form in ("ntk_ce_init", "ntk_ce_trained"):
@@ -107,11 +107,9 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         "ntk_ce_trained",
         "ntk_projected",
         "ntk_match",
+        "ntk_match_ce",
     }
-    # output matching: its rounds are recorded, the validation images served as anchors
-    match = seed["ntk"]["ntk_match"]["scrub_info"]["method_info"]
-    assert match["anchors_extra"] == len(idx["val"]) and len(match["rounds"]) >= 2
-    assert match["rounds"][-1]["forget_rel"] < match["rounds"][0]["forget_rel"]
+    _check_matching(seed["ntk"], len(idx["val"]))
     for form, d in fid.items():
         line = d["raw_line"]
         assert line["alphas"][0] == 0.0 and line["alphas"][-1] == 4.0
@@ -126,7 +124,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         )
         kp = d["kernel_prediction"]
         assert 0.0 <= kp["forget_error"] <= 1.0 and kp["forget_l1_to_retrain"]["n"] >= 2
-        lazy = ("ntk_paper", "ntk_ce_init", "ntk_projected", "ntk_match")
+        lazy = ("ntk_paper", "ntk_ce_init", "ntk_projected", "ntk_match", "ntk_match_ce")
         assert ("laziness" in d) == (form in lazy)
     # issue 13 item 4: the engine scrubs and bounds; seed 0 also runs the dense twin
     cfg = meta["config"]
@@ -136,8 +134,11 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     dc = seed["dense_check"]
     assert set(dc["scrub"]) == set(seed["ntk"])
     for form, e in dc["scrub"].items():
-        # float32 products, CG to its float32 tolerance 1e-3: the two paths agree to that
-        assert e["cg_converged"] and e["rel_l2_delta"] <= 1e-3, (form, e)
+        # float32 products, CG to its float32 tolerance 1e-3: the two paths agree to that —
+        # except output matching toward the CE model's targets, a chain of a float32 Newton fit
+        # and LM rounds at moved weights (1e-2; its float64 twins agree to 3e-11, test_matching)
+        assert e["expected"] == (1e-2 if form == "ntk_match_ce" else 1e-3)
+        assert e["cg_converged"] and e["rel_l2_delta"] <= e["expected"], (form, e)
         assert e["rel_max_entry_delta"] <= 1e-2 and e["rel_trapezium_scale"] <= 1e-3, (form, e)
     assert dc["max_rel_shift"] == max(
         max(e["rel_l2_delta"], e["rel_trapezium_scale"]) for e in dc["scrub"].values()
@@ -216,14 +217,34 @@ def test_training_failure_rule() -> None:
     assert reproduce.training_failure({}, 5) is None
 
 
+def _check_matching(ntk: dict, n_val: int) -> None:
+    """Output matching's rounds are recorded, the validation images served as anchors, accepted
+    rounds lower the total misfit; toward the paper form's targets the D_f misfit falls too."""
+    for form in ("ntk_match", "ntk_match_ce"):
+        info = ntk[form]["scrub_info"]["method_info"]
+        assert info["anchors_extra"] == n_val and len(info["rounds"]) >= 2
+        assert info["rounds"][-1]["misfit"] < info["rounds"][0]["misfit"]
+    rounds = ntk["ntk_match"]["scrub_info"]["method_info"]["rounds"]
+    assert rounds[-1]["forget_rel"] < rounds[0]["forget_rel"]
+    assert ntk["ntk_match_ce"]["scrub_info"]["method_info"]["first_step"]["method"] == "ce_newton"
+
+
+# issue 13's Newton and matching forms: covered end to end by test_smoke_preset_end_to_end; the
+# other pipeline tests skip them (CI time: −27 s and −15 s)
+_HEAVY_FORMS = ("ntk_ce_init", "ntk_ce_trained", "ntk_match")
+
+
 def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
     """A diverged Fine-tune baseline is left out of its seed (the other methods still run) and
     ``--resummarize`` does not drop the seed for it again."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     args = ["--preset", "smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    args += ["--no-progress", "--threads", "1", "--no-figures", "--set", "finetune_lr=1e30"]
-    proc = _script(args + ["--set", "finetune_schedule='constant'"], env)
+    args += ["--no-progress", "--threads", "1", "--no-figures", "--set", "relearn_max_epochs=1"]
+    args += ["--set", f"skip_methods={_HEAVY_FORMS!r}"]
+    args += ["--set", "finetune_lr=1e30"]
+    first = ["--set", "finetune_schedule='constant'", "--set", "dense_check_seed=None"]
+    proc = _script(args + first, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     seed = res["seeds"]["0"]
@@ -342,6 +363,7 @@ def test_method_registry_orders_tables_and_labels() -> None:
         "ntk_ce_trained",
         "ntk_projected",
         "ntk_match",
+        "ntk_match_ce",
     }
     assert set(figures.FIG4_STYLES) == {m for m, e in METHODS.items() if e.line}
 
@@ -408,7 +430,8 @@ def test_cli_reproduce_smoke_with_missing_data_says_so(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ntkscrub", "reproduce", "--preset", "smoke", "--out", str(out)]
         + ["--cache-dir", str(tmp_path / "cache"), "--data-root", str(tmp_path / "missing")]
-        + ["--no-progress", "--threads", "1", "--no-figures", "--set", "relearn_max_epochs=1"],
+        + ["--no-progress", "--threads", "1", "--no-figures", "--set", "relearn_max_epochs=1"]
+        + ["--set", "dense_check_seed=None", "--set", f"skip_methods={_HEAVY_FORMS!r}"],
         capture_output=True,
         text=True,
         timeout=300,

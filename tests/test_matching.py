@@ -87,7 +87,8 @@ def _mlp_problem():
     return trained, theta0, (X[:36], Y[:36]), (X[36:], Y[36:]), X[:2] + 0.1
 
 
-def test_dense_and_cg_twins_agree():
+@pytest.mark.parametrize("first_step,loss", [("one_shot", "mse"), ("ce_newton", "ce")])
+def test_dense_and_cg_twins_agree(first_step, loss):
     trained, theta0, retain, forget, _ = _mlp_problem()
     out = {}
     for solver in ("dense", "cg"):
@@ -97,10 +98,11 @@ def test_dense_and_cg_twins_agree():
             forget,
             init=theta0,
             ridge=0.5,
+            loss=loss,
             solver=solver,
             tol=1e-12,
             method="output_match",
-            match=MatchConfig(rounds=3, anchors=8, damping=1e-2),
+            match=MatchConfig(rounds=3, anchors=8, damping=1e-2, first_step=first_step),
             products=PRODUCTS,
         )
     assert rel(out["cg"].delta, out["dense"].delta) <= 1e-6

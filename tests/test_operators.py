@@ -656,3 +656,26 @@ def test_product_splits_wide_blocks_into_column_chunks(monkeypatch):
     assert widths == [2, 2, 2, 2, 1]
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
     torch.testing.assert_close(chunked, A.to_dense() @ A.to_dense().T @ X)
+
+
+def test_output_hessian_roots_and_pseudo_inverse_root():
+    """H^½ squares to H; H^{+½} H H^{+½} is the projector onto 1⊥ per sample (H_n 1 = 0), so
+    H^½ H^{+½} r = r for every r whose classes sum to zero — the CE Newton right-hand side."""
+    from ntkscrub.operators import OutputHessian
+
+    N, c = 7, 4
+    probs = torch.softmax(
+        torch.randn(N, c, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), 1
+    )
+    H = OutputHessian(probs, c, N, dtype=torch.float64, device=torch.device("cpu")).to_dense()
+    kw = dict(dtype=torch.float64, device=torch.device("cpu"))
+    root = OutputHessian(probs, c, N, power=0.5, **kw).to_dense()
+    pinv = OutputHessian(probs, c, N, power=-0.5, **kw).to_dense()
+    assert torch.allclose(root @ root, H, atol=1e-12)
+    ones = torch.block_diag(*[torch.ones(c, c, dtype=torch.float64) / c] * N)
+    assert torch.allclose(pinv @ H @ pinv, torch.eye(N * c, dtype=torch.float64) - ones, atol=1e-9)
+    r = torch.randn(N, c, dtype=torch.float64)
+    r = (r - r.mean(1, keepdim=True)).reshape(-1)
+    assert torch.allclose(root @ (pinv @ r), r, atol=1e-10)
+    with pytest.raises(ValueError, match="power"):
+        OutputHessian(probs, c, N, power=2.0, **kw)

@@ -43,7 +43,9 @@ class OutputHessian(Operator):
     Per sample ``H_n = diag(π_n) − π_n π_nᵀ`` (softmax cross-entropy; PSD) from ``probs``
     ``(N, c)``; ``probs=None`` means the MSE loss, ``H = I``. ``power=0.5`` gives the symmetric
     PSD root ``H^½`` (by a per-sample eigen-decomposition), used by the dual form
-    ``H^½ J Jᵀ H^½ + δI``.
+    ``H^½ J Jᵀ H^½ + δI``; ``power=-0.5`` the pseudo-inverse root ``H^{+½}`` (per block,
+    eigenvalues ≤ eps(dtype)·the block's largest are treated as zero: ``H_n 1 = 0`` always, and
+    a class with probability below eps carries no curvature the dtype can resolve).
     """
 
     symmetric = True
@@ -59,17 +61,21 @@ class OutputHessian(Operator):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        if power not in (1.0, 0.5):
-            raise ValueError(f"power: expected 1 or 0.5, got {power!r}")
+        if power not in (1.0, 0.5, -0.5):
+            raise ValueError(f"power: expected 1, 0.5 or -0.5, got {power!r}")
         super().__init__((c * n, c * n), dtype, device)
         self.probs, self.c, self.power = probs, c, float(power)
         self.blocks: Tensor | None = None  # (N, c, c) explicit blocks, when probs are given
         if probs is not None:
             pi = probs.to(dtype)
             H = torch.diag_embed(pi) - pi.unsqueeze(2) * pi.unsqueeze(1)  # (N, c, c)
-            if power == 0.5:
-                lam, V = torch.linalg.eigh(H)
-                H = (V * lam.clamp_min(0.0).sqrt().unsqueeze(1)) @ V.mT
+            if power != 1.0:
+                lam, V = torch.linalg.eigh(H.double())
+                root = lam.clamp_min(0.0).sqrt()
+                if power < 0:
+                    keep = lam > torch.finfo(dtype).eps * lam.amax(1, keepdim=True)
+                    root = torch.where(keep, 1.0 / root.clamp_min(1e-300), 0.0)
+                H = ((V * root.unsqueeze(1)) @ V.mT).to(dtype)
             self.blocks = H
 
     def _mm(self, X: Tensor) -> Tensor:

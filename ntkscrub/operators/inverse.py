@@ -265,8 +265,10 @@ class Inverse(Operator):
         return X
 
     # ------------------------------------------------------------------ cg
-    def _build_precond(self) -> dict[str, Any]:
-        """Build the Nyström factor at the first solve (or note the one given/reused)."""
+    def build_preconditioner(self) -> dict[str, Any]:
+        """Build the Nyström factor now (CG solves call it first; a no-op once built) and return
+        its record fields (``precond``, ``precond_rank``, ``precond_matvecs``,
+        ``precond_seconds``); ``{}`` when the configuration asks for none."""
         if self.preconditioner is not None:
             origin = self._precond_origin
             self._precond_origin = "reused"
@@ -304,7 +306,7 @@ class Inverse(Operator):
         }
 
     def _cg_solve(self, B: Tensor, x0: Tensor | None, t0: float) -> Tensor:
-        build = self._build_precond()
+        build = self.build_preconditioner()
         X, info = pcg_solve(
             self.A,
             B,

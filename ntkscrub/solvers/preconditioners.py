@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -179,15 +180,27 @@ class LowRankPreconditioner:
         and the second build (``rank`` column-matvecs) is saved.
         """
         if isinstance(rows, Tensor):
-            U_r = self.U[rows.to(self.U.device)]
-        elif isinstance(rows, slice):
-            U_r = self.U[rows]
-        else:
-            raise TypeError(f"rows: expected a slice or an index Tensor, got {type(rows).__name__}")
+            return self.congruence(lambda U: U[rows.to(U.device)], shift)
+        if isinstance(rows, slice):
+            return self.congruence(lambda U: U[rows], shift)
+        raise TypeError(f"rows: expected a slice or an index Tensor, got {type(rows).__name__}")
+
+    def congruence(self, L: Callable[[Tensor], Tensor], shift: float) -> LowRankPreconditioner:
+        """The preconditioner of ``(L K Lᵀ + shift·I)`` from this one's factor of K, with no
+        matvec: ``K ≈ Û Λ̂ Ûᵀ`` gives ``L K Lᵀ ≈ F Fᵀ``, ``F = L Û Λ̂^½`` ``(m, r)``,
+        re-orthonormalised by a thin SVD (O(m r²) flops). ``L`` maps an ``(n, r)`` float64 block
+        to ``(m, r)`` (a row selection: :meth:`restrict`; the per-sample ``H^½`` blocks of the
+        cross-entropy Newton systems ``H^½ΘH^½ + λI``: one sketch of Θ serves every step, whose
+        H changes).
+
+        Why the factor stays good: ``K − Û Λ̂ Ûᵀ ⪰ 0`` (Nyström), so the error of the
+        congruence ``L (K − ÛΛ̂Ûᵀ) Lᵀ`` is PSD with spectral norm ≤ ‖L‖²·‖K − ÛΛ̂Ûᵀ‖ — no
+        larger when ‖L‖ ≤ 1 (a selection; ‖H^½‖ ≤ 1/√2 for the softmax Hessian).
+        """
         shift = _check_shift(shift)
-        if self.rank == 0 or U_r.shape[0] == 0:
-            return LowRankPreconditioner(U_r[:, :0], U_r.new_zeros(0), shift)
-        F = U_r * self.eigenvalues.sqrt()  # (n_r, r): K[rows, rows] ≈ F Fᵀ
+        F = L(self.U * self.eigenvalues.sqrt())  # (m, r)
+        if self.rank == 0 or F.shape[0] == 0:
+            return LowRankPreconditioner(F[:, :0], F.new_zeros(0), shift)
         U2, S2, _ = torch.linalg.svd(F, full_matrices=False)
         return LowRankPreconditioner(U2, S2**2, shift)
 

@@ -271,6 +271,7 @@ FIG4_STYLES = {
     "ntk_ce_trained": ("C4", "-", "NTK CE at w(D) (a on val)"),
     "ntk_projected": ("C9", "-", "NTK projected displacement"),
     "ntk_match": ("C6", "-", "NTK output matching"),
+    "ntk_match_ce": ("C8", "-", "NTK output matching (CE targets)"),
 }
 # the raw-step panel: one line per scrubbed form (un-rescaled Δ, a ∈ [0, 4])
 FIG4_FORMS = {
@@ -280,6 +281,7 @@ FIG4_FORMS = {
     "ntk_ce_trained": ("C4", "CE at w(D)"),
     "ntk_projected": ("C9", "projected"),
     "ntk_match": ("C6", "output matching"),
+    "ntk_match_ce": ("C8", "output matching, CE targets"),
 }
 
 

@@ -292,6 +292,16 @@ def stage_forget(run: SeedRun) -> None:
 
 # float32 products with CG to its float32 tolerance: what the cg-vs-dense differences should be
 DENSE_CHECK_EXPECTED = 1e-3
+# ... for output matching toward the CE model's targets: a float32 Newton fit, then LM rounds at
+# moved weights — rounding amplified along the chain (smoke preset: 1.4e-3 at cg_tol 1e-3 and
+# 1e-4 alike, so not CG; its float64 twins agree to 3e-11, tests/test_matching.py)
+DENSE_CHECK_EXPECTED_CHAINED = 1e-2
+
+
+def dense_check_expected(form: str) -> float:
+    """The cg-vs-dense difference expected of an NTK form (float32)."""
+    chained = NTK_FORMS[form].get("first_step") == "ce_newton"
+    return DENSE_CHECK_EXPECTED_CHAINED if chained else DENSE_CHECK_EXPECTED
 
 
 def is_dense_check_seed(run: SeedRun) -> bool:
@@ -313,19 +323,24 @@ def stage_dense_check(run: SeedRun) -> None:
             for form, r in run._scrubs.items()
             if r.info["solver"] == "cg"  # a form in forget.dense_forms has nothing to compare
         }
+    for form, e in scrub.items():
+        e["expected"] = dense_check_expected(form)
     rels = [v for e in scrub.values() for v in (e["rel_l2_delta"], e["rel_trapezium_scale"])]
     worst = max(rels, default=None)
+    within = [
+        max(e["rel_l2_delta"], e["rel_trapezium_scale"]) <= e["expected"] for e in scrub.values()
+    ]
     run.res["dense_check"] = {
         "what": "cg (the configured solver) vs dense (explicit J, Cholesky) on the same seed",
         "expected_max": DENSE_CHECK_EXPECTED,
         "scrub": scrub,
         "max_rel_shift": worst,
-        "shift_within_expected": None if worst is None else worst <= DENSE_CHECK_EXPECTED,
+        "shift_within_expected": None if worst is None else all(within),
     }
-    if worst is not None and worst > DENSE_CHECK_EXPECTED:
+    if worst is not None and not all(within):
         log(
             f"dense check: the cg shifts differ from the dense ones by up to {worst:.2e} "
-            f"(> {DENSE_CHECK_EXPECTED:g} expected); see dense_check in results.json"
+            f"(more than expected of some form); see dense_check in results.json"
         )
 
 
