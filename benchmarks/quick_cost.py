@@ -13,6 +13,7 @@ first use, as ``experiments/reproduce.py`` would), then:
   made the retrains of the band), timed fresh, not read from the cache: epochs and seconds.
 
 Ratios scrub / retrain are written with the raw numbers to ``--out`` (JSON, atomically).
+``--solvers cg,auto`` adds ``scrub(solver="auto")`` (the dense twin when J_D fits memory).
 
     python benchmarks/quick_cost.py --seed 0 --out benchmarks/results/cpu/quick_cost.json
 """
@@ -41,8 +42,9 @@ def _solve_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: r.get(k) for k in keys} for r in info.get("solves", [])]
 
 
-def scrub_once(run: Any, form: str, cache: int | None) -> dict[str, Any]:
-    """One reproduction scrub of ``form`` with forward-cache budget ``cache`` (bytes / None)."""
+def scrub_once(run: Any, form: str, cache: int | None, solver: str = "cg") -> dict[str, Any]:
+    """One reproduction scrub of ``form`` with forward-cache budget ``cache`` (bytes / None) on
+    ``solver`` ("cg" as the reproduction runs it, "dense" or "auto")."""
     methods = importlib.import_module("ntkscrub.recipes.reproduction.methods")
     jac_batch = run.cfg.forget.jac_batch
     original = methods.ProductConfig
@@ -50,13 +52,15 @@ def scrub_once(run: Any, form: str, cache: int | None) -> dict[str, Any]:
     methods.ProductConfig = lambda **kw: ProductConfig(**kw, cache_bytes=cache)
     try:
         t0 = time.perf_counter()
-        res = methods.scrub_call(run, form, "cg")
+        res = methods.scrub_call(run, form, solver)
         seconds = time.perf_counter() - t0
     finally:
         methods.ProductConfig = original
     info = res.info
     return {
         "form": form,
+        "solver_requested": solver,
+        "solver": info.get("solver"),
         "cache_bytes": "auto" if cache is None else cache,
         "jac_batch": jac_batch,
         "seconds": seconds,
@@ -108,6 +112,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forms", default="ntk_paper,ntk_ref")
     p.add_argument("--caches", default="0,auto", help="forward-cache budgets: bytes or 'auto'")
+    p.add_argument("--solvers", default="cg", help="comma-separated: cg, dense, auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--data-root", default=os.environ.get("NTKSCRUB_DATA", "../shared/data/cifar10-jpeg")
@@ -137,19 +142,15 @@ def main() -> None:
     if not a.no_retrain:
         out["retrain"] = retrain_once(run)
         save()
-    for form in a.forms.split(","):
-        for cache in caches:
-            row = scrub_once(run, form, cache)
-            if "retrain" in out:
-                row["ratio_to_retrain"] = row["seconds"] / out["retrain"]["seconds"]
-            out["scrubs"].append(row)
-            print(
-                json.dumps(
-                    {k: row[k] for k in ("form", "cache_bytes", "seconds", "matvecs", "converged")}
-                ),
-                flush=True,
-            )
-            save()
+    runs = [(f, s, c) for f in a.forms.split(",") for s in a.solvers.split(",") for c in caches]
+    keys = ("form", "solver", "cache_bytes", "seconds", "matvecs", "converged")
+    for form, solver, cache in runs:
+        row = scrub_once(run, form, cache, solver)
+        if "retrain" in out:
+            row["ratio_to_retrain"] = row["seconds"] / out["retrain"]["seconds"]
+        out["scrubs"].append(row)
+        print(json.dumps({k: row[k] for k in keys}), flush=True)
+        save()
 
 
 if __name__ == "__main__":

@@ -374,3 +374,20 @@ def test_dense_singular_system_raises_not_least_squares():
     X, Y = make_data("cnn", 100)  # c·N = 300 > p = 267
     with pytest.raises(ValueError, match="Θ_DD: the dense system is singular"):
         scrub(model, (X[:90], Y[:90]), (X[90:], Y[90:]), init=make_cnn(seed=1), solver="dense")
+
+
+def test_auto_solver_is_dense_when_it_fits_else_cg(cnn_problem):
+    """solver="auto": the dense twin's exact answer when J_D and Θ fit max_dense_bytes, the
+    matrix-free path (same answer to its tolerance) when they do not; the choice is recorded."""
+    trained, init, retain, forget = cnn_problem
+    kw = dict(init=init, ridge=0.05)
+    dense = scrub(trained, retain, forget, solver="dense", **kw)
+    auto = scrub(trained, retain, forget, solver="auto", **kw)
+    assert auto.info["solver"] == "dense" and auto.info["solver_requested"] == "auto"
+    assert torch.equal(auto.shift, dense.shift)
+    tight = SolverConfig(max_dense_bytes=1024, tol=1e-12)
+    small = scrub(trained, retain, forget, solver="auto", solver_config=tight, **kw)
+    assert small.info["solver"] == "cg" and small.info["matvecs"] > 0
+    assert rel(small.shift, dense.shift) <= 1e-6
+    with pytest.raises(ValueError, match="solver"):
+        scrub(trained, retain, forget, solver="fast", **kw)
