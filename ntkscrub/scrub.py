@@ -119,7 +119,9 @@ class ScrubResult:
         scale: the rescale factor s (1 without rescaling); ``shift = scale · delta``.
         w_lin_r: the retain-only linear model's displacement from the linearisation point
             ``(p,)`` (w_lin(D_r), or w_ce(D_r) for ``method="ce_newton"``): the kernel prediction
-            of a retrain is ``f(θ_lin) + J w_lin_r``.
+            of a retrain is ``f(θ_lin) + J w_lin_r``. For ``method="output_match"`` it is the
+            first step's (the rounds re-linearise elsewhere and have no retain model of their
+            own; the trapezium rescale uses it as its leg).
     """
 
     model: nn.Module
