@@ -313,3 +313,33 @@ def test_ce_newton_keeps_newton_speed_with_a_preconditioner_on_a_spread_spectrum
         assert cg.info["method_info"]["newton"][name]["converged"]
         assert len(hist) <= n_dense + 1, (name, len(hist), n_dense)
     assert rel(cg.delta, dense.delta) <= 1e-7
+
+
+def test_newton_decrement_at_the_rounding_floor_counts_as_converged():
+    """δ² = rᵀΘβ ≤ 0 within tol·‖r‖·‖Θβ‖ of zero after converged solves is the minimum reached to
+    the products' precision (float32 at w(D) on the quick preset: δ² = −2.9e-5), not an error;
+    a clearly negative δ² after converged solves still raises, after an unconverged one falls
+    back to the gradient."""
+    from types import SimpleNamespace
+
+    from ntkscrub.shifts import _checked_direction
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    Theta = A @ A.T
+    r = torch.randn(12, generator=g, dtype=torch.float64)
+    ok = SimpleNamespace(records=[{"converged": True}], label="S")
+    beta = torch.linalg.solve(Theta + torch.eye(12, dtype=torch.float64), r)
+    assert _checked_direction(ok, "S", 1, r, beta, Theta, 1e-3)[3] == "newton"
+    # a direction whose decrement is −1e-4·‖r‖‖Θβ‖ (Θβ almost ⟂ r): zero to a 1e-3 tolerance
+    v, rh = torch.randn(12, generator=g, dtype=torch.float64), r / r.norm()
+    w = v - (v @ rh) * rh - 1e-4 * v.norm() * rh
+    tiny = torch.linalg.solve(Theta, w)
+    b, Tb, dec2, kind = _checked_direction(ok, "S", 6, r, tiny, Theta, 1e-3)
+    assert kind == "zero" and dec2 < 0 and torch.equal(b, tiny)
+    with pytest.raises(ValueError, match="not a descent direction"):
+        _checked_direction(ok, "S", 6, r, -beta, Theta, 1e-3)
+    bad = SimpleNamespace(records=[{"converged": False}], label="S")
+    with pytest.warns(RuntimeWarning, match="gradient step"):
+        b, Tb, dec2, kind = _checked_direction(bad, "S", 6, r, -beta, Theta, 1e-3)
+    assert kind == "gradient" and torch.equal(b, r) and dec2 > 0
