@@ -209,13 +209,16 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         for rec in inv.records:  # the sketch's cost goes on the first step's record
             rec.update(build if it == 1 else {"precond_matvecs": 0, "precond_seconds": 0.0})
         records.extend(inv.records)
-        beta, Tb, dec2, step_kind = _checked_direction(inv, label, it, r, beta, Theta, tol_final)
+        stop = rtol * max(1.0, abs(obj))  # the decrement test's threshold on ½δ²
+        beta, Tb, dec2, step_kind = _checked_direction(
+            inv, label, it, r, beta, Theta, tol_final, stop
+        )
         if step_kind == "zero":  # the decrement vanishes to the products' precision: done
             history.append({"objective": obj, "decrement2": dec2, "inner_tol": tol_k})
             history[-1].update({"step": 0.0, "direction": "none (decrement at rounding floor)"})
             converged = True
             break
-        done = step_kind == "newton" and 0.5 * dec2 <= rtol * max(1.0, abs(obj))
+        done = step_kind == "newton" and 0.5 * dec2 <= stop
         t, a_new, q_new, z_new, obj_new = _armijo(
             alpha, q, beta, Tb, f0, onehot, lam, obj, newton.armijo * dec2
         )
@@ -325,20 +328,28 @@ def _armijo(
 
 
 def _checked_direction(
-    inv: Inverse, label: str, it: int, r: Tensor, beta: Tensor, Theta: Any, tol: float
+    inv: Inverse,
+    label: str,
+    it: int,
+    r: Tensor,
+    beta: Tensor,
+    Theta: Any,
+    tol: float,
+    stop: float = 0.0,
 ) -> tuple[Tensor, Tensor, float, str]:
     """``(β, Θβ, δ², kind)`` for the step: ``"newton"`` when δ² = rᵀΘβ > 0 (the squared Newton
-    decrement gᵀ(∇²L)⁻¹g); ``"zero"`` when δ² ≤ 0 but within ``tol·‖r‖·‖Θβ‖`` of zero after
-    converged solves — the minimum is reached to the precision of the products (Θβ carries
-    their rounding, β the solve's tolerance; seen on the quick preset at w(D): δ² = −2.9e-5
-    at the 6th step, float32); else the gradient fallback (or its error)."""
+    decrement gᵀ(∇²L)⁻¹g); ``"zero"`` when δ² ≤ 0 after converged solves but zero to the
+    precision at hand — within ``tol·‖r‖·‖Θβ‖`` (Θβ carries the products' rounding, β the
+    solve's tolerance) or ``½|δ²| ≤ stop`` (the stop test's own threshold, applied to |δ²|) —
+    seen on the quick preset at w(D), float32: δ² = −2.9e-5 (cg) and −2.4e-6 (dense) at the
+    minimum; else the gradient fallback (or its error)."""
     Tb = Theta @ beta
     dec2 = float(r.double() @ Tb.double())
     if dec2 > 0 and math.isfinite(dec2):
         return beta, Tb, dec2, "newton"
     floor = tol * float(r.double().norm()) * float(Tb.double().norm())
     solved = all(rec.get("converged", True) for rec in inv.records)
-    if solved and math.isfinite(dec2) and -dec2 <= floor:
+    if solved and math.isfinite(dec2) and (-dec2 <= floor or -0.5 * dec2 <= stop):
         return beta, Tb, dec2, "zero"
     beta, Tb, dec2 = _gradient_fallback(inv, label, it, dec2, r, Theta @ r)
     return beta, Tb, dec2, "gradient"

@@ -339,6 +339,11 @@ def test_newton_decrement_at_the_rounding_floor_counts_as_converged():
     assert kind == "zero" and dec2 < 0 and torch.equal(b, tiny)
     with pytest.raises(ValueError, match="not a descent direction"):
         _checked_direction(ok, "S", 6, r, -beta, Theta, 1e-3)
+    # ... unless ½|δ²| is below the decrement test's own threshold
+    d2 = float(r @ Theta @ beta)
+    assert _checked_direction(ok, "S", 6, r, -beta, Theta, 1e-3, stop=0.5 * d2)[3] == "zero"
+    with pytest.raises(ValueError, match="not a descent direction"):
+        _checked_direction(ok, "S", 6, r, -beta, Theta, 1e-3, stop=0.4 * d2)
     bad = SimpleNamespace(records=[{"converged": False}], label="S")
     with pytest.warns(RuntimeWarning, match="gradient step"):
         b, Tb, dec2, kind = _checked_direction(bad, "S", 6, r, -beta, Theta, 1e-3)
