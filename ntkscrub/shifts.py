@@ -248,7 +248,8 @@ def _theta_operator(jac: Jacobian, config: SolverConfig, counter: MatvecCounter)
     (measured on the quick preset: minutes per fit instead of seconds)."""
     if config.method != "dense":
         return Counted(NTK(jac_a=jac), counter)
-    return DenseLinearOperator(NTK(jac_a=jac).to_dense())
+    gate = Inverse(NTK(jac_a=jac), config, label="Θ (explicit, CE Newton)")
+    return DenseLinearOperator(gate.dense_system())
 
 
 def _newton_system(
@@ -285,8 +286,8 @@ def _newton_direction(
     S = _newton_system(jac, Theta, probs, root, lam, counter)
     inv = Inverse(S, config, label=f"CE Newton {label}", precond=M)
     beta = _apply_blocks(root, inv.solve(_apply_blocks(pinv_root, r)))
-    for rec in inv.records:
-        if M is not None:
+    if M is not None:
+        for rec in inv.records:
             rec["precond"] = "nystrom of Θ + λI, H^½-congruence"
     return beta, inv
 

@@ -348,3 +348,23 @@ def test_newton_decrement_at_the_rounding_floor_counts_as_converged():
     with pytest.warns(RuntimeWarning, match="gradient step"):
         b, Tb, dec2, kind = _checked_direction(bad, "S", 6, r, -beta, Theta, 1e-3)
     assert kind == "gradient" and torch.equal(b, r) and dec2 > 0
+
+
+def test_ce_newton_dense_twin_respects_max_dense_bytes():
+    """The dense Newton fit makes Θ explicit once; that goes through the same memory cap as
+    every dense solve (DenseTooLarge names the system), never around it."""
+    from ntkscrub.config import SolverConfig
+    from ntkscrub.operators import DenseTooLarge
+
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    rows, p = 3 * 20, sum(t.numel() for t in trained.parameters())
+    item = next(trained.parameters()).element_size()
+    # room for one (c·N)² system, not for the explicit J_D beside it
+    cap = rows * rows * item + rows * p * item // 2
+    with pytest.raises(DenseTooLarge, match="max_dense_bytes"):
+        scrub(
+            trained, (X[:16], Y[:16]), (X[16:], Y[16:]), init=theta0, loss="ce",
+            method="ce_newton", ridge=0.7, solver="dense",
+            solver_config=SolverConfig(max_dense_bytes=cap),
+        )  # fmt: skip

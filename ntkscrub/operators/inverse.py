@@ -234,9 +234,7 @@ class Inverse(Operator):
     def cholesky(self) -> Tensor:  # type: ignore[override]
         """The lower Cholesky factor of ``A.to_dense()`` (cached); raises if A is not SPD."""
         if self._chol is None:
-            self._check_dense_memory()
-            Ad = self.A.to_dense()
-            Ad = 0.5 * (Ad + Ad.T)
+            Ad = self.dense_system()
             L, info = torch.linalg.cholesky_ex(Ad)
             if int(info) != 0:
                 raise ValueError(
@@ -244,8 +242,18 @@ class Inverse(Operator):
                     f"(Cholesky failed at pivot {int(info)} of {Ad.shape[0]}); give a ridge > 0 "
                     "(or weight_decay) so that the system is solvable"
                 )
-            self._chol, self._dense_A = L, Ad
+            self._chol = L
         return self._chol
+
+    def dense_system(self) -> Tensor:
+        """``A.to_dense()`` symmetrised ``(n, n)``, cached; :class:`DenseTooLarge` when it and the
+        explicit Jacobians behind it exceed ``max_dense_bytes`` (the one memory gate of every
+        dense path)."""
+        if self._dense_A is None:
+            self._check_dense_memory()
+            Ad = self.A.to_dense()
+            self._dense_A = 0.5 * (Ad + Ad.T)
+        return self._dense_A
 
     def _dense_solve(self, B: Tensor, t0: float) -> Tensor:
         L = self.cholesky()

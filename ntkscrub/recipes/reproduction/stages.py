@@ -325,11 +325,9 @@ def stage_dense_check(run: SeedRun) -> None:
         }
     for form, e in scrub.items():
         e["expected"] = dense_check_expected(form)
-    rels = [v for e in scrub.values() for v in (e["rel_l2_delta"], e["rel_trapezium_scale"])]
-    worst = max(rels, default=None)
-    within = [
-        max(e["rel_l2_delta"], e["rel_trapezium_scale"]) <= e["expected"] for e in scrub.values()
-    ]
+    worsts = [max(e["rel_l2_delta"], e["rel_trapezium_scale"]) for e in scrub.values()]
+    worst = max(worsts, default=None)
+    within = [w <= e["expected"] for w, e in zip(worsts, scrub.values())]
     run.res["dense_check"] = {
         "what": "cg (the configured solver) vs dense (explicit J, Cholesky) on the same seed",
         "expected_max": DENSE_CHECK_EXPECTED,
