@@ -43,6 +43,7 @@ from ntkscrub.training import LOSSES, _int, _num, _per_sample_loss, train
 __all__ = [
     "error",
     "loss",
+    "predict_logits",
     "predict_proba",
     "evaluate",
     "softmax_l1",
@@ -240,12 +241,15 @@ def loss(
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, data: DataLike, *, batch_size: int = 512) -> Tensor:
+    """Outputs (logits) of ``model`` on ``data``, shape ``(N, c)``, on the CPU (labels optional)."""
+    check_eval_mode(model, "model")
+    return torch.cat([out.cpu() for out, _ in _stream(model, data, "model", "data", batch_size)])
+
+
 def predict_proba(model: nn.Module, data: DataLike, *, batch_size: int = 512) -> Tensor:
     """Softmax outputs of ``model`` on ``data``, shape ``(N, c)``, on the CPU (labels optional)."""
-    check_eval_mode(model, "model")
-    return torch.cat(
-        [out.softmax(dim=1).cpu() for out, _ in _stream(model, data, "model", "data", batch_size)]
-    )
+    return predict_logits(model, data, batch_size=batch_size).softmax(dim=1)
 
 
 def evaluate(

@@ -140,10 +140,12 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
 
     The primal Newton step ``(JᵀHJ + λI)⁻¹ Jᵀ r`` (gradient ``Jᵀr``, ``r = π − Y + λα``, H the
     block-diagonal softmax Hessian at the current linear logits z) equals ``Jᵀβ`` with
-    ``β = (HΘ + λI)⁻¹ r = H^½ (H^½ΘH^½ + λI)⁻¹ H^{+½} r`` (r lies in the range of H: each
-    sample's π − Y and α sum to zero over the classes, H_n's null vector), so each step is one
-    solve on the SPD dual system of :func:`~ntkscrub.operators.Dual` plus one Θ product (Θβ, to
-    update z), damped by Armijo backtracking on the exact objective.
+    ``β = (HΘ + λI)⁻¹ r = H^½ (H^½ΘH^½ + λI)⁻¹ H^{+½} r`` when r lies in the range of H (each
+    sample's π − Y and α sum to zero over the classes, H_n's null vector) — plus an exact
+    correction for the part of r along curvature too small to resolve (a confidently wrong
+    sample; see :func:`_newton_direction`) — so each step is one solve on the SPD dual system of
+    :func:`~ntkscrub.operators.Dual` plus one or two Θ products (Θβ, to update z), damped by
+    Armijo backtracking on the exact objective.
 
     Why this form and not Woodbury's ``β = (r − H^½u)/λ``, ``u = (H^½ΘH^½ + λI)⁻¹H^½Θr``: there
     β is a difference of large terms and the right-hand side H^½Θr is dominated by Θ's top
@@ -191,6 +193,8 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
     onehot = torch.nn.functional.one_hot(jac.labels().long(), c).to(dt)
     Theta = _theta_operator(jac, config, counter)
     precond, build = _theta_sketch(jac, lam, config, counter, label, precond)
+    scale = _theta_scale(Theta, precond)
+    floor = 0.0 if not scale or scale <= lam else lam / scale  # see _newton_direction
     alpha = torch.zeros(c * jac.n, dtype=dt, device=jac.device)
     q = torch.zeros_like(alpha)  # Θα
     z = f0.clone()
@@ -204,7 +208,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         tol_k = max(tol_final, min(newton.forcing, dec_prev))  # dec_prev: relative to step 1
         cfg_k = config.replace(tol=tol_k)
         beta, inv = _newton_direction(
-            jac, Theta, probs, r, lam, precond, cfg_k, counter, f"{label} #{it}"
+            jac, Theta, probs, r, lam, precond, cfg_k, counter, f"{label} #{it}", floor
         )
         for rec in inv.records:  # the sketch's cost goes on the first step's record
             rec.update(build if it == 1 else {"precond_matvecs": 0, "precond_seconds": 0.0})
@@ -275,21 +279,61 @@ def _newton_direction(
     config: SolverConfig,
     counter: MatvecCounter,
     label: str,
+    floor: float = 0.0,
 ) -> tuple[Tensor, Inverse]:
-    """The dual Newton direction ``β = H^½ (H^½ΘH^½ + λI)⁻¹ H^{+½} r`` ``(c·N,)`` at softmax
-    ``probs`` ``(N, c)``, and the :class:`Inverse` that solved it (its records); the system is
-    preconditioned by the H^½-congruence of Θ's Nyström factor ``precond``."""
+    """The dual Newton direction ``β = (HΘ + λI)⁻¹ r`` ``(c·N,)`` at softmax ``probs``
+    ``(N, c)``, and the :class:`Inverse` that solved it (its records).
+
+    With ``a = H^{+½} r`` (curvature below ``floor`` treated as zero) and ``r₀ = r − H^½a`` (the
+    part of r along the dropped eigen-directions),
+
+        β = r₀/λ + H^½ (H^½ΘH^½ + λI)⁻¹ (a − H^½Θr₀/λ),
+
+    exact for any such split (multiply out: ``(HΘ + λI)β = r₀ + H^½a = r``); without r₀ it is
+    the symmetric step. r₀ ≠ 0 needs one more Θ product. Why r₀ matters: a sample that is
+    confidently wrong (its class at probability 1e-20) has O(1) gradient along a direction of
+    curvature 1e-20 — below any threshold — and dropping it gave a non-descent direction after
+    an exact solve (quick preset seed 1 at w(D): δ² = −0.06; a float64 linear model in
+    ``test_shifts``). Why the floor: kept directions of tiny curvature h put ``r/√h`` in the
+    right-hand side, whose norm then sets the inexact solve's tolerance for every other sample;
+    below ``h = λ/λ_max(Θ)`` the system is λ to within a factor 2 there, so r₀ carries those
+    directions without cancellation. The system is preconditioned by the H^½-congruence of
+    Θ's Nyström factor ``precond``."""
     kw = {"dtype": jac.dtype, "device": jac.device}
     root = OutputHessian(probs, jac.c, jac.n, power=0.5, **kw).blocks
-    pinv_root = OutputHessian(probs, jac.c, jac.n, power=-0.5, **kw).blocks
+    pinv_root = OutputHessian(probs, jac.c, jac.n, power=-0.5, floor=floor, **kw).blocks
+    a = _apply_blocks(pinv_root, r)
+    r0 = r - _apply_blocks(root, a)
+    if float(r0.norm()) > torch.finfo(r.dtype).eps * float(r.norm()):
+        a = a - _apply_blocks(root, Theta @ r0) / lam
+    else:
+        r0 = None
     M = None if precond is None else precond.congruence(lambda U: _apply_blocks(root, U), lam)
     S = _newton_system(jac, Theta, probs, root, lam, counter)
     inv = Inverse(S, config, label=f"CE Newton {label}", precond=M)
-    beta = _apply_blocks(root, inv.solve(_apply_blocks(pinv_root, r)))
-    if M is not None:
-        for rec in inv.records:
+    beta = _apply_blocks(root, inv.solve(a))
+    if r0 is not None:
+        beta = beta + r0 / lam
+    for rec in inv.records:
+        if M is not None:
             rec["precond"] = "nystrom of Θ + λI, H^½-congruence"
+        rec["flat_curvature_share"] = 0.0 if r0 is None else float(r0.norm() / r.norm())
     return beta, inv
+
+
+def _theta_scale(Theta: Any, precond: Any) -> float | None:
+    """An estimate of λ_max(Θ_SS): the Nyström factor's top eigenvalue when there is one, the
+    explicit Θ's by 30 power steps (fixed start, so a fixed seed repeats) when dense, else None."""
+    if precond is not None and getattr(precond, "rank", 0):
+        return float(precond.eigenvalues[0])
+    if not isinstance(Theta, DenseLinearOperator):
+        return None
+    T = Theta.to_dense()
+    v = torch.ones(T.shape[0], dtype=T.dtype, device=T.device)
+    for _ in range(30):
+        v = T @ v
+        v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+    return float(v @ (T @ v))
 
 
 def _theta_sketch(

@@ -679,3 +679,15 @@ def test_output_hessian_roots_and_pseudo_inverse_root():
     assert torch.allclose(root @ (pinv @ r), r, atol=1e-10)
     with pytest.raises(ValueError, match="power"):
         OutputHessian(probs, c, N, power=2.0, **kw)
+    # an absolute floor drops every eigenvalue at or below it: H^½ H^{+½} is the projector onto
+    # the eigen-directions kept, its complement what the CE Newton step carries as r₀
+    lam, V = torch.linalg.eigh(H.reshape(N, c, N, c)[range(N), :, range(N), :])
+    floor = float(lam[:, -1].median())
+    P = root @ OutputHessian(probs, c, N, power=-0.5, floor=floor, **kw).to_dense()
+    kept = [(V[n][:, lam[n] > floor], n) for n in range(N)]
+    expected = torch.block_diag(*[Vk @ Vk.T for Vk, _ in kept])
+    assert torch.allclose(P, expected, atol=1e-9)
+    assert 0 < sum(Vk.shape[1] for Vk, _ in kept) < N * (c - 1)
+    for bad in (-1.0, float("inf"), "0"):
+        with pytest.raises(ValueError, match="floor"):
+            OutputHessian(probs, c, N, power=-0.5, floor=bad, **kw)

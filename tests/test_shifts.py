@@ -350,6 +350,61 @@ def test_newton_decrement_at_the_rounding_floor_counts_as_converged():
     assert kind == "gradient" and torch.equal(b, r) and dec2 > 0
 
 
+def primal_newton_ce_minimiser(J, f0, Y, lam, centre):
+    """argmin_w Σ CE(f0 + J w, y) + ½λ‖w − centre‖² by damped Newton on the explicit primal
+    Hessian ``JᵀHJ + λI`` (p × p, float64): a reference independent of the dual iteration."""
+    c = f0.shape[1]
+    onehot = torch.nn.functional.one_hot(Y, c).double()
+
+    def loss(w):
+        z = f0 + (J @ w).reshape(-1, c)
+        return -(onehot * torch.log_softmax(z, 1)).sum() + 0.5 * lam * (w - centre) @ (w - centre)
+
+    w = centre.clone()
+    for _ in range(100):
+        g = torch.func.grad(loss)(w)
+        if g.norm() / lam < 1e-12:
+            return w
+        d = torch.linalg.solve(torch.func.hessian(loss)(w), g)
+        t = 1.0
+        while loss(w - t * d) > loss(w) - 0.25 * t * (g @ d) and t > 1e-12:
+            t /= 2
+        w = w - t * d
+    raise AssertionError("reference Newton did not converge")
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_ce_newton_exact_with_a_confidently_wrong_sample(solver):
+    """A sample whose true class sits at probability ~1e-22 under θ0 = w(D), with a ridge large
+    enough to keep it wrong at the minimiser: its gradient along that class is O(1) while H's
+    curvature there is below any dtype's resolution. The symmetric step alone dropped that part
+    of r and stopped with a non-descent direction after an exact solve (δ² = −2.7e-5, both
+    solvers; quick preset seed 1: −0.06); with the r₀ correction both land on the primal
+    minimiser, and the records say how much of r went the flat way."""
+    g = torch.Generator().manual_seed(3)
+    d, c, n, lam = 6, 4, 24, 10.0
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, c, (n,), generator=g)
+    model = torch.nn.Linear(d, c).double()
+    with torch.no_grad():
+        k, y, u = (int(Y[0]) + 1) % c, int(Y[0]), X[0] / X[0].norm() ** 2
+        model.weight[k] += 30 * u
+        model.weight[y] -= 20 * u
+    assert float(torch.softmax(model(X[:1]), 1)[0, y]) < 1e-20
+    J, f = explicit_jacobian(model, X)
+    zero = torch.zeros(J.shape[1], dtype=torch.float64)
+    w_d = primal_newton_ce_minimiser(J, f, Y, lam, zero)
+    w_r = primal_newton_ce_minimiser(J[: c * 20], f[:20], Y[:20], lam, zero)
+    res = scrub(
+        model, (X[:20], Y[:20]), (X[20:], Y[20:]), init=model, linearize_at="trained",
+        loss="ce", method="ce_newton", ridge=lam, solver=solver,
+    )  # fmt: skip
+    assert rel(res.delta, w_r - w_d) <= 1e-9
+    assert res.info["converged"]
+    shares = [r["flat_curvature_share"] for r in res.info["solves"] if "flat_curvature_share" in r]
+    assert max(shares) > 0.1  # the sample's O(1) gradient went through r₀
+
+
 def test_ce_newton_dense_twin_respects_max_dense_bytes():
     """The dense Newton fit makes Θ explicit once; that goes through the same memory cap as
     every dense solve (DenseTooLarge names the system), never around it."""

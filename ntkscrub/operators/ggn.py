@@ -11,6 +11,7 @@ diagonal Fisher used by the reference code's noise (exact expectation over y ~ p
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,8 +45,11 @@ class OutputHessian(Operator):
     ``(N, c)``; ``probs=None`` means the MSE loss, ``H = I``. ``power=0.5`` gives the symmetric
     PSD root ``H^½`` (by a per-sample eigen-decomposition), used by the dual form
     ``H^½ J Jᵀ H^½ + δI``; ``power=-0.5`` the pseudo-inverse root ``H^{+½}`` (per block,
-    eigenvalues ≤ eps(dtype)·the block's largest are treated as zero: ``H_n 1 = 0`` always, and
-    a class with probability below eps carries no curvature the dtype can resolve).
+    eigenvalues ≤ eps(dtype)·the block's largest, or ≤ the absolute ``floor``, are treated as
+    zero: ``H_n 1 = 0`` always, and a class with probability below eps carries no curvature the
+    dtype can resolve). ``H^½ H^{+½}`` is then the orthogonal projector onto the kept
+    eigen-directions; what it leaves out of a vector is the caller's to handle (see
+    :func:`ntkscrub.shifts.ce_newton_fit`).
     """
 
     symmetric = True
@@ -58,11 +62,14 @@ class OutputHessian(Operator):
         n: int,
         *,
         power: float = 1.0,
+        floor: float = 0.0,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         if power not in (1.0, 0.5, -0.5):
             raise ValueError(f"power: expected 1, 0.5 or -0.5, got {power!r}")
+        if not (isinstance(floor, (int, float)) and 0.0 <= floor < math.inf):
+            raise ValueError(f"floor: expected a finite number ≥ 0, got {floor!r}")
         super().__init__((c * n, c * n), dtype, device)
         self.probs, self.c, self.power = probs, c, float(power)
         self.blocks: Tensor | None = None  # (N, c, c) explicit blocks, when probs are given
@@ -73,7 +80,8 @@ class OutputHessian(Operator):
                 lam, V = torch.linalg.eigh(H.double())
                 root = lam.clamp_min(0.0).sqrt()
                 if power < 0:
-                    keep = lam > torch.finfo(dtype).eps * lam.amax(1, keepdim=True)
+                    rel = torch.finfo(dtype).eps * lam.amax(1, keepdim=True)
+                    keep = lam > rel.clamp_min(float(floor))
                     root = torch.where(keep, 1.0 / root.clamp_min(1e-300), 0.0)
                 H = ((V * root.unsqueeze(1)) @ V.mT).to(dtype)
             self.blocks = H

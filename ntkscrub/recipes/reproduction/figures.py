@@ -661,7 +661,8 @@ def _report_diagnostics(results: dict[str, Any]) -> list[str]:
         )
     L.append(
         "\nstep a: the applied multiple of the raw step Δ — the trapezium factor (`+ trapezium`),"
-        " the validation-chosen a (`step on val`), 1 otherwise."
+        " the validation-chosen a (`step on val`: the a whose realised change of the validation"
+        " logits best matches the linear model's J_val·Δ), 1 otherwise."
     )
     if "retrain_shift_pairwise_cos" in diag:
         L.append(

@@ -364,6 +364,40 @@ def raw_line(
     return out
 
 
+def step_to_predicted_change(
+    w_d: nn.Module,
+    at: nn.Module,
+    delta: Tensor,
+    val: tuple[Tensor, Tensor],
+    grid: tuple[float, ...],
+) -> dict[str, Any]:
+    """The step a of ``grid`` whose realised change of the logits on ``val`` (images only),
+    ``f(w(D) + aΔ) − f(w(D))``, is closest in mean squared norm per image to the linear model's
+    predicted change ``J_val(at) Δ`` (one JVP at θ_lin = ``at``); ``delta`` ``(p,)``. Returns
+    the grid, the mismatch per a, the validation error per a (recorded, not used) and a."""
+    from ntkscrub.operators import Jacobian
+    from ntkscrub.params import ParameterSpace
+
+    X, Y = val
+    J = Jacobian(ParameterSpace(at), (X, Y), name="val")
+    pred = (J @ delta.detach().to(J.device, J.dtype)).reshape(J.n, J.c).double().cpu()
+    v0, d = flat_params(w_d), delta.detach().float().cpu()
+    f0 = readouts.predict_logits(w_d, val).double()
+    mismatch, errors = [], []
+    for a in grid:
+        fa = readouts.predict_logits(load_flat(w_d, v0 + a * d), val).double()
+        mismatch.append(float((fa - f0 - pred).pow(2).sum(1).mean()))
+        errors.append(float((fa.argmax(1) != Y.cpu()).double().mean()))
+    best = int(np.argmin(mismatch))
+    return {
+        "grid": list(grid),
+        "mismatch": mismatch,
+        "val_errors": errors,
+        "predicted_change_norm": float(pred.pow(2).sum(1).mean()),
+        "a": grid[best],
+    }
+
+
 def kernel_prediction(
     at: nn.Module,
     w_lin_r: Tensor,
