@@ -30,7 +30,7 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
-from ntkscrub._progress import warn
+from ntkscrub._progress import logger, warn
 from ntkscrub.config import SolverConfig, _Config
 from ntkscrub.operators import (
     NTK,
@@ -236,6 +236,18 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
             }
         )
         alpha, q, z, obj = a_new, q_new, z_new, obj_new
+        logger.info(
+            "CE Newton %s step %d: objective %.6g, decrement² %.3g, step %.3g (%s), "
+            "%d CG iterations, %d products so far",
+            label,
+            it,
+            obj,
+            dec2,
+            t,
+            step_kind,
+            sum(rec.get("iterations", 0) for rec in inv.records),
+            counter.count,
+        )
         if step_kind == "newton":
             dec_first = dec2 if dec_first is None else dec_first
             dec_prev = dec2 / dec_first  # (δ_k/δ_1)²: quadratic forcing, exact near the minimum
