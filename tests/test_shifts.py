@@ -423,3 +423,27 @@ def test_ce_newton_dense_twin_respects_max_dense_bytes():
             method="ce_newton", ridge=0.7, solver="dense",
             solver_config=SolverConfig(max_dense_bytes=cap),
         )  # fmt: skip
+
+
+def test_ce_newton_at_a_stationary_w_d_starts_at_its_minimiser():
+    """Linearised at w(D) that minimises the same CE + ridge objective (a model linear in its
+    parameters, w(D) from the primal reference), α₀ = (Y − softmax f(w(D)))/λ is the D fit's
+    minimiser: the start takes t = 1 and the first decrement already meets the stop test,
+    where α = 0 (w = θ0) needed several Newton steps."""
+    g = torch.Generator().manual_seed(4)
+    d, c, n, lam = 5, 3, 30, 0.5
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, c, (n,), generator=g)
+    theta0 = torch.nn.Linear(d, c).double()
+    J, f = explicit_jacobian(theta0, X)
+    w = primal_newton_ce_minimiser(J, f, Y, lam, torch.zeros(J.shape[1], dtype=torch.float64))
+    trained = torch.nn.Linear(d, c).double()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(flat(theta0) + w, trained.parameters())
+    res = scrub(
+        trained, (X[:24], Y[:24]), (X[24:], Y[24:]), init=theta0, linearize_at="trained",
+        loss="ce", method="ce_newton", ridge=lam, solver="dense",
+    )  # fmt: skip
+    newton = res.info["method_info"]["newton"]
+    assert newton["D"]["start"] == 1.0 and newton["D"]["iterations"] == 1
+    assert newton["D"]["converged"] and newton["D_r"]["iterations"] > 2
