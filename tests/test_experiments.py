@@ -499,3 +499,22 @@ def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> Non
     doc = {"meta": {}, "seeds": {"0": {"method_failures": run.res["method_failures"]}}}
     text = "\n".join(figures._report_header(doc))
     assert "METHOD FAILED, seed 0: boom" in text
+
+
+def test_step_rule_takes_the_raw_step_of_a_model_linear_in_its_parameters():
+    """The validation step rule compares the realised change of the validation logits along
+    w(D) + aΔ with J_val·Δ: for a model linear in its parameters they agree exactly at a = 1
+    and differ by (a − 1)²‖J_val Δ‖² elsewhere, so the rule must return the raw step."""
+    from ntkscrub.recipes.reproduction.measure import step_to_predicted_change
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 4).eval()
+    X, Y = torch.randn(30, 7), torch.randint(0, 4, (30,))
+    delta = 0.3 * torch.randn(sum(p.numel() for p in model.parameters()))
+    grid = tuple(0.25 * k for k in range(1, 17))
+    out = step_to_predicted_change(model, model, delta, (X, Y), grid)
+    assert out["a"] == 1.0
+    norm = out["predicted_change_norm"]
+    for a, m in zip(grid, out["mismatch"], strict=True):
+        assert abs(m - (a - 1.0) ** 2 * norm) <= 1e-4 * norm, (a, m)
+    assert len(out["val_errors"]) == len(grid)
