@@ -185,15 +185,14 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
     counter = MatvecCounter() if counter is None else counter
     records = [] if records is None else records
     lam, c, dt = float(ridge), jac.c, jac.dtype
-    f0 = jac.outputs()  # (N, c)
+    f_lin = f0 = jac.outputs()  # (N, c): θ_lin's own logits; f0 those of the centre
     if centre is not None:
         if centre.shape != (jac.p,):
             raise ValueError(f"centre: expected shape ({jac.p},), got {tuple(centre.shape)}")
-        f0 = f0 + (Counted(jac, counter) @ centre.to(dt)).reshape(jac.n, c)
+        f0 = f_lin + (Counted(jac, counter) @ centre.to(dt)).reshape(jac.n, c)
     if not bool(torch.isfinite(f0).all()):
         raise ValueError("model: outputs at the linearisation point are not finite")
     onehot = torch.nn.functional.one_hot(jac.labels().long(), c).to(dt)
-    f_lin = f0 if centre is None else jac.outputs()  # θ_lin's own logits
     Theta = _theta_operator(jac, config, counter)
     precond, build = _theta_sketch(jac, lam, config, counter, label, precond)
     scale = _theta_scale(Theta, precond)

@@ -262,9 +262,10 @@ def _val_step(run: SeedRun, form: str) -> float:
     rule (the longest step whose validation error stays within two binomial standard errors of
     w(D)'s): with 125 validation images the margin was 8.5 points and the walk reached a = 4,
     overshooting D_f (quick preset: D_f error 60–64 % against bands of 27 and 44 %). Measured on
-    the dense twin of the quick preset, seed 1 (``/tmp`` probe, in the closing note of issue
-    13): this rule picks a = 1 for the cross-entropy model at w(D) (D_f error 32 %, D_f-L1 0.243
-    — the line's minimum 0.241 is at 1.25) and a = 0.25 at θ0, where the network moves the
+    the dense twin of the quick preset, seed 1
+    (``experiments/results/quick-dense-3seeds/engine-check/valrule_seed1.log``): this rule
+    picks a = 1 for the cross-entropy model at w(D) (D_f error 32 %, D_f-L1 0.243 — the
+    line's minimum 0.241 is at 1.25) and a = 0.25 at θ0, where the network moves the
     validation logits ~4× further than the θ0-linear model predicts (not lazy: the rule then
     trusts the linear model less). Recorded in ``methods_config.<form>_tuning``.
     """
