@@ -114,8 +114,14 @@ class SolverConfig(_Config):
             from failing at small ridge.
         precond: ``"nystrom"`` (randomized Nyström, Frangella–Tropp–Udell 2023) or ``"none"``.
         precond_rank: its rank; ``None``: adaptive (rank doubling until the sketch's smallest
-            kept eigenvalue is within a factor of the ridge, Frangella–Tropp–Udell 2023 §5.4;
+            kept eigenvalue is within a factor of the ridge, Frangella–Tropp–Udell 2023 §5.4,
+            or until ``precond_solves``' cost rule stops it;
             :func:`ntkscrub.solvers.nystrom_preconditioner`); ``0``: no preconditioner.
+        precond_solves: how many solves one adaptive Nyström factor serves (scrub: Θ_DD and,
+            restricted, Θ_rr — 2): the rank stops doubling when the CG iterations it would save
+            over that many solves no longer pay for its columns (counted in products, so the
+            rank does not depend on the host's speed or load); ``None``: no cost rule (the
+            sketch grows until the factor rule or ``min(n/4, 512)``).
         seed: seed of the Nyström sketch (reproducible preconditioner).
         warm_start: scrub starts the Θ_rr solve from the Θ_DD solution's retain rows.
         share_precond: scrub preconditions Θ_rr with the Θ_DD factor restricted to the retain
@@ -154,6 +160,7 @@ class SolverConfig(_Config):
     scalar_dtype: torch.dtype = torch.float64
     precond: Preconditioner = "nystrom"
     precond_rank: int | None = None
+    precond_solves: int | None = 2
     seed: int = 0
     warm_start: bool = True
     share_precond: bool = True
@@ -178,6 +185,7 @@ class SolverConfig(_Config):
             )
         _choice(c, "precond", self.precond, ("nystrom", "none"))
         _int(c, "precond_rank", self.precond_rank, 0, allow_none=True)
+        _int(c, "precond_solves", self.precond_solves, 1, allow_none=True)
         _int(c, "seed", self.seed, 0)
         _bool(c, "warm_start", self.warm_start)
         _bool(c, "share_precond", self.share_precond)

@@ -305,6 +305,40 @@ def test_adaptive_nystrom_caps_and_integer_rank():
     assert torch.allclose(a.dense_inverse(), b.dense_inverse(), atol=1e-8)
 
 
+def _pcg_total(K: torch.Tensor, M: NystromPreconditioner, mu: float, B: torch.Tensor) -> int:
+    """Products of a build + one PCG solve per column of B (2 columns = 2 solves)."""
+    A = K + mu * torch.eye(K.shape[0], dtype=F64)
+    its = [cg(A, B[:, j], precond=M, tol=1e-3, strict=False)[1].iterations for j in (0, 1)]
+    return M.matvecs + sum(its)
+
+
+def test_adaptive_nystrom_cost_rule_stops_near_the_cheapest_rank():
+    """A slowly decaying (NTK-like, λ_k ∝ k^-1.5) spectrum: the factor rule alone sketches twice
+    the columns that pay; the cost rule (2 solves to 1e-3) stops where build + CG products are
+    within 15 % of the best fixed rank of a doubling grid — and it never reads a clock."""
+    n, mu = 1200, 1.0
+    K = spd(3e4 * torch.arange(1, n + 1, dtype=F64) ** -1.5, seed=40)
+    B = torch.randn(n, 2, dtype=F64, generator=_gen(41))
+    free = nystrom_preconditioner(K, n, shift=mu, seed=0)
+    costed = nystrom_preconditioner(K, n, shift=mu, seed=0, solves=2, tol=1e-3)
+    assert free.stop_reason == "factor" and free.rank == 128
+    assert costed.stop_reason == "cost" and costed.rank < free.rank
+    assert all("predicted_saving" in h for h in costed.history)
+    assert costed.history[-1]["predicted_saving"] <= costed.rank  # the doubling it refused
+    totals = {r: _pcg_total(K, NystromPreconditioner(K, n, r, shift=mu, seed=0), mu, B)
+              for r in (16, 32, 64, 128, 256)}  # fmt: skip
+    assert _pcg_total(K, costed, mu, B) <= 1.15 * min(totals.values())
+    assert _pcg_total(K, free, mu, B) > 1.3 * min(totals.values())  # what the rule avoids
+    # more solves to serve → a larger factor pays; repeatable bit for bit
+    many = nystrom_preconditioner(K, n, shift=mu, seed=0, solves=50, tol=1e-3)
+    assert many.rank > costed.rank
+    again = nystrom_preconditioner(K, n, shift=mu, seed=0, solves=2, tol=1e-3)
+    assert again.rank == costed.rank and torch.equal(again.eigenvalues, costed.eigenvalues)
+    for bad in ({"solves": 0}, {"solves": True}, {"tol": 1.5}, {"tol": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            nystrom_preconditioner(K, n, shift=mu, **bad)
+
+
 # --------------------------------------------------------------------------- progress, warnings
 def test_progress_bar_shown_on_request_and_quiet_when_not_a_tty(capsys):
     A = spd(torch.logspace(0, 2, 60, dtype=F64), seed=23)

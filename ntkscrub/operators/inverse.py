@@ -303,6 +303,8 @@ class Inverse(Operator):
             seed=self.config.seed,
             dtype=self.dtype,
             device=self.device,
+            solves=self.config.precond_solves,
+            tol=self.config.tol_for(self.dtype),
             progress=self.config.progress,
         )
         self.preconditioner, self._precond_origin = M, "reused"
