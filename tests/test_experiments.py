@@ -149,6 +149,10 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
         for name, v in rel.items():
             assert v["rel"] is not None and v["rel"] <= 1e-3, (pname, name, v)
     assert dc["shift_within_expected"] and dc["bounds_within_expected"]
+    # the float32 floor: both linearisation points of the forms, products measured vs float64
+    assert set(dc["float32_jacobian"]) == {"init", "trained"}
+    prec = dc["float32_jacobian"].values()
+    assert all(0 < p["jvp"] < 1e-2 and 0 < p["vjp"] < 1e-2 and p["samples"] > 0 for p in prec)
     assert "solver_warnings" not in seed  # every smoke solve converges
     # the report carries the check and, for every method, its band position and cost
     summ = res["summary"]

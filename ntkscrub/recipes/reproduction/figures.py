@@ -784,6 +784,21 @@ def _report_dense_check(summ: dict[str, Any]) -> list[str]:
             f"{_num(chk.get('max_rel_shift'))}, of the bounds {_num(chk.get('max_rel_bounds'))} "
             f"(float32 expectation ≤ {exp:g})."
         )
+        prec = chk.get("float32_jacobian") or {}
+        if prec:
+            L.append(
+                "The float32 floor of this comparison — the network's float32 Jacobian products "
+                "on D_f against float64 ones (JVP / VJP, relative): "
+                + "; ".join(
+                    f"at {'θ0' if at == 'init' else 'w(D)'} {_num(p.get('jvp'))} / "
+                    f"{_num(p.get('vjp'))}"
+                    for at, p in prec.items()
+                )
+                + ". cg (streamed products) and dense (explicit rows) are two float32 "
+                "evaluations of the linear model, each about this far from the float64 one; a "
+                "shift, a difference of two fits, can amplify it ~10× (quick preset seed 0: "
+                "products 2e-4, shifts 1.5e-3 apart, cg 3.5e-4 from a float64 solve)."
+            )
         L.append("")
         L.append(
             "| form | ‖Δ_cg − Δ_dense‖/‖Δ_dense‖ | largest entry | trapezium factor "
@@ -819,7 +834,8 @@ def _report_dense_check(summ: dict[str, Any]) -> list[str]:
                 "relative residual of `cg_tol` (float32 default 1e-3), and the error of the "
                 "solution can be up to κ times that residual; rerun with a smaller "
                 "`--set cg_tol=...` (at more matvecs): if the difference falls with it, it "
-                "is the tolerance, otherwise the products differ."
+                "is the tolerance; if not, compare it with the float32 floor above (the "
+                "Jacobian's own rounding), or else the products differ."
             )
         if chk.get("bounds_within_expected") is False:
             L.append(

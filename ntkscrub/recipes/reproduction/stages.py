@@ -328,10 +328,17 @@ def stage_dense_check(run: SeedRun) -> None:
     worsts = [max(e["rel_l2_delta"], e["rel_trapezium_scale"]) for e in scrub.values()]
     worst = max(worsts, default=None)
     within = [w <= e["expected"] for w, e in zip(worsts, scrub.values())]
+    forget = run.split.forget
+    points = {NTK_FORMS[f]["linearize_at"] for f in scrub}
     run.res["dense_check"] = {
         "what": "cg (the configured solver) vs dense (explicit J, Cholesky) on the same seed",
         "expected_max": DENSE_CHECK_EXPECTED,
         "scrub": scrub,
+        # the float32 floor of the comparison: products at each linearisation point vs float64
+        "float32_jacobian": {
+            at: M.jacobian_precision(run.init if at == "init" else run.w_d, forget, run.seed)
+            for at in sorted(points)
+        },
         "max_rel_shift": worst,
         "shift_within_expected": None if worst is None else all(within),
     }
