@@ -121,7 +121,9 @@ class SolverConfig(_Config):
             restricted, Θ_rr — 2): the rank stops doubling when the CG iterations it would save
             over that many solves no longer pay for its columns (counted in products, so the
             rank does not depend on the host's speed or load); ``None``: no cost rule (the
-            sketch grows until the factor rule or ``min(n/4, 512)``).
+            sketch grows until the factor rule or ``min(n/4, 512)``). A
+            :class:`~ntkscrub.Scrubber`'s factor serves its preparation and every request:
+            raise it to the number of requests expected.
         seed: seed of the Nyström sketch (reproducible preconditioner).
         warm_start: scrub starts the Θ_rr solve from the Θ_DD solution's retain rows.
         share_precond: scrub preconditions Θ_rr with the Θ_DD factor restricted to the retain
