@@ -522,3 +522,21 @@ def test_step_rule_takes_the_raw_step_of_a_model_linear_in_its_parameters():
     for a, m in zip(grid, out["mismatch"], strict=True):
         assert abs(m - (a - 1.0) ** 2 * norm) <= 1e-4 * norm, (a, m)
     assert len(out["val_errors"]) == len(grid)
+
+
+def test_dense_check_report_names_differences_at_the_float32_floor() -> None:
+    """results.md attributes an over-expectation cg-vs-dense difference to the Jacobian's float32
+    rounding only for forms within 10× of their linearisation point's recorded floor."""
+    from ntkscrub.recipes.reproduction import figures
+
+    def entry(rel: float) -> dict:
+        return {"rel_l2_delta": rel, "expected": 1e-3}
+
+    floor = {"init": {"jvp": 2e-7, "vjp": 1e-6}, "trained": {"jvp": 2e-4, "vjp": 2e-4}}
+    scrubs = {"ntk_ce_trained": entry(1.5e-3), "ntk_ref": entry(4e-3), "ntk_paper": entry(1e-2)}
+    chk = {"float32_jacobian": floor, "scrub": scrubs}
+    text = figures._floor_reading(chk)
+    assert "ntk_ce_trained" in text and "ntk_ref" not in text and "ntk_paper" not in text
+    chk["scrub"] = {"ntk_ce_trained": entry(5e-4)}  # within expectation: nothing to explain
+    assert figures._floor_reading(chk) == ""
+    assert figures._floor_reading({"scrub": {"ntk_ce_trained": entry(1.5e-3)}}) == ""  # no floor

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ntkscrub.io import save_figure, write_text  # noqa: E402
-from ntkscrub.recipes.reproduction.methods import METHODS  # noqa: E402
+from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS  # noqa: E402
 
 # the registry's order is the order of every table and figure; SHORT: two-line tick labels
 METHOD_ORDER = list(METHODS)
@@ -770,6 +770,24 @@ def _report_fidelity(summ: dict[str, Any]) -> list[str]:
     return L
 
 
+def _floor_reading(chk: dict[str, Any]) -> str:
+    """Which over-expectation forms sit within 10× their linearisation point's float32 Jacobian
+    floor (rounding of J, not the solver), as one sentence; "" when none or no floor."""
+    floor = chk.get("float32_jacobian") or {}
+    near = []
+    for form, e in (chk.get("scrub") or {}).items():
+        at = NTK_FORMS.get(form, {}).get("linearize_at")
+        f = max((floor.get(at) or {}).get(k) or 0.0 for k in ("jvp", "vjp"))
+        if e["rel_l2_delta"] > e.get("expected", 1e-3) and 0 < e["rel_l2_delta"] <= 10 * f:
+            near.append(form)
+    if not near:
+        return ""
+    return (
+        f" Within 10× the float32 Jacobian floor of their linearisation point: {', '.join(near)}"
+        " — that difference is J's rounding, which a smaller `cg_tol` will not remove."
+    )
+
+
 def _report_dense_check(summ: dict[str, Any]) -> list[str]:
     """Issue 13 item 4: the cg path against its dense twin on one seed."""
     checks = summ.get("dense_check") or {}
@@ -835,7 +853,7 @@ def _report_dense_check(summ: dict[str, Any]) -> list[str]:
                 "solution can be up to κ times that residual; rerun with a smaller "
                 "`--set cg_tol=...` (at more matvecs): if the difference falls with it, it "
                 "is the tolerance; if not, compare it with the float32 floor above (the "
-                "Jacobian's own rounding), or else the products differ."
+                "Jacobian's own rounding), or else the products differ." + _floor_reading(chk)
             )
         if chk.get("bounds_within_expected") is False:
             L.append(
