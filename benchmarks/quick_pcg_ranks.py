@@ -31,6 +31,7 @@ import torch
 from ntkscrub.io import write_record
 from ntkscrub.operators.jacobian import Jacobian
 from ntkscrub.params import ParameterSpace
+from ntkscrub.scrub import _targets
 from ntkscrub.solvers import NystromPreconditioner, cg, nystrom_preconditioner
 
 RANKS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -42,10 +43,8 @@ def replica(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, loss: str)
     J = Jacobian(ParameterSpace(model), (X, Y), batch_size=128)
     D = J.dense().double()
     T = D @ D.T
-    f = J.outputs().double()
-    onehot = torch.nn.functional.one_hot(Y.long(), J.c).double()
-    e = onehot - (f if loss == "mse" else torch.softmax(f, dim=1))
-    return {"T": 0.5 * (T + T.T), "e": e.reshape(-1), "c": J.c}
+    e = _targets(J, loss).double()  # scrub's residuals e_S, (c·N,)
+    return {"T": 0.5 * (T + T.T), "e": e, "c": J.c}
 
 
 def products(T: torch.Tensor, e: torch.Tensor, m: int, lam: tuple, M: Any) -> dict[str, int]:
@@ -63,7 +62,7 @@ def products(T: torch.Tensor, e: torch.Tensor, m: int, lam: tuple, M: Any) -> di
 def study(rep: dict, n_retain: int, wd: float) -> dict[str, Any]:
     T, e, c = rep["T"], rep["e"], rep["c"]
     n = T.shape[0]
-    m, lam = n_retain * c, (wd * n // c, wd * n_retain)
+    m, lam = n_retain * c, (wd * (n // c), wd * n_retain)
     ev = torch.linalg.eigvalsh(T).flip(0)
     out: dict[str, Any] = {
         "n": n,
