@@ -105,7 +105,8 @@ class CEModel:
         iterations: Newton steps taken; converged: the decrement test was met.
         history: per step: objective, decrement², inner tol, step length.
         precond: the Nyström factor built at the first step (reused by every later step).
-        start: the scale t of the starting point ``t·α₀`` (:func:`_dual_start`; 0: α = 0).
+        start: the starting point :func:`_dual_start` took: the scale t of ``t·α₀`` (0: α = 0),
+            or ``"warm"`` for the given warm start.
     """
 
     alpha: Tensor
@@ -115,7 +116,7 @@ class CEModel:
     converged: bool
     history: list[dict[str, float]] = field(default_factory=list)
     precond: Any = None
-    start: float = 0.0
+    start: float | str = 0.0
 
 
 def _ce_objective(z: Tensor, onehot: Tensor, alpha: Tensor, q: Tensor, lam: float) -> float:
@@ -135,6 +136,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
     records: list[dict[str, Any]] | None = None,
     precond: Any = None,
     centre: Tensor | None = None,
+    warm: Tensor | None = None,
 ) -> CEModel:
     """Minimise ``Σ_i CE(f(x_i) + J_i w, y_i) + ½λ‖w − c‖²`` over ``w = c + Jᵀα`` by damped
     Newton (``c = centre``, default 0; with ``u = w − c`` it is the same problem at the shifted
@@ -174,6 +176,9 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
             once at the first step when None (and the configuration asks for one).
         centre: the ridge's centre relative to θ_lin ``(p,)`` (θ0 − θ_lin: weight decay toward
             θ0); ``alpha`` then parametrises ``w − centre``.
+        warm: a candidate dual start ``(c·N,)`` (e.g. the D fit's α restricted to D_r), taken
+            when its exact objective beats every ``t·α₀`` (one more Θ product); the minimiser is
+            unique, so it moves the cost, not the result.
     """
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
         raise TypeError(f"ridge: expected a number, got {type(ridge).__name__}")
@@ -197,7 +202,9 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
     precond, build = _theta_sketch(jac, lam, config, counter, label, precond)
     scale = _theta_scale(Theta, precond)
     floor = 0.0 if not scale or scale <= lam else lam / scale  # see _newton_direction
-    alpha, q, z, obj, start = _dual_start(Theta, f0, f_lin, onehot, lam)
+    if warm is not None and warm.shape != (jac.c * jac.n,):
+        raise ValueError(f"warm: expected shape ({jac.c * jac.n},), got {tuple(warm.shape)}")
+    alpha, q, z, obj, start = _dual_start(Theta, f0, f_lin, onehot, lam, warm)
     tol_final, rtol = config.tol_for(dt), newton.rtol_for(dt)
     history, converged, dec_prev, dec_first = [], False, 1.0, None
     it = 0
@@ -257,27 +264,37 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
 
 
 def _dual_start(
-    Theta: Any, f0: Tensor, f_lin: Tensor, onehot: Tensor, lam: float
-) -> tuple[Tensor, Tensor, Tensor, float, float]:
-    """The Newton iteration's starting point ``t·α₀``, ``α₀ = (Y − softmax(f(θ_lin)))/λ``, with t
-    the best of {0, ¼, ½, ¾, 1} by the exact objective (one Θ product: ``Θ(tα₀) = tΘα₀``).
-    Returns ``(α, Θα, z, objective, t)``.
+    Theta: Any, f0: Tensor, f_lin: Tensor, onehot: Tensor, lam: float, warm: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, float, float | str]:
+    """The Newton iteration's starting point: ``t·α₀``, ``α₀ = (Y − softmax(f(θ_lin)))/λ``, with t
+    the best of {0, ¼, ½, ¾, 1} by the exact objective (one Θ product: ``Θ(tα₀) = tΘα₀``), or
+    ``warm`` when given and better (one more product). Returns ``(α, Θα, z, objective, start)``.
 
     Why: at a stationary point of the *network's* objective (w(D) trained with this loss and
     this weight decay toward θ0), ``w(D) − θ0 = J(w(D))ᵀ(Y − π)/λ``, so linearised at w(D)
     the point t = 1 is ``w = 0`` — the linear model's minimiser when training converged — while
     α = 0 is θ0, far from it. Measured on the quick preset, seed 1, dense twin: at w(D) the D
     fit takes t = ¼ (SGD with augmentation and BatchNorm does not end at the stationary point),
-    14 → 12 Newton steps; at θ0 and on D_r t = 0 (the old start, one product spent)."""
+    14 → 12 Newton steps; at θ0 and on D_r t = 0 (the old start, one product spent).
+
+    Why ``warm``: at the minimiser ``α = (Y − π)/λ`` (stationarity with J of full row rank), and
+    removing a small D_f barely moves the retained samples' probabilities, so the D fit's α on
+    the D_r rows is close to the D_r fit's — Newton's quadratic region, where the t grid's
+    points are not (the quick preset at w(D): the D_r fit took 11 steps from t = 0)."""
     alpha0 = (onehot - torch.softmax(f_lin, dim=1)).reshape(-1) / lam
     q0 = Theta @ alpha0
+    cands: list[tuple[Tensor, Tensor, float | str]] = [
+        (t * alpha0, t * q0, t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)
+    ]
+    if warm is not None:
+        w = warm.to(alpha0.dtype)
+        cands.append((w, Theta @ w, "warm"))
     best = None
-    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        a, q = t * alpha0, t * q0
+    for a, q, label in cands:
         z = f0 + q.reshape(f0.shape)
         obj = _ce_objective(z, onehot, a, q, lam)
         if best is None or obj < best[3]:
-            best = (a, q, z, obj, t)
+            best = (a, q, z, obj, label)
     return best
 
 
@@ -397,13 +414,22 @@ def _armijo(
     slope: float,
 ) -> tuple[float, Tensor, Tensor, Tensor, float]:
     """Backtracking (halving) from t = 1 until ``obj(t) ≤ obj − t·slope`` (Armijo), t ≥ 1e-10;
-    returns ``(t, α, Θα, z, objective)`` at the accepted step."""
+    returns ``(t, α, Θα, z, objective)`` at the accepted step.
+
+    When the decrease the step promises is below the objective's rounding (``16·eps·|obj|`` in
+    the logits' dtype), the test compares rounding noise: a full step that does not raise the
+    objective by more than that is taken. Why: in the quadratic region the last Newton step is
+    the one that brings the iterate to the working precision, and the noisy test had halved it
+    to t = 5e-7 — leaving a relative error of up to 4e-9 in float64 (the stop test, on the
+    decrement before the step, then ended the iteration on the untaken step)."""
     t, c = 1.0, onehot.shape[1]
+    noise = 16 * torch.finfo(f0.dtype).eps * max(1.0, abs(obj))
+    flat = slope <= noise
     while True:
         a_new, q_new = alpha - t * beta, q - t * Tb
         z_new = f0 + q_new.reshape(-1, c)
         obj_new = _ce_objective(z_new, onehot, a_new, q_new, lam)
-        if obj_new <= obj - t * slope or t < 1e-10:
+        if obj_new <= obj - t * slope or (flat and obj_new <= obj + noise) or t < 1e-10:
             return t, a_new, q_new, z_new, obj_new
         t *= 0.5
 
@@ -495,7 +521,9 @@ def ce_newton_shift(
 
     ``w_ce(S) = centre + J_Sᵀ α_S`` from :func:`ce_newton_fit`; ``ridge_r``/``ridge_d`` are λ for
     D_r and D (λ = N·wd each under the weight_decay convention); ``centre`` ``(p,)`` the ridge's
-    centre relative to θ_lin (it cancels in Δ but moves both minimisers). Returns ``(p,)``
+    centre relative to θ_lin (it cancels in Δ but moves both minimisers). With
+    ``config.warm_start`` the D_r fit is offered the D fit's α on the D_r rows as its start
+    (:func:`_dual_start`), as the one-shot scrub starts its Θ_rr solve. Returns ``(p,)``
     vectors; ``w_lin_r`` is w_ce(D_r).
     """
     counter, records = MatvecCounter(), []
@@ -527,6 +555,7 @@ def ce_newton_shift(
         records=records,
         precond=shared,
         centre=centre,
+        warm=fit_d.alpha[: J_r.c * J_r.n] if config.warm_start else None,
     )
     cr = fit_r.alpha.shape[0]
     # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
