@@ -3,11 +3,23 @@ so that the benchmarks' conftest cannot shadow them when both folders are collec
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draws from torch's global generator seeded with ``seed`` inside the block, its state
+    restored afterwards: torch seeds it at random per process, so a module built (or data drawn)
+    without a seed gives a test run on its own a new problem every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def make_mlp(in_dim: int = 6, hidden: int = 8, c: int = 3, seed: int = 0) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import seeded
 from torch import nn
 
 from ntkscrub.config import ProductConfig
@@ -180,8 +181,9 @@ def test_a_tiny_model_over_its_default_budget_plans_without_a_warning(caplog, mo
     import ntkscrub.operators.passes as passes
 
     monkeypatch.setattr(passes, "_train_step", lambda *a: 1)  # default budget: 2 bytes
-    model = nn.Linear(6, 4).double().eval()
-    X = torch.randn(20, 6, dtype=torch.float64)
+    with seeded(0):
+        model = nn.Linear(6, 4).double().eval()
+        X = torch.randn(20, 6, dtype=torch.float64)
     J = Jacobian(ParameterSpace(model), X, batch_size=20)
     with caplog.at_level(logging.WARNING, logger="ntkscrub"):
         plan = plan_passes(J)

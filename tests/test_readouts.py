@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from model_zoo import seeded
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -148,7 +149,7 @@ def test_softmax_l1_hand_computed_and_properties():
 def test_along_line_endpoints_and_midpoint(device):
     model, ref = bn_mlp(0).to(device), bn_mlp(2).to(device)
     scrubbed = copy.deepcopy(model)
-    with torch.no_grad():  # a different point in weight space, same buffers
+    with torch.no_grad(), seeded(1):  # a different point in weight space, same buffers
         for p in scrubbed.parameters():
             p.add_(0.3 * torch.randn_like(p))
     X, Y = blobs(40, 3)  # data on the CPU; each model gets it on its own device

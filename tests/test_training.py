@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import seeded
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -132,7 +133,8 @@ def test_anchor_decay_pulls_toward_the_anchor():
 # ----------------------------------------------------------------------- side effects, seeds
 def test_input_model_is_not_modified_and_global_rng_untouched():
     X, Y = images()
-    m = SmallCNN(1, 3, width=4)
+    with seeded(0):
+        m = SmallCNN(1, 3, width=4)
     m.train()
     ref = copy.deepcopy(m)
     rng = torch.get_rng_state()
@@ -143,7 +145,8 @@ def test_input_model_is_not_modified_and_global_rng_untouched():
 
 def test_same_seed_gives_identical_weights():
     X, Y = images()
-    m = SmallCNN(1, 3, width=4)
+    with seeded(0):
+        m = SmallCNN(1, 3, width=4)
     kw = dict(epochs=2, lr=0.1, batch_size=8, freeze_bn=False)
     a, la = train(m, (X, Y), seed=7, **kw)
     b, lb = train(m, (X, Y), seed=7, **kw)
@@ -163,7 +166,8 @@ def test_dropout_is_seeded():
 
 def test_frozen_batchnorm_keeps_running_statistics():
     X, Y = images()
-    m = SmallCNN(1, 3, width=4)
+    with seeded(0):
+        m = SmallCNN(1, 3, width=4)
     buffers = {k: v.clone() for k, v in m.named_buffers()}
     frozen, _ = train(m, (X, Y), epochs=2, lr=0.1, batch_size=8, freeze_bn=True)
     for k, v in frozen.named_buffers():
@@ -256,7 +260,8 @@ def test_bad_inputs_raise_naming_the_argument():
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
-    m = SmallCNN(1, 3, width=4)
+    with seeded(0):
+        m = SmallCNN(1, 3, width=4)
     path = tmp_path / "ck" / "model.pt"
     meta = {"epochs": 3, "recipe": {"lr": 0.01, "schedule": "cosine"}, "errors": [0.5, 0.0]}
     save_checkpoint(path, m, meta)
@@ -265,7 +270,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert raw["meta"] == meta
     state, meta2 = load_checkpoint(path)
     assert meta2 == meta and state.keys() == m.state_dict().keys()
-    other = SmallCNN(1, 3, width=4)
+    with seeded(1):
+        other = SmallCNN(1, 3, width=4)
     loaded, _ = load_checkpoint(path, other)
     assert same_state(loaded, m) and not same_state(other, m)  # `other` untouched
     save_checkpoint(tmp_path / "sd.pt", m.state_dict())
