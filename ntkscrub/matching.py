@@ -54,7 +54,7 @@ from ntkscrub.operators import (
     StackedJacobian,
 )
 from ntkscrub.params import ParameterSpace
-from ntkscrub.shifts import MethodShift
+from ntkscrub.shifts import MethodShift, NewtonConfig
 
 __all__ = ["MatchConfig", "check_match", "output_match_shift"]
 
@@ -165,6 +165,7 @@ def output_match_shift(
     config: SolverConfig,
     products: ProductConfig,
     match: MatchConfig,
+    newton: NewtonConfig | None = None,
     anchor_data: Any = None,
 ) -> MethodShift:
     """Δ = θ_final − w(D) of re-linearised output matching (module docstring; issue 13).
@@ -173,12 +174,13 @@ def output_match_shift(
     inputs, as :func:`ntkscrub.scrub.ntk_shift` takes them. ``space``: the parameter space of
     w(D) (its buffers are the network's at every re-linearisation), ``w_d`` ``(p,)`` its point,
     ``displacement`` = w(D) − θ0 ``(p,)``. ``ridge_r``/``ridge_d``/``config`` as for the first
-    step; every round solves with ``config`` too. Returns a :class:`~ntkscrub.shifts.MethodShift`
+    step (``newton``: the cross-entropy first step's Newton knobs); every round solves with
+    ``config`` too. Returns a :class:`~ntkscrub.shifts.MethodShift`
     whose ``extra`` records the first step and every round.
     """
     check_choice(linearize_at, "linearize_at", ("init", "trained"))
     first = _first_step(
-        J_r, J_f, e_r, e_f, displacement, linearize_at, ridge_r, ridge_d, config, match
+        J_r, J_f, e_r, e_f, displacement, linearize_at, ridge_r, ridge_d, config, match, newton
     )
     counter = MatvecCounter()
     # the kernel prediction of a retrain's logits on D_f: f(θ_lin; D_f) + J_f w_lin(D_r)
@@ -246,6 +248,7 @@ def _first_step(
     ridge_d: float,
     config: SolverConfig,
     match: MatchConfig,
+    newton: NewtonConfig | None,
 ) -> Any:
     """The one-shot step at θ_lin: eq. 10 (``form="solves"``) or the cross-entropy model's."""
     from ntkscrub.scrub import _method_shift, ntk_shift  # here: scrub imports this module
@@ -255,7 +258,7 @@ def _first_step(
             J_r, J_f, e_r, e_f, ridge_r=ridge_r, ridge_d=ridge_d, form="solves", config=config
         )
     return _method_shift(
-        "ce_newton", J_r, J_f, e_r, displacement, linearize_at, ridge_r, ridge_d, config
+        "ce_newton", J_r, J_f, e_r, displacement, linearize_at, ridge_r, ridge_d, config, newton
     )
 
 

@@ -61,6 +61,7 @@ from ntkscrub.operators import (
     StackedJacobian,
 )
 from ntkscrub.params import ParameterSpace, ParamSelector, check_eval_mode
+from ntkscrub.shifts import NewtonConfig, ce_newton_shift, projected_shift
 
 __all__ = [
     "ScrubResult",
@@ -428,6 +429,7 @@ def scrub(
     noise_config: NoiseConfig | None = None,
     method: ShiftMethod = "one_shot",
     match: MatchConfig | None = None,
+    newton: NewtonConfig | None = None,
     anchor_data: Any = None,
     process_group: Any = None,
 ) -> ScrubResult:
@@ -480,6 +482,9 @@ def scrub(
             ``form`` applies to ``"one_shot"`` only; rescale and noise apply to every method.
         match: :class:`~ntkscrub.matching.MatchConfig` of ``method="output_match"`` (rounds,
             damping, anchors, first step, seed); ``None``: its defaults.
+        newton: :class:`~ntkscrub.shifts.NewtonConfig` of the cross-entropy model's damped
+            Newton fits (``method="ce_newton"`` or ``match.first_step="ce_newton"``: step cap,
+            stop test, inexact-Newton forcing, Armijo constant); ``None``: its defaults.
         anchor_data: ``method="output_match"``: extra unlabelled anchor images (X, a Dataset or
             DataLoader; labels ignored), e.g. validation images, held at w(D)'s outputs.
         process_group: data-parallel scrub (:mod:`ntkscrub.distributed`): when given, or when a
@@ -497,7 +502,11 @@ def scrub(
     check_not_meta(init, "init")
     _check_method(method, loss, ridge, weight_decay, form)
     match = check_match(method, match, anchor_data, loss, ridge, weight_decay)
-    ridge, noise = check_number(ridge, "ridge"), check_number(noise, "noise")
+    ridge, noise, newton = (
+        check_number(ridge, "ridge"),
+        check_number(noise, "noise"),
+        _typed(newton, NewtonConfig, "newton"),
+    )
     if weight_decay is not None:
         weight_decay = check_number(weight_decay, "weight_decay")
         if ridge != 0.0:
@@ -556,11 +565,11 @@ def scrub(
             res = output_match_shift(
                 J_r, J_f, e_r, e_f, space=space_w, w_d=w_d, displacement=w_d - theta0,
                 linearize_at=linearize_at, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg,
-                products=products, match=match, anchor_data=anchor_data,
+                products=products, match=match, newton=newton, anchor_data=anchor_data,
             )  # fmt: skip
         else:
             res = _method_shift(
-                method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg
+                method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg, newton
             )
     scale, cos = 1.0, None
     if rescale == "trapezium":
@@ -699,19 +708,18 @@ def _method_shift(
     ridge_r: float,
     ridge_d: float,
     cfg: SolverConfig,
+    newton: NewtonConfig | None = None,
 ) -> Any:
     """The shift of a method of :mod:`ntkscrub.shifts` (a :class:`~ntkscrub.shifts.MethodShift`).
 
     ``displacement`` = w(D) − θ0. The cross-entropy model's ridge is centred at θ0 (weight decay
     toward θ0, the ``weight_decay`` convention), i.e. at −displacement from w(D) when
     linearised there: then it is the second-order model of w(D)'s own training objective."""
-    from ntkscrub import shifts  # shifts imports this module's block-form helpers
-
     if method == "projected":
-        return shifts.projected_shift(J_r, J_f, displacement, e_r, ridge=ridge_r, config=cfg)
+        return projected_shift(J_r, J_f, displacement, e_r, ridge=ridge_r, config=cfg)
     centre = -displacement if linearize_at == "trained" else None
-    return shifts.ce_newton_shift(
-        J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg, centre=centre
+    return ce_newton_shift(
+        J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg, newton=newton, centre=centre
     )
 
 

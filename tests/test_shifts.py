@@ -233,6 +233,22 @@ def test_method_bad_input_names_the_argument():
         scrub(*args, init=theta0, method="ce_newton", loss="ce")
     with pytest.raises(ValueError, match="form"):
         scrub(*args, init=theta0, method="projected", form="block", ridge=0.1)
+    with pytest.raises(TypeError, match="newton"):
+        scrub(*args, init=theta0, method="ce_newton", loss="ce", ridge=0.1, newton={"max_iter": 2})
+
+
+def test_scrub_newton_config_reaches_both_fits():
+    """``scrub(newton=...)``: a step cap of 2 leaves the fits unconverged, and the result says
+    so (not strict: recorded, not raised); the record carries the config that ran."""
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    kw = dict(init=theta0, loss="ce", method="ce_newton", ridge=0.7, solver="dense")
+    res = scrub(trained, (X[:16], Y[:16]), (X[16:], Y[16:]), newton=NewtonConfig(max_iter=2),
+                strict=False, **kw)  # fmt: skip
+    info = res.info["method_info"]
+    assert info["newton_config"]["max_iter"] == 2
+    assert info["newton"]["D"]["iterations"] == 2 and not info["newton"]["D"]["converged"]
+    assert not res.info["converged"]
 
 
 def test_ce_newton_one_sketch_serves_every_step_and_the_retain_fit():
