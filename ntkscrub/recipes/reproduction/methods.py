@@ -270,7 +270,7 @@ def _val_step(run: SeedRun, form: str) -> float:
     trusts the linear model less). Recorded in ``methods_config.<form>_tuning``.
     """
     r = run.scrubbed(form)
-    at = run.init if NTK_FORMS[form]["linearize_at"] == "init" else run.w_d
+    at = run.linearization_point(NTK_FORMS[form]["linearize_at"])
     val = data_sets(run.split)["val"]
     match = M.step_to_predicted_change(run.w_d, at, r.delta, val, STEP_GRID)
     run.method_notes[f"{form}_tuning"] = {

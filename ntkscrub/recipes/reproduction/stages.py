@@ -153,6 +153,10 @@ class SeedRun:
                 )
         return self.models[name]
 
+    def linearization_point(self, at: str) -> nn.Module:
+        """The model an NTK form linearises at: θ0 for ``"init"``, w(D) for ``"trained"``."""
+        return self.init if at == "init" else self.w_d
+
     def scrubbed(self, form: str) -> Any:
         """The :class:`~ntkscrub.scrub.ScrubResult` of one NTK form (scrubbed once per seed)."""
         if form not in self._scrubs:
@@ -336,7 +340,7 @@ def stage_dense_check(run: SeedRun) -> None:
         "scrub": scrub,
         # the float32 floor of the comparison: products at each linearisation point vs float64
         "float32_jacobian": {
-            at: M.jacobian_precision(run.init if at == "init" else run.w_d, forget, run.seed)
+            at: M.jacobian_precision(run.linearization_point(at), forget, run.seed)
             for at in sorted(points)
         },
         "max_rel_shift": worst,
