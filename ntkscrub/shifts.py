@@ -176,7 +176,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
             once at the first step when None (and the configuration asks for one).
         centre: the ridge's centre relative to θ_lin ``(p,)`` (θ0 − θ_lin: weight decay toward
             θ0); ``alpha`` then parametrises ``w − centre``.
-        warm: a candidate dual start ``(c·N,)`` (e.g. the D fit's α restricted to D_r), taken
+        warm: a candidate dual start ``(c·N,)`` (e.g. :func:`_retain_start`'s), taken
             when its exact objective beats every ``t·α₀`` (one more Θ product); the minimiser is
             unique, so it moves the cost, not the result.
     """
@@ -277,10 +277,10 @@ def _dual_start(
     fit takes t = ¼ (SGD with augmentation and BatchNorm does not end at the stationary point),
     14 → 12 Newton steps; at θ0 and on D_r t = 0 (the old start, one product spent).
 
-    Why ``warm``: at the minimiser ``α = (Y − π)/λ`` (stationarity with J of full row rank), and
-    removing a small D_f barely moves the retained samples' probabilities, so the D fit's α on
-    the D_r rows is close to the D_r fit's — Newton's quadratic region, where the t grid's
-    points are not (the quick preset at w(D): the D_r fit took 11 steps from t = 0)."""
+    Why ``warm``: removing a small D_f barely moves the retained samples' logits, so a start
+    that keeps the D fit's logits on D_r (:func:`_retain_start`) lies near the D_r minimiser,
+    where the t grid's points may not (the quick preset at w(D): the D_r fit took 11 steps
+    from t = 0). The objective decides, so a poor candidate costs one product, not steps."""
     alpha0 = (onehot - torch.softmax(f_lin, dim=1)).reshape(-1) / lam
     q0 = Theta @ alpha0
     cands: list[tuple[Tensor, Tensor, float | str]] = [
@@ -522,8 +522,9 @@ def ce_newton_shift(
     ``w_ce(S) = centre + J_Sᵀ α_S`` from :func:`ce_newton_fit`; ``ridge_r``/``ridge_d`` are λ for
     D_r and D (λ = N·wd each under the weight_decay convention); ``centre`` ``(p,)`` the ridge's
     centre relative to θ_lin (it cancels in Δ but moves both minimisers). With
-    ``config.warm_start`` the D_r fit is offered the D fit's α on the D_r rows as its start
-    (:func:`_dual_start`), as the one-shot scrub starts its Θ_rr solve. Returns ``(p,)``
+    ``config.warm_start`` the D_r fit is offered a start that keeps the D fit's logits on D_r
+    (:func:`_retain_start`, one Θ_rr solve; taken by :func:`_dual_start` when its objective is
+    the lower), as the one-shot scrub starts its Θ_rr solve from the Θ_DD one. Returns ``(p,)``
     vectors; ``w_lin_r`` is w_ce(D_r).
     """
     counter, records = MatvecCounter(), []
@@ -545,6 +546,10 @@ def ce_newton_shift(
         if config.share_precond and M is not None
         else None
     )
+    warm = None
+    if config.warm_start:
+        warm, shared = _retain_start(J_r, J_f, fit_d.alpha, ridge_r, config, counter, shared)
+        records.extend(warm.records)
     fit_r = ce_newton_fit(
         J_r,
         ridge=ridge_r,
@@ -555,7 +560,7 @@ def ce_newton_shift(
         records=records,
         precond=shared,
         centre=centre,
-        warm=fit_d.alpha[: J_r.c * J_r.n] if config.warm_start else None,
+        warm=None if warm is None else warm.alpha,
     )
     cr = fit_r.alpha.shape[0]
     # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
@@ -580,6 +585,41 @@ def ce_newton_shift(
         "converged": fit_d.converged and fit_r.converged,
     }
     return MethodShift(delta, w_r, counter.count, records, extra)
+
+
+@dataclass
+class _Start:
+    alpha: Tensor
+    records: list[dict[str, Any]]
+
+
+def _retain_start(
+    J_r: Jacobian,
+    J_f: Jacobian,
+    alpha_d: Tensor,
+    ridge: float,
+    config: SolverConfig,
+    counter: MatvecCounter,
+    precond: Any,
+) -> tuple[_Start, Any]:
+    """A start for the D_r fit that keeps the D fit's logits on D_r:
+    ``α = α_D[r] + (Θ_rr + λI)⁻¹ Θ_rf α_D[f]`` ``(c·N_r,)`` — one Θ_rf product and one solve
+    (to 1e-2 or ``tol``, the looser: it is a start). Returns it with the Θ_rr + λI factor the
+    solve used (``precond``, or the one it built), which the D_r fit reuses.
+
+    Why not ``α_D[r]`` alone: the D_r linear logits are ``f + Θ_rr α``, and dropping the forget
+    rows moves them by ``−Θ_rf α_D[f]`` — on the quick preset at w(D) that start's objective was
+    above α = 0's (Θ's top eigenvalues ~1e5 turn a small change of α into a large one of the
+    logits). With the correction the logits on D_r are the D fit's up to ``λ(Θ_rr + λI)⁻¹Θ_rf α_f``,
+    and near the D_r minimiser when D_f is a small part of D."""
+    cr = J_r.c * J_r.n
+    b = Counted(J_r, counter) @ (Counted(J_f, counter).mT @ alpha_d[cr:])  # Θ_rf α_f
+    cfg = config.replace(tol=max(config.tol_for(b.dtype), 1e-2))
+    inv = Inverse(
+        Counted(NTK(jac_a=J_r, ridge=ridge), counter), cfg, label="CE D_r start", precond=precond
+    )
+    x = inv.solve(b)
+    return _Start(alpha_d[:cr] + x, inv.records), inv.preconditioner
 
 
 def projected_shift(
