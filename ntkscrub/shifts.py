@@ -65,6 +65,9 @@ class NewtonConfig(_Config):
         forcing: inexact Newton: the inner PCG tolerance of step k is
             ``max(tol, min(forcing, (δ_{k−1}/δ_1)²))`` with δ the Newton decrement (loose while far
             from the minimum, tightening as the gradient vanishes: superlinear convergence).
+            Above the solves' final tol it makes early steps inexact, and a loose solve that
+            converged but gives no descent direction raises (quick preset at w(D), float32,
+            forcing 0.1: the D_r fit stopped with δ² = −1.27); the default equals float32's tol.
         armijo: sufficient decrease of the backtracking line search (halving the step).
     """
 
