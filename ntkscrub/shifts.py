@@ -551,8 +551,9 @@ def ce_newton_shift(
     )
     warm = None
     if config.warm_start:
-        warm, shared = _retain_start(J_r, J_f, fit_d.alpha, ridge_r, config, counter, shared)
-        records.extend(warm.records)
+        warm, shared = _retain_start(
+            J_r, J_f, fit_d.alpha, ridge_r, config, counter, records, shared
+        )
     fit_r = ce_newton_fit(
         J_r,
         ridge=ridge_r,
@@ -563,7 +564,7 @@ def ce_newton_shift(
         records=records,
         precond=shared,
         centre=centre,
-        warm=None if warm is None else warm.alpha,
+        warm=warm,
     )
     cr = fit_r.alpha.shape[0]
     # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
@@ -590,12 +591,6 @@ def ce_newton_shift(
     return MethodShift(delta, w_r, counter.count, records, extra)
 
 
-@dataclass
-class _Start:
-    alpha: Tensor
-    records: list[dict[str, Any]]
-
-
 def _retain_start(
     J_r: Jacobian,
     J_f: Jacobian,
@@ -603,12 +598,13 @@ def _retain_start(
     ridge: float,
     config: SolverConfig,
     counter: MatvecCounter,
+    records: list[dict[str, Any]],
     precond: Any,
-) -> tuple[_Start, Any]:
+) -> tuple[Tensor, Any]:
     """A start for the D_r fit that keeps the D fit's logits on D_r:
     ``α = α_D[r] + (Θ_rr + λI)⁻¹ Θ_rf α_D[f]`` ``(c·N_r,)`` — one Θ_rf product and one solve
-    (to 1e-2 or ``tol``, the looser: it is a start). Returns it with the Θ_rr + λI factor the
-    solve used (``precond``, or the one it built), which the D_r fit reuses.
+    (to 1e-2 or ``tol``, the looser: it is a start), recorded in ``records``. Returns it with the
+    Θ_rr + λI factor the solve used (``precond``, or the one it built), which the D_r fit reuses.
 
     Why not ``α_D[r]`` alone: the D_r linear logits are ``f + Θ_rr α``, and dropping the forget
     rows moves them by ``−Θ_rf α_D[f]`` — on the quick preset at w(D) that start's objective was
@@ -622,7 +618,8 @@ def _retain_start(
         Counted(NTK(jac_a=J_r, ridge=ridge), counter), cfg, label="CE D_r start", precond=precond
     )
     x = inv.solve(b)
-    return _Start(alpha_d[:cr] + x, inv.records), inv.preconditioner
+    records.extend(inv.records)
+    return alpha_d[:cr] + x, inv.preconditioner
 
 
 def projected_shift(

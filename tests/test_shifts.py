@@ -15,6 +15,7 @@ from model_zoo import (
     min_norm_interpolant,
     random_features_model,
     rel,
+    seeded,
 )
 from scipy.optimize import minimize
 
@@ -53,8 +54,7 @@ def linear(d, c, seed):
     """``nn.Linear(d, c)`` in float64 from its own seed: torch seeds the global generator at random
     per process, and an unseeded model made these tests see a new problem every run (one in
     three of them had hit the Armijo rounding fixed in ``shifts._armijo``)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded(seed):
         return torch.nn.Linear(d, c).double()
 
 
