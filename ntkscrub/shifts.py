@@ -65,9 +65,10 @@ class NewtonConfig(_Config):
         forcing: inexact Newton: the inner PCG tolerance of step k is
             ``max(tol, min(forcing, (δ_{k−1}/δ_1)²))`` with δ the Newton decrement (loose while far
             from the minimum, tightening as the gradient vanishes: superlinear convergence).
-            Above the solves' final tol it makes early steps inexact, and a loose solve that
-            converged but gives no descent direction raises (quick preset at w(D), float32,
-            forcing 0.1: the D_r fit stopped with δ² = −1.27); the default equals float32's tol.
+            A loose solve that converged but gives no descent direction is solved again at the
+            final tol (one more solve; seen on the quick preset at w(D), float32, forcing 0.1:
+            δ² = −1.27, which raised before the re-solve existed); the default equals float32's
+            tol, so there only float64 fits have loose steps.
         armijo: sufficient decrease of the backtracking line search (halving the step).
     """
 
@@ -108,6 +109,7 @@ class CEModel:
         iterations: Newton steps taken; converged: the decrement test was met.
         history: per step: objective, decrement², inner tol, step length.
         precond: the Nyström factor built at the first step (reused by every later step).
+        theta: the Θ_SS operator the steps used (the explicit matrix on the dense twin).
         start: the starting point :func:`_dual_start` took: the scale t of ``t·α₀`` (0: α = 0),
             or ``"warm"`` for the given warm start.
     """
@@ -120,6 +122,7 @@ class CEModel:
     history: list[dict[str, float]] = field(default_factory=list)
     precond: Any = None
     start: float | str = 0.0
+    theta: Any = None
 
 
 def _ce_objective(z: Tensor, onehot: Tensor, alpha: Tensor, q: Tensor, lam: float) -> float:
@@ -140,6 +143,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
     precond: Any = None,
     centre: Tensor | None = None,
     warm: Tensor | None = None,
+    theta: Any = None,
 ) -> CEModel:
     """Minimise ``Σ_i CE(f(x_i) + J_i w, y_i) + ½λ‖w − c‖²`` over ``w = c + Jᵀα`` by damped
     Newton (``c = centre``, default 0; with ``u = w − c`` it is the same problem at the shifted
@@ -182,31 +186,24 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         warm: a candidate dual start ``(c·N,)`` (e.g. :func:`_retain_start`'s), taken
             when its exact objective beats every ``t·α₀`` (one more Θ product); the minimiser is
             unique, so it moves the cost, not the result.
+        theta: Θ_SS ``(c·N, c·N)`` as an operator, when the caller has it (the dense twin's D_r
+            fit takes the leading block of the D fit's explicit Θ); formed here when None.
     """
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
-        raise TypeError(f"ridge: expected a number, got {type(ridge).__name__}")
-    if not (ridge > 0 and math.isfinite(ridge)):
-        raise ValueError(
-            f"ridge: the cross-entropy linear model needs a finite ridge > 0, got {ridge}"
-        )
+    _check_fit_inputs(jac, ridge, centre, warm, theta)
     newton = NewtonConfig() if newton is None else newton
     counter = MatvecCounter() if counter is None else counter
     records = [] if records is None else records
     lam, c, dt = float(ridge), jac.c, jac.dtype
     f_lin = f0 = jac.outputs()  # (N, c): θ_lin's own logits; f0 those of the centre
     if centre is not None:
-        if centre.shape != (jac.p,):
-            raise ValueError(f"centre: expected shape ({jac.p},), got {tuple(centre.shape)}")
         f0 = f_lin + (Counted(jac, counter) @ centre.to(dt)).reshape(jac.n, c)
     if not bool(torch.isfinite(f0).all()):
         raise ValueError("model: outputs at the linearisation point are not finite")
     onehot = torch.nn.functional.one_hot(jac.labels().long(), c).to(dt)
-    Theta = _theta_operator(jac, config, counter)
+    Theta = _theta_operator(jac, config, counter) if theta is None else theta
     precond, build = _theta_sketch(jac, lam, config, counter, label, precond)
     scale = _theta_scale(Theta, precond)
     floor = 0.0 if not scale or scale <= lam else lam / scale  # see _newton_direction
-    if warm is not None and warm.shape != (jac.c * jac.n,):
-        raise ValueError(f"warm: expected shape ({jac.c * jac.n},), got {tuple(warm.shape)}")
     alpha, q, z, obj, start = _dual_start(Theta, f0, f_lin, onehot, lam, warm)
     tol_final, rtol = config.tol_for(dt), newton.rtol_for(dt)
     history, converged, dec_prev, dec_first = [], False, 1.0, None
@@ -215,19 +212,21 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         probs = torch.softmax(z, dim=1)
         r = (probs - onehot).reshape(-1) + lam * alpha
         tol_k = max(tol_final, min(newton.forcing, dec_prev))  # dec_prev: relative to step 1
-        cfg_k = config.replace(tol=tol_k)
-        beta, inv = _newton_direction(
-            jac, Theta, probs, r, lam, precond, cfg_k, counter, f"{label} #{it}", floor
-        )
-        for rec in inv.records:  # the sketch's cost goes on the first step's record
-            rec.update(build if it == 1 else {"precond_matvecs": 0, "precond_seconds": 0.0})
-        records.extend(inv.records)
         stop = rtol * max(1.0, abs(obj))  # the decrement test's threshold on ½δ²
+        beta, Tb, inv, tol = _descent_direction(
+            jac, Theta, probs, r, lam, precond, config, (tol_k, tol_final), counter,
+            f"{label} #{it}", floor,
+        )  # fmt: skip
+        for i, rec in enumerate(inv.records):  # the sketch's cost goes on the first record
+            rec.update(
+                build if it == i + 1 == 1 else {"precond_matvecs": 0, "precond_seconds": 0.0}
+            )
+        records.extend(inv.records)
         beta, Tb, dec2, step_kind = _checked_direction(
-            inv, label, it, r, beta, Theta, tol_final, stop
+            inv, label, it, r, beta, Theta, tol_final, stop, Tb
         )
         if step_kind == "zero":  # the decrement vanishes to the products' precision: done
-            history.append({"objective": obj, "decrement2": dec2, "inner_tol": tol_k})
+            history.append({"objective": obj, "decrement2": dec2, "inner_tol": tol})
             history[-1].update({"step": 0.0, "direction": "none (decrement at rounding floor)"})
             converged = True
             break
@@ -239,7 +238,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
             {
                 "objective": obj_new,
                 "decrement2": dec2,
-                "inner_tol": tol_k,
+                "inner_tol": tol,
                 "step": t,
                 "direction": step_kind,
             }
@@ -263,7 +262,27 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         if done:  # the last (full, quadratically convergent) step was still taken
             converged = True
             break
-    return CEModel(alpha, z, obj, it, converged, history, precond, start)
+    return CEModel(alpha, z, obj, it, converged, history, precond, start, Theta)
+
+
+def _check_fit_inputs(
+    jac: Jacobian, ridge: Any, centre: Tensor | None, warm: Tensor | None, theta: Any
+) -> None:
+    """The argument checks of :func:`ce_newton_fit` (TypeError/ValueError naming the argument)."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
+        raise TypeError(f"ridge: expected a number, got {type(ridge).__name__}")
+    if not (ridge > 0 and math.isfinite(ridge)):
+        raise ValueError(
+            f"ridge: the cross-entropy linear model needs a finite ridge > 0, got {ridge}"
+        )
+    rows = jac.c * jac.n
+    for name, value, shape in (
+        ("centre", centre, (jac.p,)),
+        ("warm", warm, (rows,)),
+        ("theta", theta, (rows, rows)),
+    ):
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
 
 
 def _dual_start(
@@ -377,6 +396,46 @@ def _newton_direction(
     return beta, inv
 
 
+def _descent_direction(
+    jac: Jacobian,
+    Theta: Any,
+    probs: Tensor,
+    r: Tensor,
+    lam: float,
+    precond: Any,
+    config: SolverConfig,
+    tols: tuple[float, float],
+    counter: MatvecCounter,
+    label: str,
+    floor: float,
+) -> tuple[Tensor, Tensor, Inverse, float]:
+    """:func:`_newton_direction` at the step's inexact tolerance ``tols[0]``, solved again at the
+    final one ``tols[1]`` when that converged solve gives no descent (δ² = rᵀΘβ ≤ 0). Returns
+    ``(β, Θβ, inv, tol)``: the direction, its product, the :class:`Inverse` (whose records
+    hold every solve of the step: the retry's appended) and the tolerance of the last solve.
+
+    Why: a loose solve may point uphill (quick preset at w(D), float32, forcing 0.1: δ² =
+    −1.27), and only an answer at the final tol can be called an error by
+    :func:`_checked_direction`. An unconverged loose solve (a time budget) is not retried: a
+    tighter one would spend the budget again; it goes to the gradient fallback."""
+    loose, final = tols
+    records: list[dict[str, Any]] = []
+    for tol in dict.fromkeys((loose, final)):
+        beta, inv = _newton_direction(
+            jac, Theta, probs, r, lam, precond, config.replace(tol=tol), counter, label, floor
+        )
+        records.extend(inv.records)
+        Tb = Theta @ beta
+        solved = all(rec.get("converged", True) for rec in inv.records)
+        if _descends(r, Tb) or tol == final or not solved:
+            break
+        logger.info(
+            "CE Newton %s: no descent at tol %.3g, solving again at %.3g", label, tol, final
+        )
+    inv.records[:] = records
+    return beta, Tb, inv, tol
+
+
 def _theta_scale(Theta: Any, precond: Any) -> float | None:
     """An estimate of λ_max(Θ_SS): the Nyström factor's top eigenvalue when there is one, the
     explicit Θ's by 30 power steps (fixed start, so a fixed seed repeats) when dense, else None."""
@@ -446,16 +505,17 @@ def _checked_direction(
     Theta: Any,
     tol: float,
     stop: float = 0.0,
+    Tb: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float, str]:
     """``(β, Θβ, δ², kind)`` for the step: ``"newton"`` when δ² = rᵀΘβ > 0 (the squared Newton
     decrement gᵀ(∇²L)⁻¹g); ``"zero"`` when δ² ≤ 0 after converged solves but zero to the
     precision at hand — within ``tol·‖r‖·‖Θβ‖`` (Θβ carries the products' rounding, β the
     solve's tolerance) or ``½|δ²| ≤ stop`` (the stop test's own threshold, applied to |δ²|) —
     seen on the quick preset at w(D), float32: δ² = −2.9e-5 (cg) and −2.4e-6 (dense) at the
-    minimum; else the gradient fallback (or its error)."""
-    Tb = Theta @ beta
+    minimum; else the gradient fallback (or its error). ``Tb``: Θβ when already computed."""
+    Tb = Theta @ beta if Tb is None else Tb
     dec2 = float(r.double() @ Tb.double())
-    if dec2 > 0 and math.isfinite(dec2):
+    if _descends(r, Tb):
         return beta, Tb, dec2, "newton"
     floor = tol * float(r.double().norm()) * float(Tb.double().norm())
     solved = all(rec.get("converged", True) for rec in inv.records)
@@ -463,6 +523,12 @@ def _checked_direction(
         return beta, Tb, dec2, "zero"
     beta, Tb, dec2 = _gradient_fallback(inv, label, it, dec2, r, Theta @ r)
     return beta, Tb, dec2, "gradient"
+
+
+def _descends(r: Tensor, Tb: Tensor) -> bool:
+    """Whether β is a descent direction: δ² = rᵀΘβ > 0 and finite (Θβ = ``Tb``)."""
+    dec2 = float(r.double() @ Tb.double())
+    return dec2 > 0 and math.isfinite(dec2)
 
 
 def _gradient_fallback(
@@ -542,17 +608,16 @@ def ce_newton_shift(
         records=records,
         centre=centre,
     )
-    # S_rr is the leading principal block of S_DD (retain rows first): its sketch restricts.
-    M = fit_d.precond
-    shared = (
-        M.restrict(slice(0, J_r.c * J_r.n), ridge_r)
-        if config.share_precond and M is not None
-        else None
-    )
+    # Θ_rr is the leading principal block of Θ_DD (retain rows first): its sketch restricts,
+    # and on the dense twin Θ_rr and Θ_rf are blocks of the D fit's explicit Θ (forming them
+    # again from J_r cost 31 → 45 s per CE scrub on the quick preset).
+    cr, M = J_r.c * J_r.n, fit_d.precond
+    shared = M.restrict(slice(0, cr), ridge_r) if config.share_precond and M is not None else None
+    T = fit_d.theta.to_dense() if isinstance(fit_d.theta, DenseLinearOperator) else None
     warm = None
     if config.warm_start:
         warm, shared = _retain_start(
-            J_r, J_f, fit_d.alpha, ridge_r, config, counter, records, shared
+            J_r, J_f, fit_d.alpha, ridge_r, config, counter, records, shared, T
         )
     fit_r = ce_newton_fit(
         J_r,
@@ -565,8 +630,8 @@ def ce_newton_shift(
         precond=shared,
         centre=centre,
         warm=warm,
+        theta=None if T is None else DenseLinearOperator(T[:cr, :cr]),
     )
-    cr = fit_r.alpha.shape[0]
     # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
     delta = Counted(J_d, counter).mT @ torch.cat(
         [fit_r.alpha - fit_d.alpha[:cr], -fit_d.alpha[cr:]]
@@ -600,6 +665,7 @@ def _retain_start(
     counter: MatvecCounter,
     records: list[dict[str, Any]],
     precond: Any,
+    theta_dd: Tensor | None = None,
 ) -> tuple[Tensor, Any]:
     """A start for the D_r fit that keeps the D fit's logits on D_r:
     ``α = α_D[r] + (Θ_rr + λI)⁻¹ Θ_rf α_D[f]`` ``(c·N_r,)`` — one Θ_rf product and one solve
@@ -610,13 +676,20 @@ def _retain_start(
     rows moves them by ``−Θ_rf α_D[f]`` — on the quick preset at w(D) that start's objective was
     above α = 0's (Θ's top eigenvalues ~1e5 turn a small change of α into a large one of the
     logits). With the correction the logits on D_r are the D fit's up to ``λ(Θ_rr + λI)⁻¹Θ_rf α_f``,
-    and near the D_r minimiser when D_f is a small part of D."""
+    and near the D_r minimiser when D_f is a small part of D.
+
+    ``theta_dd``: the explicit Θ_DD ``(c·N, c·N)`` (dense twin), whose blocks give Θ_rf and
+    Θ_rr + λI without another Jacobian product."""
     cr = J_r.c * J_r.n
-    b = Counted(J_r, counter) @ (Counted(J_f, counter).mT @ alpha_d[cr:])  # Θ_rf α_f
+    if theta_dd is None:
+        b = Counted(J_r, counter) @ (Counted(J_f, counter).mT @ alpha_d[cr:])  # Θ_rf α_f
+        A = Counted(NTK(jac_a=J_r, ridge=ridge), counter)
+    else:
+        b = theta_dd[:cr, cr:] @ alpha_d[cr:].to(theta_dd.dtype)
+        eye = torch.eye(cr, dtype=theta_dd.dtype, device=theta_dd.device)
+        A = DenseLinearOperator(theta_dd[:cr, :cr] + ridge * eye)
     cfg = config.replace(tol=max(config.tol_for(b.dtype), 1e-2))
-    inv = Inverse(
-        Counted(NTK(jac_a=J_r, ridge=ridge), counter), cfg, label="CE D_r start", precond=precond
-    )
+    inv = Inverse(A, cfg, label="CE D_r start", precond=precond)
     x = inv.solve(b)
     records.extend(inv.records)
     return alpha_d[:cr] + x, inv.preconditioner

@@ -316,6 +316,39 @@ def test_ce_newton_non_descent_after_a_converged_solve_still_raises(monkeypatch)
         )  # fmt: skip
 
 
+def test_ce_newton_solves_again_at_tol_when_a_loose_converged_solve_does_not_descend(monkeypatch):
+    """Inexact Newton (forcing 0.1 ≫ float64's tol): a loose solve that *converged* but points
+    uphill (the quick preset at w(D), float32, forcing 0.1: δ² = −1.27 raised) is solved again at
+    the final tol, and the fit reaches the minimiser of a fit whose solves are all exact."""
+    import ntkscrub.shifts as shifts
+    from ntkscrub.shifts import NewtonConfig
+
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    kw = {"init": theta0, "loss": "ce", "method": "ce_newton", "ridge": 0.7, "solver": "cg"}
+    exact = scrub(*args, **kw)
+    loose_tols = []
+
+    class Uphill(shifts.Inverse):
+        def solve(self, rhs):  # noqa: D102 - a test double
+            u = super().solve(rhs)
+            if self.config.tol > 1e-6:  # every loose solve: converged, and pointing uphill
+                loose_tols.append(self.config.tol)
+                return -1e4 * rhs
+            return u
+
+    monkeypatch.setattr(shifts, "Inverse", Uphill)
+    res = scrub(*args, newton=NewtonConfig(forcing=0.1), **kw)
+    info = res.info["method_info"]["newton"]["D"]
+    assert loose_tols and loose_tols[0] == 0.1  # the first step's solve was the loose one
+    assert info["converged"] and all(h["direction"] == "newton" for h in info["history"])
+    assert info["history"][0]["inner_tol"] == 1e-10  # the step used the re-solve at tol
+    step1 = [r for r in res.info["solves"] if r.get("system", "").endswith("D #1")]
+    assert [r["tol"] for r in step1] == [0.1, 1e-10]  # both solves are recorded
+    assert rel(res.delta, exact.delta) <= 1e-8
+
+
 def test_ce_newton_keeps_newton_speed_with_a_preconditioner_on_a_spread_spectrum():
     """A model linear in its parameters whose NTK spans four decades (as the quick preset's: κ ≈
     5e4): with the Nyström factor of Θ carried to each step, PCG-Newton takes the dense twin's
@@ -503,3 +536,25 @@ def test_ce_newton_retain_fit_warm_starts_from_the_d_fit(solver):
     assert hot["iterations"] < cold["iterations"]
     assert rel(runs[True].w_lin_r, w_r) <= 1e-8 and rel(runs[False].w_lin_r, w_r) <= 1e-8
     assert rel(runs[True].delta, runs[False].delta) <= 1e-8
+
+
+def test_ce_newton_dense_twin_forms_theta_once(monkeypatch):
+    """On the dense twin the D_r fit and its logits-keeping start take Θ_rr and Θ_rf as blocks of
+    the D fit's explicit Θ_DD (retain rows first): one explicit Θ per CE shift, not two (the
+    quick preset: 31 → 45 s per CE scrub when Θ_rr was formed again). The blocks' minimiser is
+    checked against the primal reference by the warm-start test above."""
+    import ntkscrub.shifts as shifts
+
+    formed = []
+    real = shifts._theta_operator
+    monkeypatch.setattr(
+        shifts, "_theta_operator", lambda jac, *a: formed.append(jac.n) or real(jac, *a)
+    )
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    kw = {"init": theta0, "loss": "ce", "method": "ce_newton", "ridge": 0.7}
+    dense = scrub(*args, solver="dense", **kw)
+    assert formed == [20]  # Θ_DD only
+    cg = scrub(*args, solver="cg", **kw)
+    assert rel(dense.delta, cg.delta) <= 1e-8
