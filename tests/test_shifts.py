@@ -133,8 +133,8 @@ def test_ce_newton_inexact_early_steps_loosen_the_inner_tolerance():
     )
     hist = res.info["method_info"]["newton"]["D"]["history"]
     tols = [h["inner_tol"] for h in hist]
-    # forcing term min(1e-3, (δ_{k−1}/δ_1)²): loose first, tight at the end
-    assert tols[0] == pytest.approx(1e-3) and tols[-1] <= 1e-5
+    # forcing term min(0.01, (δ_{k−1}/δ_1)²): loose first, tight at the end
+    assert tols[0] == pytest.approx(0.01) and tols[-1] <= 1e-5
     assert all(b <= a for a, b in zip(tols, tols[1:]))
     assert hist[-1]["decrement2"] <= 1e-12
     objs = [h["objective"] for h in hist]
@@ -306,6 +306,8 @@ def test_ce_newton_takes_a_gradient_step_when_an_inexact_solve_does_not_descend(
 
 
 def test_ce_newton_non_descent_after_a_converged_solve_still_raises(monkeypatch):
+    # every solve of step 1 is corrupted, the re-solve at the final tol included: an uphill
+    # direction that is exact to the final tol is an error
     trained, theta0 = trained_pair()
     X, Y = make_data("mlp", 20)
     _corrupt_first_newton_solve(monkeypatch, converged=True)
@@ -351,9 +353,11 @@ def test_ce_newton_solves_again_at_tol_when_a_loose_converged_solve_does_not_des
 
 def test_ce_newton_keeps_newton_speed_with_a_preconditioner_on_a_spread_spectrum():
     """A model linear in its parameters whose NTK spans four decades (as the quick preset's: κ ≈
-    5e4): with the Nyström factor of Θ carried to each step, PCG-Newton takes the dense twin's
-    number of steps (±1) and lands on its minimiser. Regression: the earlier Woodbury form with
-    a reused step-1 factor took 17–20 mostly backtracked steps on the quick preset's Θ."""
+    5e4): with the Nyström factor of Θ carried to each step and exact inner solves, PCG-Newton
+    takes the dense twin's number of steps (±1) and lands on its minimiser. Regression: the
+    earlier Woodbury form with a reused step-1 factor took 17–20 mostly backtracked steps on the
+    quick preset's Θ. With the default inexact early steps (forcing 0.01) it takes at most two
+    more steps for fewer products (measured here: 984 against 2098) and the same minimiser."""
     from ntkscrub.config import SolverConfig
 
     g = torch.Generator().manual_seed(5)
@@ -367,13 +371,17 @@ def test_ce_newton_keeps_newton_speed_with_a_preconditioner_on_a_spread_spectrum
     args = (trained, (X[:50], Y[:50]), (X[50:], Y[50:]))
     kw = dict(init=theta0, loss="ce", method="ce_newton", ridge=1e-2, linearize_at="trained")
     dense = scrub(*args, solver="dense", **kw)
-    cg = scrub(*args, solver="cg", solver_config=SolverConfig(precond_rank=16), **kw)
-    for name in ("D", "D_r"):
-        n_dense = dense.info["method_info"]["newton"][name]["iterations"]
-        hist = cg.info["method_info"]["newton"][name]["history"]
-        assert cg.info["method_info"]["newton"][name]["converged"]
-        assert len(hist) <= n_dense + 1, (name, len(hist), n_dense)
-    assert rel(cg.delta, dense.delta) <= 1e-7
+    cfg = SolverConfig(precond_rank=16)
+    exact = scrub(*args, solver="cg", solver_config=cfg, newton=NewtonConfig(forcing=1e-12), **kw)
+    inexact = scrub(*args, solver="cg", solver_config=cfg, **kw)
+    for cg, extra in ((exact, 1), (inexact, 2)):
+        for name in ("D", "D_r"):
+            n_dense = dense.info["method_info"]["newton"][name]["iterations"]
+            hist = cg.info["method_info"]["newton"][name]["history"]
+            assert cg.info["method_info"]["newton"][name]["converged"]
+            assert len(hist) <= n_dense + extra, (name, len(hist), n_dense)
+        assert rel(cg.delta, dense.delta) <= 1e-7
+    assert inexact.info["matvecs"] < exact.info["matvecs"]
 
 
 def test_newton_decrement_at_the_rounding_floor_counts_as_converged():
