@@ -540,3 +540,25 @@ def test_dense_check_report_names_differences_at_the_float32_floor() -> None:
     chk["scrub"] = {"ntk_ce_trained": entry(5e-4)}  # within expectation: nothing to explain
     assert figures._floor_reading(chk) == ""
     assert figures._floor_reading({"scrub": {"ntk_ce_trained": entry(1.5e-3)}}) == ""  # no floor
+
+
+def test_finished_seed_key_follows_the_library_defaults(monkeypatch, tmp_path):
+    """A finished seed read back from the cache must have been made under the same library
+    defaults (a changed Newton forcing changes its recorded costs); the trainings' folder does
+    not depend on them, so a changed default recomputes the scrubs only."""
+    from ntkscrub.recipes.reproduction import caching
+    from ntkscrub.recipes.reproduction import config as C
+    from ntkscrub.shifts import NewtonConfig
+
+    cfg = C.PRESETS["quick"]
+    before = caching.finished_seed_path(cfg, tmp_path, 0)
+    assert caching.finished_seed_path(cfg, tmp_path, 0) == before  # stable
+    assert caching.library_defaults()["NewtonConfig"]["forcing"] == NewtonConfig().forcing
+
+    class Looser(NewtonConfig):
+        def __init__(self, **kw):
+            super().__init__(**({"forcing": 0.5} | kw))
+
+    monkeypatch.setattr(caching, "NewtonConfig", Looser)
+    after = caching.finished_seed_path(cfg, tmp_path, 0)
+    assert after != before and after.parent == before.parent

@@ -3,8 +3,9 @@
 Layout under ``--cache-dir``: ``pretrain-<model>-w<width>-<key>.pt``; per seed
 ``seed<s>-<key>/`` with ``original.pt`` (+ ``original.path.pt``, the per-epoch weights for Fig.
 1), ``retrain<k>.pt``, ``seed_matched.pt``, ``finetune-<recipe key>.pt``, ``theta0_head.pt`` and
-``result-<config key>.json`` (the finished seed); ``splits/`` holds the data splits. The keys are
-those of the earlier flat configuration, so existing caches stay valid.
+``result-<config key>.json`` (the finished seed); ``splits/`` holds the data splits. The training
+keys are those of the earlier flat configuration, so existing checkpoints stay valid; a finished
+seed's key also holds the scrubs' library defaults (:func:`library_defaults`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ntkscrub.config import NoiseConfig, ProductConfig, SLQConfig, SolverConfig
+from ntkscrub.matching import MatchConfig
 from ntkscrub.recipes.reproduction.config import Config, Recipe
 from ntkscrub.recipes.reproduction.data import pretrain_params, small_split_params
 from ntkscrub.recipes.reproduction.weights import flat_params
 from ntkscrub.recipes.runtime import cache_key
+from ntkscrub.shifts import NewtonConfig
 from ntkscrub.training import atomic_torch_save, load_checkpoint, save_checkpoint, train
 
-__all__ = ["train_cached", "seed_cache_dir", "pretrain_checkpoint", "finished_seed_path"]
+__all__ = [
+    "train_cached",
+    "seed_cache_dir",
+    "pretrain_checkpoint",
+    "finished_seed_path",
+    "library_defaults",
+]
 
 
 def seed_cache_dir(cfg: Config, cache_dir: Path, seed: int) -> Path:
@@ -57,9 +67,21 @@ def pretrain_checkpoint(cfg: Config, cache_dir: Path) -> Path:
 
 
 def finished_seed_path(cfg: Config, cache_dir: Path, seed: int) -> Path:
-    """Where a finished seed's result is kept (any setting change makes a new name)."""
-    rkey = cache_key(cfg.flat() | {"seeds": None, "budget_seconds": None})
+    """Where a finished seed's result is kept (any setting change makes a new name, a changed
+    library default of the scrubs included: :func:`library_defaults`)."""
+    rkey = cache_key(
+        cfg.flat() | {"seeds": None, "budget_seconds": None, "defaults": library_defaults()}
+    )
     return seed_cache_dir(cfg, cache_dir, seed) / f"result-{rkey}.json"
+
+
+def library_defaults() -> dict[str, dict[str, Any]]:
+    """The defaults of every configuration the scrubs and bounds take but the reproduction does
+    not set. Why in the key: a changed default (the CE Newton forcing, 1e-3 → 0.01) changes a
+    seed's recorded costs, and the result read back from the cache would have kept the old
+    ones; the trainings are keyed by :func:`seed_cache_dir` and stay cached."""
+    classes = (NewtonConfig, MatchConfig, SolverConfig, ProductConfig, SLQConfig, NoiseConfig)
+    return {cls.__name__: cls().to_dict() for cls in classes}
 
 
 def train_cached(
