@@ -118,7 +118,7 @@ register(
     "demo",
     Subcommand(
         help="forget 25 mislabeled digits in about a minute on a CPU: Original, Retrain band, "
-        "Fine-tune, Fisher, NTK, NTK+noise",
+        "Fine-tune, Fisher, NTK, NTK+noise, NTK (CE)",
         add_arguments=_demo_arguments,
         run=_demo_run,
         description=(
@@ -127,10 +127,11 @@ register(
             "label (it memorises them), then forget those 25 with every method: retrain from the "
             "pre-trained weights several times (the band), fine-tune, Fisher noise, the NTK "
             "scrub (scrub(linearize_at='trained', loss='ce', rescale='trapezium', "
-            "weight_decay=0.001, solver='cg')) and NTK + noise. Prints one table (errors on D_r, "
-            "test and D_f, the membership attack, softmax L1 to the retrains on D_f), a one-line "
-            "reading and the scrub settings with the reasons; writes a JSON report and a PNG "
-            "figure. Nothing is downloaded."
+            "weight_decay=0.001, solver='cg')), NTK + noise and NTK (CE) "
+            "(scrub(method='ce_newton', loss='ce', linearize_at='trained', weight_decay=0.001)). "
+            "Prints one table (errors on D_r, test and D_f, the membership attack, softmax L1 "
+            "to the retrains on D_f), a one-line reading and the scrub settings with the "
+            "reasons; writes a JSON report and a PNG figure. Nothing is downloaded."
         ),
     ),
 )

@@ -15,7 +15,9 @@ two are far apart on D_f, so every forgetting method can be placed between them:
    (wd/2)‖w − θ0‖² with wd = 0.001, until zero training error — D_f included).
 4. Retrain (from θ0 on D_r only, same recipe, several shuffling seeds: the band), Fine-tune
    (w(D) on D_r, 10 epochs), Fisher forgetting (α = 1e-6), NTK (:func:`ntkscrub.scrub.scrub`,
-   ``solver="cg"``) and NTK + Fisher noise (α = 1e-9, the reference code's values).
+   ``solver="cg"``) and NTK + Fisher noise (α = 1e-9, the reference code's values), and NTK (CE)
+   (``method="ce_newton"``: the linearised cross-entropy + ridge model by damped Newton, no
+   rescaling — seed 0: inside the band on D_f error, attack and softmax L1, D_r error 0.4 %).
 5. readouts on D_f: error against the labels it was trained with (the wrong ones: Original 0 %,
    a retrain ≈ 100 %), the entropy membership attack (fraction of D_f called "member"), the
    softmax L1 distance to the retrained models (mean over the retrains; for a retrain, over the
@@ -93,7 +95,7 @@ __all__ = [
 ]
 
 #: Rows of the table, in order.
-METHODS = ("Original", "Retrain", "Fine-tune", "Fisher", "NTK", "NTK+noise")
+METHODS = ("Original", "Retrain", "Fine-tune", "Fisher", "NTK", "NTK+noise", "NTK (CE)")
 
 #: Readouts of each row: key → (column header, scale for printing).
 READOUTS: dict[str, tuple[str, float]] = {
@@ -149,6 +151,17 @@ NTK_DEFAULTS: dict[str, Any] = {
     "loss": "ce",
     "rescale": "trapezium",
     "weight_decay": FINETUNE["weight_decay"],  # ridge λ = N·wd for each system, as the training
+    "solver": "cg",
+}
+
+#: Settings of the "NTK (CE)" row: the linearised cross-entropy + ridge model fitted by damped
+#: Newton on D and on D_r (issue 13's method, :func:`ntkscrub.shifts.ce_newton_shift`), whose
+#: shift needs no rescaling (with the trapezium factor it overshoots: D_r error 78 %, seed 0).
+NTK_CE: dict[str, Any] = {
+    "linearize_at": "trained",
+    "loss": "ce",
+    "method": "ce_newton",
+    "weight_decay": FINETUNE["weight_decay"],
     "solver": "cg",
 }
 
@@ -429,8 +442,9 @@ def _place(value: float, original: float, band: dict[str, Any]) -> str:
 
 def reading(rows: dict[str, dict[str, float]], band: dict[str, dict[str, Any]]) -> str:
     """One line: how far apart Original and Retrain are on D_f, and where NTK lands on each of
-    the three D_f readouts (inside the band, between Original and the band, or outside both)."""
-    o, n = rows["Original"], rows["NTK"]
+    the three D_f readouts (inside the band, between Original and the band, or outside both);
+    then where NTK (CE) lands on D_f error and softmax L1."""
+    o, n, c = rows["Original"], rows["NTK"], rows["NTK (CE)"]
     err, att, l1 = (band[k] for k in ("forget_error", "forget_member_fraction",
                                       "softmax_l1_to_retrain_forget"))  # fmt: skip
     moved = (n["forget_error"] - o["forget_error"]) / max(err["mean"] - o["forget_error"], 1e-12)
@@ -447,7 +461,11 @@ def reading(rows: dict[str, dict[str, float]], band: dict[str, dict[str, Any]]) 
         f"band {l1['mean']:.2f} ± {l1['std']:.2f} ({where('softmax_l1_to_retrain_forget')}); "
         f"attack, D_f called member: Original {100 * o['forget_member_fraction']:.0f} %, NTK "
         f"{100 * n['forget_member_fraction']:.0f} %, band {100 * att['mean']:.0f} ± "
-        f"{100 * att['std']:.0f} % ({where('forget_member_fraction')})."
+        f"{100 * att['std']:.0f} % ({where('forget_member_fraction')}). NTK (CE), the "
+        f"cross-entropy model: D_f error {100 * c['forget_error']:.0f} % "
+        f"({_place(c['forget_error'], o['forget_error'], err)}), softmax L1 "
+        f"{c['softmax_l1_to_retrain_forget']:.2f} "
+        f"({_place(c['softmax_l1_to_retrain_forget'], o['softmax_l1_to_retrain_forget'], l1)})."
     )
 
 
@@ -567,7 +585,7 @@ def run_demo(
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
     try:
-        st = _Stages(total=9 + SIZES[size]["retrains"], stream=stream)
+        st = _Stages(total=10 + SIZES[size]["retrains"], stream=stream)
         setup = prepare_demo(size, seed, stages=st)
         rows, band, line, results = _forget_and_measure(setup, st)
     finally:
@@ -594,6 +612,7 @@ def run_demo(
             "pretrain_recipe": setup.info["pretrain"]["recipe"],
             "size_config": setup.info["size_config"],
             "ntk": NTK_DEFAULTS,
+            "ntk_ce": NTK_CE,
             "fisher_alpha": FISHER_ALPHA,
             "ntk_noise_alpha": NTK_NOISE_ALPHA,
             "architecture": setup.info["architecture"],
@@ -607,6 +626,7 @@ def run_demo(
             **results["curves"],
         },
         "ntk_info": _ntk_info(results["ntk_info"]),
+        "ntk_ce_info": _ntk_info(results["ce_info"]),
         "stage_seconds": st.seconds,
         "total_seconds": total,
         "hardware": {**_hardware(), "torch_threads": threads or old_threads},
@@ -683,8 +703,14 @@ def _forget_and_measure(setup: DemoSetup, st: _Stages) -> tuple[Any, Any, Any, d
         f"NTK + Fisher noise (α = {NTK_NOISE_ALPHA:g})",
         lambda: add_fisher_noise(res_ntk.model, retain, NTK_NOISE_ALPHA, seed=seeds["ntk_noise"]),
     )
+    res_ce = st.run(
+        "ntk_ce",
+        "NTK scrub, cross-entropy model: " + ", ".join(f"{k}={v}" for k, v in NTK_CE.items()),
+        lambda: scrub(w_d, retain, forget, init=theta0, seed=seeds["ntk"], **NTK_CE),
+    )
+    st.note(_cg_summary(res_ce.info))
     models = {"Original": w_d, "Fine-tune": res_ft.model, "Fisher": res_fisher.model,
-              "NTK": res_ntk.model, "NTK+noise": ntk_noisy}  # fmt: skip
+              "NTK": res_ntk.model, "NTK+noise": ntk_noisy, "NTK (CE)": res_ce.model}  # fmt: skip
     retrains = [r.model for r in results]
     rows, band = st.run(
         "readouts",
@@ -700,7 +726,7 @@ def _forget_and_measure(setup: DemoSetup, st: _Stages) -> tuple[Any, Any, Any, d
     line["reference"] = "Retrain 1"
     curves = {f"retrain_{i + 1}": r.info["log"]["train_error"] for i, r in enumerate(results)}
     curves["finetune_baseline"] = res_ft.info["log"]["train_error"]
-    return rows, band, line, {"curves": curves, "ntk_info": res_ntk.info}
+    return rows, band, line, {"curves": curves, "ntk_info": res_ntk.info, "ce_info": res_ce.info}
 
 
 def _conventions() -> dict[str, str]:
