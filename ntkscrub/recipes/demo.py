@@ -469,18 +469,25 @@ def reading(rows: dict[str, dict[str, float]], band: dict[str, dict[str, Any]]) 
     )
 
 
-def _settings_text(ntk: dict[str, Any]) -> str:
-    call = ", ".join(f"{k}={v!r}" for k, v in ntk.items())
-    return (
-        f"scrub(w_D, D_r, D_f, init=θ0, {call})\n"
-        "  why: linearised at w(D) with cross-entropy residuals, the memorised wrong labels of D_f "
-        "carry large residuals and D_r small ones, so the step points at the cohort (at θ0 it "
-        "barely moved D_f and cost D_r accuracy: the network left the linear regime to fit 25 "
-        "conflicting labels); the trapezium factor lengthens the too-short linear step, as in the "
-        "reference code; the ridge is the training's weight decay (λ = N·wd); the solver settings "
-        "are the library's defaults (PCG, Nyström factor of adaptive rank) (see "
-        "`python -c 'import ntkscrub.recipes.demo as d; help(d)'`)."
-    )
+#: Why each row's settings (printed under the call).
+_WHY = {
+    "NTK": "linearised at w(D) with cross-entropy residuals, the memorised wrong labels of D_f "
+    "carry large residuals and D_r small ones, so the step points at the cohort (at θ0 it "
+    "barely moved D_f and cost D_r accuracy: the network left the linear regime to fit 25 "
+    "conflicting labels); the trapezium factor lengthens the too-short linear step, as in the "
+    "reference code; the ridge is the training's weight decay (λ = N·wd); the solver settings "
+    "are the library's defaults (PCG, Nyström factor of adaptive rank) (see "
+    "`python -c 'import ntkscrub.recipes.demo as d; help(d)'`).",
+    "NTK (CE)": "the linearised model with the loss w(D) was trained with (cross-entropy + the "
+    "same ridge), fitted to its minimum by damped Newton on D and on D_r; its shift needs no "
+    "rescaling (with the trapezium factor it overshoots).",
+}
+
+
+def _settings_text(row: str, settings: dict[str, Any]) -> str:
+    """``"<row> settings: scrub(...)"`` and the reasons (``_WHY``), two lines."""
+    call = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    return f"{row} settings: scrub(w_D, D_r, D_f, init=θ0, {call})\n  why: {_WHY[row]}"
 
 
 # --------------------------------------------------------------------------- figure
@@ -637,7 +644,8 @@ def run_demo(
               "against D_f's wrong labels; member % = D_f called member by the entropy attack, "
               "lower = more forgotten)\n", file=sys.stdout)  # fmt: skip
         print(report["reading"], file=sys.stdout)
-        print("\nNTK settings: " + _settings_text(NTK_DEFAULTS), file=sys.stdout, flush=True)
+        print("\n" + _settings_text("NTK", NTK_DEFAULTS), file=sys.stdout)
+        print(_settings_text("NTK (CE)", NTK_CE), file=sys.stdout, flush=True)
     if out is not None:
         report["out"] = str(out)
         report["figure"] = None if figure is None else str(figure)
