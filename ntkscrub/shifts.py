@@ -23,7 +23,9 @@ unit of :func:`ntkscrub.scrub.ntk_shift`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -220,10 +222,11 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         r = (probs - onehot).reshape(-1) + lam * alpha
         tol_k = max(tol_final, min(newton.forcing, dec_prev))  # dec_prev: relative to step 1
         stop = rtol * max(1.0, abs(obj))  # the decrement test's threshold on ½δ²
-        beta, Tb, inv, tol = _descent_direction(
-            jac, Theta, probs, r, lam, precond, config, (tol_k, tol_final), counter,
-            f"{label} #{it}", floor,
+        solve = partial(
+            _newton_direction, jac, Theta, probs, r, lam, precond,
+            counter=counter, label=f"{label} #{it}", floor=floor,
         )  # fmt: skip
+        beta, Tb, inv, tol = _descent_direction(solve, Theta, r, config, (tol_k, tol_final))
         for i, rec in enumerate(inv.records):  # the sketch's cost goes on the first record
             rec.update(
                 build if it == i + 1 == 1 else {"precond_matvecs": 0, "precond_seconds": 0.0}
@@ -404,22 +407,17 @@ def _newton_direction(
 
 
 def _descent_direction(
-    jac: Jacobian,
+    solve: Callable[[SolverConfig], tuple[Tensor, Inverse]],
     Theta: Any,
-    probs: Tensor,
     r: Tensor,
-    lam: float,
-    precond: Any,
     config: SolverConfig,
     tols: tuple[float, float],
-    counter: MatvecCounter,
-    label: str,
-    floor: float,
 ) -> tuple[Tensor, Tensor, Inverse, float]:
-    """:func:`_newton_direction` at the step's inexact tolerance ``tols[0]``, solved again at the
-    final one ``tols[1]`` when that converged solve gives no descent (δ² = rᵀΘβ ≤ 0). Returns
-    ``(β, Θβ, inv, tol)``: the direction, its product, the :class:`Inverse` (whose records
-    hold every solve of the step: the retry's appended) and the tolerance of the last solve.
+    """``solve`` (:func:`_newton_direction` with all but its configuration bound) at the step's
+    inexact tolerance ``tols[0]``, solved again at the final one ``tols[1]`` when that converged
+    solve gives no descent (δ² = rᵀΘβ ≤ 0). Returns ``(β, Θβ, inv, tol)``: the direction, its
+    product, the :class:`Inverse` (whose records hold every solve of the step: the retry's
+    appended) and the tolerance of the last solve.
 
     Why: a loose solve may point uphill (quick preset at w(D), float32, forcing 0.1: δ² =
     −1.27), and only an answer at the final tol can be called an error by
@@ -428,17 +426,13 @@ def _descent_direction(
     loose, final = tols
     records: list[dict[str, Any]] = []
     for tol in dict.fromkeys((loose, final)):
-        beta, inv = _newton_direction(
-            jac, Theta, probs, r, lam, precond, config.replace(tol=tol), counter, label, floor
-        )
+        beta, inv = solve(config.replace(tol=tol))
         records.extend(inv.records)
         Tb = Theta @ beta
         solved = all(rec.get("converged", True) for rec in inv.records)
-        if _descends(r, Tb) or tol == final or not solved:
+        if _descends(_decrement(r, Tb)) or tol == final or not solved:
             break
-        logger.info(
-            "CE Newton %s: no descent at tol %.3g, solving again at %.3g", label, tol, final
-        )
+        logger.info("CE Newton %s: no descent at tol %.3g, solving again", inv.label, tol)
     inv.records[:] = records
     return beta, Tb, inv, tol
 
@@ -521,8 +515,8 @@ def _checked_direction(
     seen on the quick preset at w(D), float32: δ² = −2.9e-5 (cg) and −2.4e-6 (dense) at the
     minimum; else the gradient fallback (or its error). ``Tb``: Θβ when already computed."""
     Tb = Theta @ beta if Tb is None else Tb
-    dec2 = float(r.double() @ Tb.double())
-    if _descends(r, Tb):
+    dec2 = _decrement(r, Tb)
+    if _descends(dec2):
         return beta, Tb, dec2, "newton"
     floor = tol * float(r.double().norm()) * float(Tb.double().norm())
     solved = all(rec.get("converged", True) for rec in inv.records)
@@ -532,9 +526,13 @@ def _checked_direction(
     return beta, Tb, dec2, "gradient"
 
 
-def _descends(r: Tensor, Tb: Tensor) -> bool:
-    """Whether β is a descent direction: δ² = rᵀΘβ > 0 and finite (Θβ = ``Tb``)."""
-    dec2 = float(r.double() @ Tb.double())
+def _decrement(r: Tensor, Tb: Tensor) -> float:
+    """δ² = rᵀΘβ (Θβ = ``Tb``), accumulated in float64: the squared Newton decrement."""
+    return float(r.double() @ Tb.double())
+
+
+def _descends(dec2: float) -> bool:
+    """Whether a direction with decrement ``dec2`` descends: δ² > 0 and finite."""
     return dec2 > 0 and math.isfinite(dec2)
 
 
@@ -548,8 +546,8 @@ def _gradient_fallback(
     raises."""
     if all(rec.get("converged", True) for rec in inv.records):
         raise ValueError(f"{label}: Newton direction is not a descent direction (δ²={dec2})")
-    g2 = float(r.double() @ Tr.double())
-    if g2 <= 0 or not math.isfinite(g2):
+    g2 = _decrement(r, Tr)
+    if not _descends(g2):
         raise ValueError(f"{label}: neither the Newton nor the gradient direction descends")
     warn(
         f"{label}: Newton step {it}'s inner solve did not converge and its direction does not "
