@@ -167,6 +167,8 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     )
     md = (out / "results.md").read_text()
     assert "against its dense twin" in md and "where it lands against the retrain band" in md
+    assert "in how many of the 1 seeds each method is inside the band" in md
+    assert set(res["summary"]["per_seed"]) == set(res["summary"]["table"])
     labels = meta["method_labels"]
     land = md[md.index("where it lands against the retrain band") :]
     for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "fisher", "ntk_ref_trap"):
@@ -287,6 +289,8 @@ def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
         "ntk_projected"
     }
     assert set(res3["seeds"]["0"]["dense_check"]["scrub"]) == set(ntk) - {"ntk_projected"}
+    # the fidelity diagnostics need no cg: the dense form has them too
+    assert set(res3["seeds"]["0"]["fidelity"]) == set(ntk)
     assert "scrub ntk_projected" not in {w["what"] for w in warnings}
     md = (out / "results.md").read_text()
     assert "SOLVER WARNING, seed 0: scrub ntk_paper did NOT converge" in md
@@ -562,3 +566,78 @@ def test_finished_seed_key_follows_the_library_defaults(monkeypatch, tmp_path):
     monkeypatch.setattr(caching, "NewtonConfig", Looser)
     after = caching.finished_seed_path(cfg, tmp_path, 0)
     assert after != before and after.parent == before.parent
+
+
+def test_principal_directions_match_the_svd_in_float64():
+    from ntkscrub.recipes.reproduction.measure import principal_directions
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 3000, generator=g, dtype=torch.float64)
+    A = A - A.mean(0)
+    V, S = principal_directions(A, 2)
+    _, S_ref, Vh = torch.linalg.svd(A, full_matrices=False)
+    assert V.shape == (2, 3000) and S.shape == (12,)
+    torch.testing.assert_close(S[:11], S_ref[:11], rtol=1e-10, atol=1e-10)  # last: rank 11
+    for i in range(2):  # the same directions up to sign, the sign fixed by the last row
+        assert abs(abs(float(V[i] @ Vh[i])) - 1.0) < 1e-10
+        assert float(V[i] @ A[-1]) >= 0.0
+
+
+def _readouts(d_f: float, attack: float, test: float, l1: float) -> dict:
+    return {
+        "error": {"forget": d_f, "retain": 0.0, "test": test},
+        "attack": {"forget_member_fraction": attack},
+        "l1_to_retrain": {k: {"mean": l1} for k in ("forget", "retain", "test")},
+    }
+
+
+def test_per_seed_tally_counts_own_and_pooled_bands():
+    from ntkscrub.recipes.reproduction.figures import retrain_values
+    from ntkscrub.recipes.reproduction.measure import mean_std
+    from ntkscrub.recipes.reproduction.summary import READOUT_NAMES, _per_seed
+
+    # seed A: retrains at D_f error 0.30/0.40 (band 0.35 ± 0.05); seed B: 0.10/0.12
+    seeds = [
+        {"readouts": {"retrain0": _readouts(0.30, 0.6, 0.3, 0.1),
+                      "retrain1": _readouts(0.40, 0.7, 0.3, 0.1),
+                      "m": _readouts(0.36, 0.65, 0.3, 0.1)}},
+        {"readouts": {"retrain0": _readouts(0.10, 0.6, 0.3, 0.1),
+                      "retrain1": _readouts(0.12, 0.7, 0.3, 0.1),
+                      "m": _readouts(0.36, 0.9, 0.3, 0.1)}},
+    ]  # fmt: skip
+    band = {rn: mean_std(retrain_values(seeds, rn)) for rn in READOUT_NAMES}
+    per = _per_seed(seeds, ["m"], band)["m"]
+    assert per["error_forget"]["values"] == [0.36, 0.36]
+    # own bands: inside A's (0.30–0.40), outside B's (0.10–0.12); pooled 0.23 ± 0.13: both
+    assert per["error_forget"]["own"] == 1 and per["error_forget"]["pooled"] == 2
+    assert per["attack"]["own"] == 1  # 0.9 is outside 0.65 ± 0.05
+    assert per["goal"] == {"own": 1, "pooled": 1}
+
+
+def test_jacobian_precision_measures_in_the_precision_scrub_runs(monkeypatch):
+    """The float32 floor of the dense check is read with TF32 off, as scrub's products are."""
+    from ntkscrub.operators.jacobian import Jacobian
+    from ntkscrub.recipes.reproduction.measure import jacobian_precision
+
+    seen: list[tuple[bool, bool]] = []
+    mm, tmm = Jacobian._mm, Jacobian._tmm
+
+    def spy(f):
+        def wrapped(self, X):
+            if X.dtype == torch.float32:
+                seen.append(
+                    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+                )
+            return f(self, X)
+
+        return wrapped
+
+    monkeypatch.setattr(Jacobian, "_mm", spy(mm))
+    monkeypatch.setattr(Jacobian, "_tmm", spy(tmm))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    out = jacobian_precision(net, (torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])), seed=0)
+    assert seen and all(flags == (False, False) for flags in seen)
+    assert out["jvp"] < 1e-5 and out["vjp"] < 1e-5 and out["samples"] == 4
+    assert torch.backends.cudnn.allow_tf32  # restored

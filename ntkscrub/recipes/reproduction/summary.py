@@ -175,6 +175,41 @@ def _information(infos: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# issue 13's goal counts seeds: inside the band on these readouts in ≥ 3 of 4 seeds
+PER_SEED_READOUTS = ("error_forget", "attack", "error_test", "l1_forget")
+_GOAL_READOUTS = ("error_forget", "attack", "error_test")
+
+
+def _per_seed(
+    seeds: list[dict[str, Any]], methods: list[str], band: dict[str, Any]
+) -> dict[str, Any]:
+    """Per method and readout (:data:`PER_SEED_READOUTS`): in how many seeds the method's value
+    lies inside that seed's own band (mean ± std of its K retrains) and inside the pooled band
+    (all retrains); ``"goal"`` counts the seeds inside on D_f error, attack and test error at
+    once. ``{method: {readout: {"values", "own", "pooled"}, "goal": {"own", "pooled"}}}``."""
+    out: dict[str, Any] = {}
+    for m in methods:
+        rows: dict[str, Any] = {}
+        own_all = [True] * len(seeds)
+        pooled_all = [True] * len(seeds)
+        for rn in PER_SEED_READOUTS:
+            vals, own, pooled = [], [], []
+            for i, s in enumerate(seeds):
+                v = figures.readout_value(s["readouts"][m], rn) if m in s["readouts"] else None
+                o = _inside(mean_std(figures.retrain_values([s], rn)), v)
+                q = _inside(band[rn], v)
+                vals.append(v)
+                own.append(bool(o and o["inside_mean_pm_std"]))
+                pooled.append(bool(q and q["inside_mean_pm_std"]))
+                if rn in _GOAL_READOUTS:
+                    own_all[i] &= own[-1]
+                    pooled_all[i] &= pooled[-1]
+            rows[rn] = {"values": vals, "own": sum(own), "pooled": sum(pooled)}
+        rows["goal"] = {"own": sum(own_all), "pooled": sum(pooled_all)}
+        out[m] = rows
+    return out
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Across seeds: mean/std of every readout per method, the retrain band, and the statements
     the write-up needs (inside the band? black ≪ white? forget queries leak more?)."""
@@ -202,6 +237,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             m: {rn: _inside(band[rn], table[m][rn]["mean"]) for rn in READOUT_NAMES}
             for m in methods
         },
+        "per_seed": _per_seed(seeds, methods, band),
         "diagnostics": _diagnostics(seeds),
         "costs": _costs(results, methods),
         "fidelity": _fidelity(seeds),
