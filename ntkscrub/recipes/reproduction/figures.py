@@ -826,7 +826,8 @@ def _report_dense_check(summ: dict[str, Any]) -> list[str]:
             f"Seed {s_name}: every NTK scrub and the information bounds again with explicit "
             f"Jacobians (Cholesky). Largest relative difference of the shifts "
             f"{_num(chk.get('max_rel_shift'))}, of the bounds {_num(chk.get('max_rel_bounds'))} "
-            f"(float32 expectation ≤ {exp:g})."
+            f"(float32 expectation ≤ {exp:g}; the trapezium factor, whose cos(Δ, e) amplifies "
+            "small differences, ≤ 10× that)."
         )
         prec = chk.get("float32_jacobian") or {}
         if prec:
