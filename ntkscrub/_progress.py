@@ -1,9 +1,9 @@
 """Progress bars, the ``ntkscrub`` logger and warnings that point at the user's code.
 
 * :func:`progress_bar` — a ``tqdm`` bar on stderr. ``progress=None`` (the default everywhere in
-  ntkscrub) follows tqdm's convention ``disable=None``: the bar is shown only when stderr is a
-  terminal, so logs, CI output and notebooks redirected to files stay clean; ``True`` forces it,
-  ``False`` turns it off.
+  ntkscrub) shows the bar only when someone watches: stderr is a terminal, or the code runs in a
+  Jupyter kernel (a notebook widget through ``tqdm.auto``) — logs and CI output redirected to
+  files stay clean; ``True`` forces it, ``False`` turns it off.
 * :data:`logger` — ``logging.getLogger("ntkscrub")``; library code logs there at INFO/DEBUG (what
   was built, how long it took) and never configures handlers (that is the application's choice).
 * :func:`warn` — ``warnings.warn`` with a stacklevel that skips every frame inside the ntkscrub
@@ -40,19 +40,18 @@ def check_progress(progress: Any, name: str = "progress") -> bool | None:
 def progress_bar(
     total: int | float | None, desc: str, progress: bool | None = None, unit: str = "it"
 ) -> tqdm:
-    """A tqdm bar on stderr; ``progress=None`` shows it only on a terminal (tqdm ``disable=None``).
+    """A tqdm bar on stderr; ``progress=None`` shows it only on a terminal or in a Jupyter
+    kernel (:func:`resolve_progress`).
 
     ``leave=False``: a finished bar is erased, the caller logs a one-line summary instead.
     """
-    progress = check_progress(progress)
-    disable = None if progress is None else not progress
-    if disable is None and not _stderr_isatty():
-        disable = True  # tqdm's disable=None checks the file it writes to; be explicit about it
+    # explicit, not tqdm's disable=None: that checks file.isatty(), False in a notebook kernel
+    show = resolve_progress(progress)
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
-        disable=disable,
+        disable=not show,
         leave=False,
         file=sys.stderr,
         dynamic_ncols=True,
@@ -60,16 +59,30 @@ def progress_bar(
 
 
 def resolve_progress(progress: bool | None, name: str = "progress") -> bool:
-    """``None`` → whether stderr is a terminal (tqdm's convention), else the bool given."""
+    """``None`` → whether someone watches stderr (a terminal or a Jupyter kernel), else the
+    bool given."""
     progress = check_progress(progress, name)
     return _stderr_isatty() if progress is None else progress
 
 
 def _stderr_isatty() -> bool:
+    """Whether a person watches stderr: a terminal, or a Jupyter kernel (whose stderr is a
+    stream to the notebook, not a TTY — there ``tqdm.auto`` draws its widget). Without the
+    kernel case every notebook user got a silent scrub by default (a torchvision ResNet-18 CE
+    scrub on a 2-core CPU ran > 13 minutes without a line)."""
     try:
-        return bool(sys.stderr.isatty())
+        if sys.stderr.isatty():
+            return True
     except (AttributeError, ValueError):  # closed or replaced stream
         return False
+    return _in_jupyter_kernel()
+
+
+def _in_jupyter_kernel() -> bool:
+    ipython = sys.modules.get("IPython")  # only if the user's process imported it already
+    get = getattr(ipython, "get_ipython", None)
+    shell = get() if callable(get) else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:

@@ -53,3 +53,27 @@ def test_baselines_epoch_bar_follows_tty_convention(capsys, caplog):
     assert resolve_progress(None) is False and resolve_progress(True) is True
     with pytest.raises(TypeError, match="progress"):
         resolve_progress(1)
+
+
+def test_progress_default_is_on_in_a_jupyter_kernel(monkeypatch, capsys):
+    """A notebook's stderr is no TTY, yet someone watches it: bars on by default there."""
+    import sys
+    import types
+
+    from ntkscrub._progress import progress_bar
+
+    class ZMQInteractiveShell:  # the class name IPython's kernel shell has
+        pass
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: ZMQInteractiveShell()  # type: ignore[attr-defined]
+    assert resolve_progress(None) is False
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert resolve_progress(None) is True and resolve_progress(False) is False
+    bar = progress_bar(3, "kernel-bar")
+    bar.update(1)
+    bar.refresh()
+    bar.close()
+    assert "kernel-bar" in capsys.readouterr().err
+    fake.get_ipython = lambda: None  # type: ignore[attr-defined]  # plain python, IPython imported
+    assert resolve_progress(None) is False
