@@ -49,7 +49,7 @@ mkdir -p "$CACHE"
   echo "SEED_GROUPS=${GROUPS_[*]} PAPER_SETS=${PAPER_SETS:-} budgets ${PAPER_BUDGET}/${SUITE_BUDGET}/${MIXED_BUDGET}"
 } >"$OUT_DIR/hardware.txt" 2>&1
 
-reproduce() {  # reproduce NAME SEEDS BUDGET [extra args]: one process, its log in $WORK
+reproduce() {  # reproduce NAME SEEDS BUDGET [extra args]: one process → $WORK/paper-NAME{,.log}
   local name=$1 seeds=$2 budget=$3
   shift 3
   timeout $((budget + 60)) "$PY" experiments/reproduce.py --preset "$PRESET" --device "$DEVICE" \
@@ -74,12 +74,7 @@ if [ "$PAPER_BUDGET" -gt 0 ]; then
   # merge: every seed that finished is read back from the shared cache (keyed without the seeds)
   DONE=$(ls "$CACHE"/seed*/result-*.json 2>/dev/null | sed -E 's#.*/seed([0-9]+)-[^/]*/.*#\1#' |
     sort -n | uniq | paste -sd, -)
-  if [ -n "$DONE" ]; then
-    timeout 240 "$PY" experiments/reproduce.py --preset "$PRESET" --device "$DEVICE" \
-      --data-root "$DATA_ROOT" --seeds "$DONE" --out "$WORK/paper" --cache-dir "$CACHE" \
-      --no-progress "${SETS[@]}" >"$WORK/paper-merge.log" 2>&1
-    echo "reproduce.py (merge: seeds $DONE) exit $?" >>"$WORK/paper-merge.log"
-  fi
+  [ -n "$DONE" ] && reproduce merge "$DONE" 180  # → paper-merge/, with the figures
   cat "$WORK"/paper-merge.log "$WORK"/paper-g*.log >"$OUT_DIR/paper.log" 2>/dev/null
   (cd "$WORK" && tar czf "$OUT_DIR/paper.tgz" --exclude='*.pt' paper* 2>/dev/null)
 fi

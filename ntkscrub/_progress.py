@@ -62,10 +62,10 @@ def resolve_progress(progress: bool | None, name: str = "progress") -> bool:
     """``None`` → whether someone watches stderr (a terminal or a Jupyter kernel), else the
     bool given."""
     progress = check_progress(progress, name)
-    return _stderr_isatty() if progress is None else progress
+    return _watched() if progress is None else progress
 
 
-def _stderr_isatty() -> bool:
+def _watched() -> bool:
     """Whether a person watches stderr: a terminal, or a Jupyter kernel (whose stderr is a
     stream to the notebook, not a TTY — there ``tqdm.auto`` draws its widget). Without the
     kernel case every notebook user got a silent scrub by default (a torchvision ResNet-18 CE

@@ -187,27 +187,35 @@ def _per_seed(
     lies inside that seed's own band (mean ± std of its K retrains) and inside the pooled band
     (all retrains); ``"goal"`` counts the seeds inside on D_f error, attack and test error at
     once. ``{method: {readout: {"values", "own", "pooled"}, "goal": {"own", "pooled"}}}``."""
+    # each seed's own band, once per seed and readout (every method is placed against it)
+    own_bands = [
+        {rn: mean_std(figures.retrain_values([s], rn)) for rn in PER_SEED_READOUTS} for s in seeds
+    ]
     out: dict[str, Any] = {}
     for m in methods:
         rows: dict[str, Any] = {}
-        own_all = [True] * len(seeds)
-        pooled_all = [True] * len(seeds)
+        inside: dict[str, tuple[list[bool], list[bool]]] = {}
         for rn in PER_SEED_READOUTS:
-            vals, own, pooled = [], [], []
-            for i, s in enumerate(seeds):
-                v = figures.readout_value(s["readouts"][m], rn) if m in s["readouts"] else None
-                o = _inside(mean_std(figures.retrain_values([s], rn)), v)
-                q = _inside(band[rn], v)
-                vals.append(v)
-                own.append(bool(o and o["inside_mean_pm_std"]))
-                pooled.append(bool(q and q["inside_mean_pm_std"]))
-                if rn in _GOAL_READOUTS:
-                    own_all[i] &= own[-1]
-                    pooled_all[i] &= pooled[-1]
+            vals = [
+                figures.readout_value(s["readouts"][m], rn) if m in s["readouts"] else None
+                for s in seeds
+            ]
+            own = [_inside_band(b[rn], v) for b, v in zip(own_bands, vals)]
+            pooled = [_inside_band(band[rn], v) for v in vals]
+            inside[rn] = (own, pooled)
             rows[rn] = {"values": vals, "own": sum(own), "pooled": sum(pooled)}
-        rows["goal"] = {"own": sum(own_all), "pooled": sum(pooled_all)}
+        rows["goal"] = {
+            kind: sum(all(inside[rn][j][i] for rn in _GOAL_READOUTS) for i in range(len(seeds)))
+            for j, kind in enumerate(("own", "pooled"))
+        }
         out[m] = rows
     return out
+
+
+def _inside_band(band: dict[str, Any], value: float | None) -> bool:
+    """Whether ``value`` lies inside ``band``'s mean ± std (False when either is missing)."""
+    e = _inside(band, value)
+    return bool(e and e["inside_mean_pm_std"])
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
