@@ -49,6 +49,7 @@ def main(chunk: str) -> dict:
         (X[:-nf], Y[:-nf]),
         (X[-nf:], Y[-nf:]),
         init=theta0,
+        solver="cg",  # the matrix-free path is what this case measures
         weight_decay=5e-4,
         products=ProductConfig(vector_chunk=vc),
     )

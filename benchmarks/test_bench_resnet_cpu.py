@@ -85,7 +85,9 @@ def run_scrub(model, theta0, retain, forget, *, params: str, ridge: float) -> di
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"params": params, "ridge": ridge}
     try:
-        res = scrub(model, retain, forget, init=theta0, params=PARAMS[params], ridge=ridge)
+        res = scrub(
+            model, retain, forget, init=theta0, params=PARAMS[params], ridge=ridge, solver="cg"
+        )
     except CGNotConverged as err:
         info = err.info
         rec.update(

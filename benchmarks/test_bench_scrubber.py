@@ -84,7 +84,13 @@ def run_case(n: int, seed: int = 0) -> dict[str, Any]:
     model = trained.model.eval()
     retain, forget = (X[nf:], Y[nf:]), (X[:nf], Y[:nf])
     yard, retrain_s = _train(init, retain, seed)
-    kw = {"init": init, "loss": "ce", "weight_decay": FINETUNE_RECIPE["weight_decay"]}
+    # cg as the Scrubber runs (solver="auto", the default, may take the dense twin)
+    kw = {
+        "init": init,
+        "loss": "ce",
+        "weight_decay": FINETUNE_RECIPE["weight_decay"],
+        "solver": "cg",
+    }
 
     t0 = time.perf_counter()
     fresh = scrub(model, retain, forget, **kw)
@@ -190,7 +196,14 @@ def _reference(model: Any, init: Any, X: Any, Y: Any, nf: int) -> torch.Tensor:
     m64, i64, X64 = copy.deepcopy(model).double(), copy.deepcopy(init).double(), X.double()
     wd = FINETUNE_RECIPE["weight_decay"]
     res = scrub(
-        m64, (X64[nf:], Y[nf:]), (X64[:nf], Y[:nf]), init=i64, loss="ce", weight_decay=wd, tol=1e-10
+        m64,
+        (X64[nf:], Y[nf:]),
+        (X64[:nf], Y[:nf]),
+        init=i64,
+        loss="ce",
+        weight_decay=wd,
+        tol=1e-10,
+        solver="cg",
     )
     return res.shift
 

@@ -239,6 +239,11 @@ class ProductConfig(_Config):
             (:mod:`ntkscrub.operators.forward_cache`; a Θ product 2.2 → 1.3 training steps on
             the quick preset's CPU model); ``None``: a quarter of the device's available
             memory; 0: never keep them.
+        prefix_cache: when ``params`` linearises a suffix of the network (the last blocks, the
+            head), run the frozen prefix once over the data and every product on the suffix
+            alone (:mod:`ntkscrub.prefix`; exact). The activations must fit ``cache_bytes``
+            (same default); otherwise, or for a model that cannot be split, products stream
+            the whole network as before (``info["prefix_cache"]`` says which and why).
     """
 
     batch_size: int = 256
@@ -247,6 +252,7 @@ class ProductConfig(_Config):
     autocast: torch.dtype | None = None
     allow_tf32: bool = False
     cache_bytes: int | None = None
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         c = "ProductConfig"
@@ -257,6 +263,7 @@ class ProductConfig(_Config):
         _bool(c, "allow_tf32", self.allow_tf32)
         if self.cache_bytes is not None:
             _int(c, "cache_bytes", self.cache_bytes, 0)
+        _bool(c, "prefix_cache", self.prefix_cache)
 
     def jacobian_options(self) -> dict[str, Any]:
         """The keyword arguments of :class:`ntkscrub.operators.Jacobian` this config sets."""

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ntkscrub._progress import logger
 from ntkscrub._validation import check_choice, check_not_meta, check_number
 from ntkscrub.batches import subset_indices
 from ntkscrub.config import (
@@ -61,6 +62,7 @@ from ntkscrub.operators import (
     StackedJacobian,
 )
 from ntkscrub.params import ParameterSpace, ParamSelector, check_eval_mode
+from ntkscrub.prefix import prefix_rows
 from ntkscrub.shifts import NewtonConfig, ce_newton_shift, projected_shift
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "scrub",
     "ntk_shift",
     "auto_solver",
+    "solver_estimate",
     "trapezium_scale",
     "fisher_noise_variance",
     "diagonal_fisher",
@@ -387,21 +390,96 @@ def trapezium_scale(
     return (nd + 2.0 * abs(cos) * ne) / nd, cos
 
 
-def auto_solver(J_r: Jacobian, J_f: Jacobian, max_dense_bytes: float) -> Method:
-    """``solver="auto"``: ``"dense"`` when the explicit ``J_D`` ``(c·N, p)`` and two
-    ``(c·N)²`` matrices (Θ_DD and Θ_rr's factor) fit ``max_dense_bytes``, else ``"cg"``.
+# What a cg scrub costs and what the dense twin does, by method, for solver="auto": NTK
+# products per cg scrub — the low end of what was measured on real NTKs, so that a close call
+# goes to cg (quick preset, float32, tol 1e-3: one-shot 135–291, CE Newton 324–510, output
+# matching 468–553 on the paper preset; torchvision ResNet-18 at N = 500: 79) — and Cholesky
+# factorisations of the (c·N)² system on the dense twin (CE Newton: one per step, two fits).
+_CG_PRODUCTS = {"one_shot": 80, "projected": 80, "ce_newton": 300, "output_match": 300}
+_DENSE_FACTORS = {"one_shot": 2, "projected": 2, "ce_newton": 20, "output_match": 20}
 
-    Why memory alone decides: explicit per-sample Jacobians cost about c backward passes per
+
+def solver_estimate(
+    J_r: Jacobian, J_f: Jacobian, max_dense_bytes: float, method: str = "one_shot"
+) -> dict[str, Any]:
+    """The cost model behind ``solver="auto"`` (recorded as ``info["auto_solver"]``).
+
+    Memory: the explicit ``J_D`` ``(c·N, p)`` and two ``(c·N)²`` matrices (Θ_DD and a factor)
+    must fit ``max_dense_bytes``. Time, in floating-point operations with F the forward FLOPs
+    per sample (:meth:`~ntkscrub.operators.Jacobian.forward_flops`, at least 2p)::
+
+        dense ≈ (2c + 1)·N·F  +  2(c·N)²·p  +  k·(c·N)³/3     (per-sample Jacobians, Θ = JJᵀ,
+                                                              k Cholesky factorisations)
+        cg    ≈ K · 6·N·F                                    (K products of a JVP + a VJP)
+
+    with K and k per method (``_CG_PRODUCTS``, ``_DENSE_FACTORS``). Why FLOPs: on this
+    project's 2-core CPU the Θ product of the quick preset (All-CNN ×0.25, F = 44 MFLOPs)
+    ran at ≈ 120 GFLOP/s by this count and the (2500 × 102 k) Gram product at 160, so one unit
+    buys about the same time on either side. Why not memory alone (the rule before): with many
+    classes the (c·N)²·p product dominates — c = 100, N = 100, p = 100 k, F = 10 MFLOPs fits
+    4 GiB but costs ≈ 2e13 operations against cg's ≈ 5e11.
+    """
+    item = torch.finfo(J_r.dtype).bits // 8
+    n, c, p = J_r.n + J_f.n, J_r.c, J_r.p
+    rows = c * n
+    need = (J_r.dense_bytes() + J_f.dense_bytes()) + 2 * rows * rows * item
+    counted = J_r.forward_flops()
+    F = max(counted or 0.0, 2.0 * p)
+    K, k = _CG_PRODUCTS.get(method, 80), _DENSE_FACTORS.get(method, 2)
+    dense = (2 * c + 1) * n * F + 2.0 * rows * rows * p + k * rows**3 / 3
+    cg = K * 6.0 * n * F
+    if need > max_dense_bytes:
+        choice, why = "cg", "the explicit Jacobian and Θ exceed max_dense_bytes"
+    elif dense > cg:
+        choice, why = "cg", "the dense twin would cost more operations than cg"
+    else:
+        choice, why = "dense", "the explicit Jacobian and Θ fit and cost fewer operations"
+    logger.info("solver='auto' chose %s: %s", choice, why)
+    return {
+        "method": choice,
+        "reason": why,
+        "dense_bytes": need,
+        "max_dense_bytes": max_dense_bytes,
+        "forward_flops": counted,
+        "dense_flops": dense,
+        "cg_flops": cg,
+        "cg_products_assumed": K,
+    }
+
+
+def _default_solver(solver: Any, solver_config: Any, max_iter: Any) -> Any:
+    """``solver=None`` means ``"auto"`` unless a solver configuration or a CG iteration cap was
+    given (then the configuration's method, ``"cg"`` by default, as before ``"auto"`` was the
+    default). Why auto: on the quick preset the dense twin costs 0.3× a retrain and cg 1.6–3×
+    (``benchmarks/results/cpu/``); a head-only scrub of a ResNet-18 took 0.9 s against 10 s."""
+    if solver is None and solver_config is None and max_iter is None:
+        return "auto"
+    return solver
+
+
+def _resolve_auto(
+    solver: Any, cfg: SolverConfig, J_r: Jacobian, J_f: Jacobian, method: str
+) -> tuple[SolverConfig, dict[str, Any] | None]:
+    """``solver="auto"`` resolved on the Jacobians (:func:`solver_estimate`); else as given."""
+    if solver != "auto":
+        return cfg, None
+    auto = solver_estimate(J_r, J_f, cfg.max_dense_bytes, method)
+    return cfg.replace(method=auto["method"]), auto
+
+
+def auto_solver(
+    J_r: Jacobian, J_f: Jacobian, max_dense_bytes: float, method: str = "one_shot"
+) -> Method:
+    """``solver="auto"``: ``"dense"`` when the explicit Jacobian and Θ fit ``max_dense_bytes``
+    and the dense twin costs fewer operations than cg, else ``"cg"`` (:func:`solver_estimate`).
+
+    Why the dense twin at all: explicit per-sample Jacobians cost about c backward passes per
     image, a solve on them a (c·N)²·p product and a Cholesky, while matrix-free PCG at the
     conditioning of real NTKs needs 100–300 products of about a training epoch each (quick
     preset, All-CNN ×0.25, c·N = 2500, p = 102 k, 2 CPU threads: dense 25 s, cg 204 s, one
-    retrain 113 s). Within a few GiB of Jacobian the explicit route is the cheaper one; beyond,
-    it does not fit and cg is the only one.
+    retrain 113 s).
     """
-    item = torch.finfo(J_r.dtype).bits // 8
-    rows = J_r.c * (J_r.n + J_f.n)
-    need = (J_r.dense_bytes() + J_f.dense_bytes()) + 2 * rows * rows * item
-    return "dense" if need <= max_dense_bytes else "cg"
+    return solver_estimate(J_r, J_f, max_dense_bytes, method)["method"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -446,10 +524,14 @@ def scrub(
         loss: ``"mse"`` (e = onehot − f, eq. 10) or ``"ce"`` (e = onehot − softmax f).
         ridge: λ ≥ 0 on the NTK diagonal; the linearised objective is
             ½Σ‖f_lin(x) − y‖² + ½λ‖w‖² summed over samples and classes.
-        solver: ``"cg"`` (default; matrix-free PCG), ``"dense"`` (Cholesky on the explicit J
-            and Θ; the reference) or ``"auto"``: dense when the explicit J_D and two Θ_DD fit
-            ``solver_config.max_dense_bytes``, else cg (:func:`auto_solver`). Overrides
-            ``solver_config.method``.
+        solver: ``"cg"`` (matrix-free PCG), ``"dense"`` (Cholesky on the explicit J and Θ;
+            the reference) or ``"auto"``: dense when the explicit J_D and two Θ_DD fit
+            ``solver_config.max_dense_bytes`` and cost fewer operations than cg, else cg
+            (:func:`solver_estimate`; its numbers in ``info["auto_solver"]``). Overrides
+            ``solver_config.method``. Default ``None``: ``"auto"``, unless ``solver_config`` or
+            ``max_iter`` (a CG knob) is given — then ``solver_config.method`` (``"cg"`` by
+            default). Both give the same shift to the solve's tolerance (the dense one is exact
+            to rounding).
         rescale: ``None`` or ``"trapezium"`` (the reference code's heuristic, REFERENCE.md §2).
         noise: α ≥ 0: adds ``n ~ N(0, α F⁻¹)``, F the diagonal Fisher on D_r at the shifted
             weights, with the reference code's clamps (``noise_config``).
@@ -511,6 +593,7 @@ def scrub(
         weight_decay = check_number(weight_decay, "weight_decay")
         if ridge != 0.0:
             raise ValueError("weight_decay: give either ridge or weight_decay, not both")
+    solver = _default_solver(solver, solver_config, max_iter)
     cfg = _solver_config(
         solver_config, None if solver == "auto" else solver, tol, max_iter, strict, seed
     )
@@ -545,11 +628,9 @@ def scrub(
         )
 
     space_w, space, w_d, theta0 = _spaces(model, init, params, linearize_at)
-    jkw = products.jacobian_options()
-    J_r = Jacobian(space, retain, name="retain", **jkw)
-    J_f = Jacobian(space, forget, at=J_r.theta, name="forget", **jkw)
-    if solver == "auto":  # resolved on the Jacobians' sizes
-        cfg = cfg.replace(method=auto_solver(J_r, J_f, cfg.max_dense_bytes))
+    space, rows, prefix_info = _prefix_rows(space, retain, forget, products, method)
+    J_r, J_f = _jacobians(space, rows, products)
+    cfg, auto = _resolve_auto(solver, cfg, J_r, J_f, method)
     e_r, e_f = _targets(J_r, loss), _targets(J_f, loss)
     # the weight_decay convention: λ = N·wd for each system (N_r for Θ_rr, N_D for Θ_DD)
     wd = weight_decay
@@ -594,6 +675,7 @@ def scrub(
         "loss": loss,
         "solver": cfg.method,
         "solver_requested": solver or cfg.method,
+        **({"auto_solver": auto} if auto is not None else {}),
         "form": form,
         "method": method,
         **({"method_info": res.extra} if method != "one_shot" else {}),
@@ -607,6 +689,7 @@ def scrub(
         "rescale_cos": cos,
         "shift_norm": float(shift.norm()),
         "passes": {J.name: plan.to_dict() for J in (J_r, J_f) if (plan := J.pass_plan(False))},
+        "prefix_cache": prefix_info,
         "forward_cache": {J.name: J.cache.info() for J in (J_r, J_f)},
         "noise": noise_info,
         "config": {
@@ -628,6 +711,32 @@ def scrub(
         scale=scale,
         w_lin_r=res.w_lin_r.detach(),
     )
+
+
+def _prefix_rows(
+    space: ParameterSpace, retain: Any, forget: Any, products: ProductConfig, method: str
+) -> tuple[ParameterSpace, dict[str, Any], dict[str, Any]]:
+    """D_r and D_f through the frozen prefix once, when ``params`` linearises a suffix
+    (:func:`ntkscrub.prefix.prefix_rows`); ``(space, {"retain", "forget"}, info)``.
+
+    Why: each product otherwise runs the whole network. A torchvision ResNet-18 with only its
+    head linearised, 200 CIFAR images, 2 CPU cores: 81 cg products took 10.6 s, all of it the
+    frozen layers. Output matching builds Jacobians of its own on anchor data at moved weights:
+    it streams as before."""
+    data = {"retain": retain, "forget": forget}
+    if not products.prefix_cache or method == "output_match":
+        why = "ProductConfig.prefix_cache is off" if not products.prefix_cache else method
+        return space, data, {"cached": False, "reason": why}
+    return prefix_rows(space, data, batch_size=products.batch_size, budget=products.cache_bytes)
+
+
+def _jacobians(
+    space: ParameterSpace, rows: dict[str, Any], products: ProductConfig
+) -> tuple[Jacobian, Jacobian]:
+    """``J_r`` ``(c·N_r, p)`` and ``J_f`` ``(c·N_f, p)`` at the same point."""
+    jkw = products.jacobian_options()
+    J_r = Jacobian(space, rows["retain"], name="retain", **jkw)
+    return J_r, Jacobian(space, rows["forget"], at=J_r.theta, name="forget", **jkw)
 
 
 def _spaces(

@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -53,10 +52,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ntkscrub._validation import check_number
-from ntkscrub.batches import Batches, as_batches
+from ntkscrub.batches import Batches
 from ntkscrub.config import Method, ProductConfig, SolverConfig, check_mixed_precision
 from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter
 from ntkscrub.params import ParameterSpace, ParamSelector
+from ntkscrub.prefix import prefix_rows
 from ntkscrub.scrub import (
     ScrubResult,
     _check_scrub_args,
@@ -92,23 +92,6 @@ def _subset(data: Any, positions: list[int]) -> Any:
     raise TypeError(f"data: cannot take a subset of a {type(data).__name__}")
 
 
-def _as_sequential(model: nn.Module, data: Any, space: ParameterSpace) -> nn.Sequential | None:
-    """``model`` as an ``nn.Sequential`` with the same parameter names, or ``None``."""
-    if isinstance(model, nn.Sequential):
-        return model
-    if [n for n, _ in model.named_children()] != ["features", "classifier"]:
-        return None
-    if any("." not in n for n, _ in model.named_parameters()) or any(
-        "." not in n for n, _ in model.named_buffers()
-    ):
-        return None  # tensors of the root module itself: not a pure composition
-    view = nn.Sequential(OrderedDict(features=model.features, classifier=model.classifier))
-    x, _ = as_batches(data, batch_size=8, device=space.device, dtype=space.dtype).first()
-    with torch.no_grad():
-        same = torch.equal(view(x), model(x))
-    return view if same else None
-
-
 def _rows(positions: list[int], c: int, device: torch.device) -> Tensor:
     """Rows ``n·c + k`` of the samples ``positions`` ``(c·len(positions),)``."""
     n = torch.as_tensor(positions, dtype=torch.long, device=device)
@@ -128,13 +111,16 @@ class Scrubber:
             accepts (``(X, Y)``, a Dataset, a sequential DataLoader); its order defines the
             positions that :meth:`forget` takes.
         init, linearize_at, loss, ridge, weight_decay, solver, tol, max_iter, params, seed,
-            solver_config, products: as :func:`~ntkscrub.scrub.scrub` (same defaults; the
+            solver_config, products: as :func:`~ntkscrub.scrub.scrub` (same defaults, except
+            ``solver``: ``None`` is the configuration's method, ``"cg"`` by default — the
+            requests' warm-started, preconditioned solves are what the Scrubber amortises; the
             ``weight_decay`` convention λ = |S|·wd is applied to each system: λ_D = N·wd for the
             prepared Θ_DD, λ_R = |R|·wd for each retained system).
-        cache_prefix: when ``params`` leaves a frozen prefix ``model[:k]`` of an
-            ``nn.Sequential`` (or the ``features`` of a features → classifier model), compute
-            its activations on D once and linearise only the suffix on them (same result,
-            cheaper products; ``info["prepare"]["prefix_cached"]``, see :meth:`_cache_prefix`).
+        cache_prefix: when ``params`` leaves a frozen prefix (an ``nn.Sequential``'s first
+            children, the ``features`` of a features → classifier model, or what ``torch.fx``
+            can split off a torchvision-style model), compute its activations on D once and
+            linearise only the suffix on them (same result, cheaper products;
+            ``prepare_info["prefix_cached"]``, see :meth:`_cache_prefix`).
 
     Preparation solves α = (Θ_DD + λ_D I)⁻¹ e_D ``(c·N,)`` and keeps α and the Nyström factor of
     Θ_DD (``info["prepare"]`` records matvecs, seconds, iterations, converged). The module
@@ -216,46 +202,24 @@ class Scrubber:
         self.space = ParameterSpace(at, self.space_w.names)
 
     def _cache_prefix(self, data: Any) -> tuple[Any, dict[str, Any] | None]:
-        """Item 6 of issue 14: when ``params`` selects parameters only in ``model[k:]`` of an
-        ``nn.Sequential`` (k ≥ 1, e.g. the head), the frozen prefix ``model[:k]`` (at the
-        linearisation point, its buffers included) is applied to D once, and every product
-        runs only the suffix on the cached activations ``H`` ``(N, *shape of model[k-1]'s
-        output)`` — exact, since f(x) = suffix(prefix(x)) and no linearised weight is in the
-        prefix. A model made of exactly ``features`` and ``classifier`` (ntkscrub's MLP, All-CNN,
-        SmallCNN) counts as the Sequential (features, classifier) when that reproduces its
-        output on the first batch. Memory: H is held for all of D. Other models or selections
-        stream D as is.
-        """
-        at = _as_sequential(self.space.model, data, self.space)
-        if at is None:
-            return data, None
-        chosen = set(self.space.names)
-        keys = list(at._modules)
-        owners = [
-            i
-            for i, key in enumerate(keys)
-            if any(f"{key}.{n}" in chosen for n, _ in at[i].named_parameters())
-        ]
-        k = min(owners)
-        if k == 0:
-            return data, None
-        t0 = time.perf_counter()
-        prefix, suffix = at[:k], at[k:]  # slices share the modules and keep their keys
-        batches = as_batches(
-            data,
+        """Item 6 of issue 14: when ``params`` selects a suffix of the network (the head, the
+        last blocks), the frozen prefix (at the linearisation point, its buffers included) is
+        applied to D once and every product runs only the suffix on the cached activations
+        ``H`` ``(N, *h_shape)`` — exact, since f(x) = suffix(prefix(x)) and no linearised
+        weight is in the prefix (:func:`ntkscrub.prefix.prefix_rows`: an ``nn.Sequential``, a
+        features → classifier model, or any model ``torch.fx`` can split at one value).
+        Memory: H is held for all of D, within ``ProductConfig.cache_bytes``. Returns the rows
+        the products stream and the cache record (``None`` when nothing was cached)."""
+        space, rows, info = prefix_rows(
+            self.space,
+            {"data": data},
             batch_size=self.products.batch_size,
-            device=self.space.device,
-            dtype=self.space.dtype,
-            name="data",
+            budget=self.products.cache_bytes,
         )
-        with torch.no_grad():
-            H = torch.cat([prefix(x) for x, _ in batches])
-        space = ParameterSpace(suffix, self.space.names)
-        if space.names != self.space.names:  # the same tensors in the same order, or no cache
+        if not info["cached"]:
             return data, None
         self.space = space
-        info = {"modules": k, "shape": list(H.shape), "seconds": time.perf_counter() - t0}
-        return (H, batches.labels()), info
+        return rows["data"], info
 
     def _jacobian(self, data: Any, name: str) -> Jacobian:
         p = self.products

@@ -191,11 +191,21 @@ def test_diagonal_fisher_matches_explicit():
 
 
 # --------------------------------------------------------------------------- contract
-def test_inputs_unchanged_and_result(cnn_problem):
+@pytest.mark.parametrize("solver", ["auto", "cg", "dense"])
+def test_inputs_unchanged_and_result(cnn_problem, solver):
     trained, init, retain, forget = cnn_problem
     before = copy.deepcopy(trained.state_dict()), copy.deepcopy(init.state_dict())
     Xr = retain[0].clone()
-    res = scrub(trained, retain, forget, init=init.state_dict(), ridge=0.1, noise=1e-5, seed=0)
+    res = scrub(
+        trained,
+        retain,
+        forget,
+        init=init.state_dict(),
+        ridge=0.1,
+        noise=1e-5,
+        seed=0,
+        solver=solver,
+    )
     for sd, m in zip(before, (trained, init)):
         for k, v in m.state_dict().items():
             assert torch.equal(v, sd[k])
@@ -306,7 +316,9 @@ def test_block_form_float32_is_not_silently_wrong():
 
 def test_result_records_delta_scale_config_and_converged(cnn_problem):
     trained, init, retain, forget = cnn_problem
-    res = scrub(trained, retain, forget, init=init, ridge=0.05, rescale="trapezium", tol=1e-10)
+    res = scrub(
+        trained, retain, forget, init=init, ridge=0.05, rescale="trapezium", tol=1e-10, solver="cg"
+    )
     assert res.scale == res.info["rescale_factor"] and res.scale >= 1.0
     assert rel(res.shift, res.scale * res.delta) <= 1e-15
     assert res.info["converged"] is True
@@ -322,7 +334,7 @@ def test_result_records_delta_scale_config_and_converged(cnn_problem):
 
 def test_configs_replace_options(cnn_problem):
     trained, init, retain, forget = cnn_problem
-    kw = dict(init=init, ridge=0.05, tol=1e-10)
+    kw = dict(init=init, ridge=0.05, tol=1e-10, solver="cg")
     a = scrub(trained, retain, forget, products=ProductConfig(batch_size=5, vector_chunk=2), **kw)
     b = scrub(trained, retain, forget, **kw)
     assert rel(a.shift, b.shift) <= 1e-8
@@ -391,3 +403,39 @@ def test_auto_solver_is_dense_when_it_fits_else_cg(cnn_problem):
     assert rel(small.shift, dense.shift) <= 1e-6
     with pytest.raises(ValueError, match="solver"):
         scrub(trained, retain, forget, solver="fast", **kw)
+
+
+def test_default_solver_is_auto_unless_a_cg_knob_is_given(cnn_problem):
+    """solver=None: "auto" (the dense twin here: it fits and costs fewer operations), recorded
+    with its cost model; a solver_config or max_iter keeps the configuration's method (cg)."""
+    trained, init, retain, forget = cnn_problem
+    kw = dict(init=init, ridge=0.05)
+    default = scrub(trained, retain, forget, **kw)
+    assert default.info["solver_requested"] == "auto" and default.info["solver"] == "dense"
+    est = default.info["auto_solver"]
+    assert est["method"] == "dense" and est["dense_flops"] <= est["cg_flops"]
+    assert est["forward_flops"] > 0  # the CNN's convolutions and head were counted
+    for knob in (dict(max_iter=500), dict(solver_config=SolverConfig(tol=1e-12))):
+        res = scrub(trained, retain, forget, **kw, **knob)
+        assert res.info["solver"] == "cg" and "auto_solver" not in res.info
+        assert res.info["matvecs"] > 0
+
+
+def test_auto_solver_takes_cg_when_the_gram_product_dominates():
+    """Many classes: J_D and Θ fit the memory cap, but forming Θ = J Jᵀ costs 2(c·N)²·p
+    operations against cg's K·6·N·F — auto takes cg (the memory-only rule took dense; measured
+    on 2 CPU cores for this shape at p = 42 k: dense 33 s, cg 0.3 s)."""
+    from ntkscrub.operators import Jacobian
+    from ntkscrub.params import ParameterSpace
+    from ntkscrub.scrub import solver_estimate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 100)).eval()
+    X, Y = torch.randn(60, 10), torch.randint(0, 100, (60,))
+    space = ParameterSpace(model)
+    J_r, J_f = Jacobian(space, (X[:50], Y[:50])), Jacobian(space, (X[50:], Y[50:]))
+    est = solver_estimate(J_r, J_f, 4 * 2**30)
+    assert est["dense_bytes"] <= 4 * 2**30  # memory alone would say dense
+    assert est["method"] == "cg" and est["dense_flops"] > est["cg_flops"]
+    assert est["forward_flops"] == 2 * (10 * 8 + 8 * 100)  # the two matmuls (biases: not counted)
+    assert solver_estimate(J_r, J_f, 1024)["reason"].startswith("the explicit Jacobian")

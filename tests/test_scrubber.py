@@ -171,7 +171,7 @@ def test_cached_prefix_equals_full_products(kind, params, k, point):
     model, init, X, Y = setup(kind, n=16)
     kw = {"loss": "ce", "ridge": 0.3, "tol": 1e-12, "params": params, "linearize_at": point}
     s = Scrubber(model, (X, Y), init=init, **kw)
-    assert s.prepare_info["prefix_cached"]["modules"] == k
+    assert s.prepare_info["prefix_cached"]["at"] == str(k - 1)  # the last frozen child
     plain = Scrubber(model, (X, Y), init=init, cache_prefix=False, **kw)
     assert plain.prepare_info["prefix_cached"] is None
     got = s.forget([1, 6])
@@ -202,7 +202,7 @@ def test_cached_prefix_on_features_classifier_models(name):
     X, Y = make_data("cnn", 14)
     kw = {"loss": "mse", "weight_decay": 0.05, "tol": 1e-12, "params": r"^classifier\."}
     s = Scrubber(model, (X, Y), init=init, **kw)
-    assert s.prepare_info["prefix_cached"]["modules"] == 1
+    assert s.prepare_info["prefix_cached"]["at"] == "features"
     got = s.forget([0, 13])
     want = fresh(model, init, X, Y, [0, 13], **kw)
     assert rel(got.shift, want.shift) <= 1e-6

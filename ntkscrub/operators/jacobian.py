@@ -336,6 +336,27 @@ class Jacobian(Operator):
         """Memory of the explicit twin ``(c·N, p)`` in bytes."""
         return self.c * self.n * self.p * torch.finfo(self.dtype).bits // 8
 
+    def forward_flops(self) -> float | None:
+        """Floating-point operations of one forward pass per sample (matrix products and
+        convolutions, counted by ``torch.utils.flop_counter`` on up to 8 samples of the first
+        batch; 2 per multiply-add), cached; ``None`` when the counter cannot run the model.
+
+        The unit of :func:`~ntkscrub.scrub.auto_solver`'s cost comparison: an NTK product costs
+        about six forward passes over S, an explicit Jacobian about ``2c + 1``."""
+        if not hasattr(self, "_forward_flops"):
+            from torch.utils.flop_counter import FlopCounterMode  # torch ≥ 2.1
+
+            x0, _ = self.data.first()
+            x = x0[:8]
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    with self._ctx():
+                        self._f(self._params, x)
+                self._forward_flops = counter.get_total_flops() / x.shape[0]
+            except (RuntimeError, TypeError, NotImplementedError):
+                self._forward_flops = None
+        return self._forward_flops
+
     def row_norms_sq(self, chunk: int = 16) -> Tensor:
         """``diag(J Jᵀ)``: squared norms of the rows, ``(c·N,)``, from explicit row blocks."""
         out = torch.empty(self.c * self.n, dtype=self.dtype, device=self.device)
