@@ -11,9 +11,10 @@ selected parameter lies in the prefix, so ``J_θ f(x) = J_θ suffix(h)`` at ``h 
 
 * an ``nn.Sequential`` (and a model made of exactly ``features`` and ``classifier``): at the first
   child that owns a selected parameter;
-* any model ``torch.fx`` can trace (torchvision's ResNets, VGGs, ...): at the first graph node that
-  uses a selected parameter, when exactly one value computed before it is used from there on
-  (the output of the previous residual stage, say) — that value is H.
+* else (also for blocks inside those children), any model ``torch.fx`` can trace (torchvision's
+  ResNets, VGGs, ...): at the first graph node that uses a selected parameter, when exactly one
+  value computed before it is used from there on (the output of the previous residual stage,
+  say) — that value is H.
 
 Anything else (an untraceable model, two live values at the split, the first layer selected)
 gives ``None`` with the reason, and the caller streams the data through the whole network.
@@ -71,8 +72,9 @@ def split_frozen_prefix(
     """
     chosen = set(names)
     split, reason = _sequential_split(model, chosen)
-    if split is None and reason == "not sequential":
-        split, reason = _fx_split(model, chosen)
+    if split is None:  # e.g. blocks inside a features → classifier model's `features`
+        split, fx_reason = _fx_split(model, chosen)
+        reason = fx_reason if reason == "not sequential" else f"{reason}; {fx_reason}"
     if split is None:
         return None, reason
     with torch.no_grad():

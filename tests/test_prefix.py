@@ -126,3 +126,28 @@ def test_prefix_over_budget_streams_and_says_so():
     assert full.info["prefix_cache"]["reason"] == "every parameter is linearised"
     with pytest.raises(TypeError, match="prefix_cache"):
         ProductConfig(prefix_cache=1)
+
+
+def test_blocks_inside_features_fall_back_to_fx():
+    """All-CNN (features → classifier) with its last block linearised: the top-level split finds
+    nothing to freeze (the block is inside `features`), the fx split does; a scrub on the cached
+    rows equals the streamed one."""
+    from ntkscrub.recipes.models import AllCNN
+
+    torch.manual_seed(0)
+    init = AllCNN(num_classes=3, width=0.1).double().eval()
+    model = copy.deepcopy(init)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    X, Y = torch.randn(12, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    selected = [n for n, _ in model.named_parameters() if n.startswith(("features.9.", "class"))]
+    split, why = split_frozen_prefix(model, selected, X)
+    assert split is not None and split.how == "fx" and split.at == "features_8_2", why
+    kw = dict(init=init, ridge=0.3, params=selected, solver="cg", tol=1e-12)
+    cached = scrub(model, (X[:9], Y[:9]), (X[9:], Y[9:]), **kw)
+    streamed = scrub(
+        model, (X[:9], Y[:9]), (X[9:], Y[9:]), products=ProductConfig(prefix_cache=False), **kw
+    )
+    assert cached.info["prefix_cache"]["cached"]
+    assert rel(cached.shift, streamed.shift) <= 1e-8
