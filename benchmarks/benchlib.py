@@ -299,6 +299,32 @@ def make_model(
 
 
 @torch.no_grad()
+def suffix_flop_share(spec: ModelSpec, params: str, device: torch.device) -> float:
+    """Forward FLOPs of the suffix that ``params`` leaves after the frozen prefix
+    (:func:`ntkscrub.prefix.split_frozen_prefix`) over the whole model's, on 4 random images;
+    1.0 when the model cannot be split. What a partial-linearisation product costs relative to
+    a full one, roughly (both run a JVP and a VJP through what they differentiate)."""
+    import re
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ntkscrub.prefix import split_frozen_prefix
+
+    model = make_model(spec, device)
+    X, _ = random_cifar(4, spec.num_classes, device, torch.float32, seed=3)
+    names = [n for n, _ in model.named_parameters() if re.search(params, n)]
+    split, _ = split_frozen_prefix(model, names, X)
+    if split is None:
+        return 1.0
+    flops = []
+    for fn, x in ((model, X), (split.suffix, split.prefix(X))):
+        with FlopCounterMode(display=False) as counter:
+            fn(x)
+        flops.append(counter.get_total_flops())
+    return flops[1] / flops[0] if flops[0] else 1.0
+
+
+@torch.no_grad()
 def calibrate_bn(model: nn.Module, X: Tensor, batch_size: int = 128, batches: int = 4) -> nn.Module:
     """Set BatchNorm running statistics from a few batches (cumulative average), back to eval.
 
@@ -664,6 +690,7 @@ def run_scrub(
     warm_start: bool = True,
     share_precond: bool = True,
     seed: int = 0,
+    params: str | None = None,
 ) -> dict[str, Any]:
     """One :func:`ntkscrub.scrub.scrub` call, timed and metered; never raises for lack of memory.
 
@@ -690,6 +717,7 @@ def run_scrub(
         "weight_decay": None if ridge is not None else RECIPE["weight_decay"],
         "warm_start": warm_start,
         "share_precond": share_precond,
+        "params_selected": params,  # ("params" is the model's parameter count in the records)
     }
     kwargs: dict[str, Any] = {
         "init": problem.init,
@@ -709,6 +737,7 @@ def run_scrub(
             share_precond=share_precond,
         ),
         "products": ProductConfig(batch_size=batch_size, autocast=autocast),
+        "params": params,
     }
     if ridge is not None:
         kwargs["ridge"] = ridge
@@ -751,6 +780,8 @@ def _scrub_summary(info: dict[str, Any]) -> dict[str, Any]:
         "library_peak_memory_mib": info.get("peak_memory_mib"),
         "library_peak_memory_kind": info.get("peak_memory_kind"),
         "shift_norm": info.get("shift_norm"),
+        "p_linearised": info.get("p"),
+        "prefix_cache": info.get("prefix_cache"),
     }
 
 

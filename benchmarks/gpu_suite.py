@@ -26,12 +26,15 @@ Stages, in order (each gets a share of the budget; time a stage leaves unused pa
    are recorded as skipped, and the largest N gets an *estimated* record (matvecs of the largest
    measured N × the measured matvec time at that N), marked ``status='estimated'``.
 5. ``engine_large``: matvec (1 vector) vs epoch at N=50,000 for the three models.
-6. ``variants``: speed knobs of one scrub (All-CNN, N=5000): preconditioner on/off, batch size,
-   warm start — on whatever time the stages above left.
+6. ``partial_large:<model>``: a converged scrub of ResNet-18 ×1 c=10 at N=50,000 with only its
+   last block and head linearised (``PARTIAL``; the frozen prefix runs once), against the
+   retrain of the same problem (``kind='partial'``).
 7. ``scrub_large:<model>``: one scrub of ResNet-18 ×1 c=10 at N=50,000 with the CG iteration cap
    the remaining time allows (``kind='capped'``: peak memory against a training step at the same
    batch size, seconds per iteration, the residual reached; not a converged scrub).
-8. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
+8. ``variants``: speed knobs of one scrub (All-CNN, N=5000): preconditioner on/off, batch size,
+   warm start — on whatever time the stages above left.
+9. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
    training step, All-CNN at N=5000.
 
 Budget: before every measurement its cost is estimated from per-sample costs probed on one batch
@@ -72,6 +75,14 @@ from ntkscrub.io import to_jsonable, write_record  # noqa: E402
 from ntkscrub.recipes.runtime import Budget, hardware  # noqa: E402
 
 SAFETY = 1.3  # estimates are multiplied by this before comparing with the time left
+# The last block and the head of each model (partial_large): a suffix with one value crossing
+# into it, so that ntkscrub.prefix caches the frozen part.
+PARTIAL = {
+    "resnet18": r"^(layer4\.1\.|classifier\.)",
+    "allcnn": r"^(features\.9\.|classifier\.)",
+    "smallcnn": r"^(features\.2\.|classifier\.)",
+    "mlp": r"^classifier\.",
+}
 
 
 # ------------------------------------------------------------------------------------ config
@@ -120,6 +131,7 @@ SHARES = {
     "dense": 0.08,
     "scrub": 0.36,  # split evenly between the scrub models
     "engine_large": 0.18,
+    "partial_large": 0.3,  # plus what earlier stages left; before scrub_large, which takes the rest
     "scrub_large": 0.0,  # what the others leave (the whole budget with --stages scrub_large)
     "variants": 0.0,  # only what the others leave
     "compile": 0.0,  # likewise
@@ -765,6 +777,37 @@ class Suite:
         self._problem, self._problem_key = None, None
         benchlib.free_memory(dev)
 
+    def stage_partial_large(self, label: str) -> None:
+        """A converged scrub at ``engine_large_n`` (50,000 on the GPU) with only the last block
+        and the head linearised (``PARTIAL``): the frozen prefix runs once over D
+        (:mod:`ntkscrub.prefix`) and every product runs the suffix — issue 14's "≤ 1× the
+        retrain" for a partial linearisation, against the retrain of the same problem. The CG
+        cap comes from the time left with a product priced at the full network's probe × the
+        suffix's share of the forward FLOPs (at least 5 %). Kind ``'partial'``."""
+        cfg = self.cfg
+        spec, n = ModelSpec.parse(label), cfg.engine_large_n
+        c = self.probe(label, cfg.scrub_precision)
+        share = benchlib.suffix_flop_share(spec, PARTIAL[spec.name], self.device)
+        mv = n * c["mv1_s_per_sample"] * max(0.05, share)
+        overhead = n * c["train_s_per_sample"] * 6 + n * c["mv1_s_per_sample"]  # + prefix pass
+        cap = int((self.budget.left() / SAFETY - overhead - 4 * mv) / (2 * mv))
+        base = {"kind": "partial", "model": label, "n": n, "solver": "cg"}
+        if cap < 10:
+            self.skip(f"budget: {cap} CG iterations per solve would fit", **base)
+            return
+        self.scrub_point(
+            label,
+            n,
+            "cg",
+            cfg.default_rank,
+            cfg.engine_batch,
+            min(cap, cfg.scrub_max_iter),
+            0.0,
+            kind="partial",
+            note=f"params {PARTIAL[spec.name]!r} (forward-FLOP share {share:.3f}); cap {cap}",
+            params=PARTIAL[spec.name],
+        )
+
     def stage_variants(self) -> None:
         """Speed knobs of one scrub (first scrub model at ``variant_n``): preconditioner on/off,
         batch size, warm start. Runs on what the other stages left."""
@@ -1017,6 +1060,12 @@ class Suite:
         for label in cfg.scrub_models:
             self.run_stage(f"scrub:{label}", per, lambda label=label: self.stage_scrub(label))
         self.run_stage("engine_large", cfg.shares["engine_large"], self.stage_engine_large)
+        for label in cfg.large_scrub_models:
+            self.run_stage(
+                f"partial_large:{label}",
+                cfg.shares["partial_large"],
+                lambda label=label: self.stage_partial_large(label),
+            )
         per = cfg.shares["scrub_large"] / max(1, len(cfg.large_scrub_models))
         for label in cfg.large_scrub_models:
             self.run_stage(

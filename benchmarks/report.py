@@ -488,7 +488,7 @@ def _md_engine(by: Any) -> list[str]:
 
 def _md_scrub(by: Any) -> list[str]:
     """The scrub-vs-retrain sections (over N, model size, variants, time-capped)."""
-    if not any(by(k) for k in ("scaling", "model_size", "variant", "capped")):
+    if not any(by(k) for k in ("scaling", "model_size", "variant", "capped", "partial")):
         return []
     parts = ["## Scrub vs retrain", ""]
     parts.append(
@@ -501,6 +501,10 @@ def _md_scrub(by: Any) -> list[str]:
         ("scaling", "### Over N"),
         ("model_size", "### Over model size"),
         ("variant", "### Variants (speed knobs) at one (model, N)"),
+        (
+            "partial",
+            "### Partial linearisation at the largest N (last block + head, prefix cached)",
+        ),
     ):
         rs = by(kind)
         if kind == "scaling":

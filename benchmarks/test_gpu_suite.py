@@ -31,3 +31,19 @@ def test_gpu_suite_tiny_cg_and_capped_scrub(tmp_path):
     assert capped["dense_jacobian_bytes"] == 4.0 * capped["n"] * 10 * capped["params"]
     assert "train_step_delta_mib" in capped
     assert "time-capped CG" in (out / "report.md").read_text()
+
+
+@pytest.mark.smoke
+def test_gpu_suite_tiny_partial_linearisation(tmp_path):
+    """partial_large: a converged scrub of the last block + head at the largest N, the frozen
+    prefix cached, against the retrain of the same problem — before any device time."""
+    out = tmp_path / "suite"
+    argv = ["--out", str(out), "--device", "cpu", "--tiny", "--budget-seconds", "300"]
+    assert gpu_suite.main([*argv, "--stages", "partial_large"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    (rec,) = [r for r in doc["records"] if r["kind"] == "partial"]
+    assert rec["status"] == "ok" and rec["converged"] is True
+    assert rec["n"] == gpu_suite.TINY.engine_large_n
+    assert rec["prefix_cache"]["cached"] and rec["p_linearised"] < rec["params"]
+    assert rec["retrain_seconds"] > 0 and rec["ratio_scrub_to_retrain"] > 0
+    assert "Partial linearisation" in (out / "report.md").read_text()
