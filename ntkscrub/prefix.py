@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ntkscrub.batches import as_batches
 from ntkscrub.operators.forward_cache import default_cache_budget
+from ntkscrub.operators.passes import training_step_bytes
 from ntkscrub.params import ParameterSpace
 
 __all__ = ["PrefixSplit", "split_frozen_prefix", "prefix_rows"]
@@ -170,7 +171,9 @@ def prefix_rows(
         ``(space, rows, info)``: on a split, the suffix's :class:`ParameterSpace` (the same
         names, in the same order) and ``{name: (H, Y)}`` with ``H`` ``(N, *h_shape)``;
         otherwise ``space`` and ``data`` unchanged. ``info``: ``cached``, ``reason`` and, when
-        cached, ``at``, ``how``, ``shape`` per set, ``bytes`` and ``seconds``.
+        cached, ``at``, ``how``, ``shape`` per set, ``bytes``, ``seconds`` and
+        ``train_step_bytes`` (the whole network's training step on one batch: the yardstick of
+        the suffix's pass budget).
     """
     model = space.model
     trainable = [n for n, t in model.named_parameters() if t.requires_grad]
@@ -201,6 +204,7 @@ def prefix_rows(
             if any(y is None for y in ys):
                 raise ValueError(f"{name}: labels are required but the data carry none")
             rows[name] = (torch.cat(hs), torch.cat(ys))
+    x1 = next(iter(next(iter(batches.values()))))[0]
     info = {
         "cached": True,
         "reason": why,
@@ -209,5 +213,7 @@ def prefix_rows(
         "shape": {name: list(h.shape) for name, (h, _) in rows.items()},
         "bytes": need,
         "seconds": time.perf_counter() - t0,
+        # the whole network's training step at this batch size (every trainable parameter)
+        "train_step_bytes": training_step_bytes(ParameterSpace(model, check=False), x1),
     }
     return suffix_space, rows, info

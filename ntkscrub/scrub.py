@@ -451,7 +451,8 @@ def _default_solver(solver: Any, solver_config: Any, max_iter: Any) -> Any:
     """``solver=None`` means ``"auto"`` unless a solver configuration or a CG iteration cap was
     given (then the configuration's method, ``"cg"`` by default, as before ``"auto"`` was the
     default). Why auto: on the quick preset the dense twin costs 0.3× a retrain and cg 1.6–3×
-    (``benchmarks/results/cpu/``); a head-only scrub of a ResNet-18 took 0.9 s against 10 s."""
+    (``benchmarks/results/cpu/``), while on an MLP of the demo's shape cg took 0.54 s and the
+    dense twin 16.6 s (2 CPU cores); the cost model picks the cheaper one either way."""
     if solver is None and solver_config is None and max_iter is None:
         return "auto"
     return solver
@@ -629,7 +630,7 @@ def scrub(
 
     space_w, space, w_d, theta0 = _spaces(model, init, params, linearize_at)
     space, rows, prefix_info = _prefix_rows(space, retain, forget, products, method)
-    J_r, J_f = _jacobians(space, rows, products)
+    J_r, J_f = _jacobians(space, rows, products, prefix_info)
     cfg, auto = _resolve_auto(solver, cfg, J_r, J_f, method)
     e_r, e_f = _targets(J_r, loss), _targets(J_f, loss)
     # the weight_decay convention: λ = N·wd for each system (N_r for Θ_rr, N_D for Θ_DD)
@@ -731,10 +732,13 @@ def _prefix_rows(
 
 
 def _jacobians(
-    space: ParameterSpace, rows: dict[str, Any], products: ProductConfig
+    space: ParameterSpace, rows: dict[str, Any], products: ProductConfig, prefix: dict[str, Any]
 ) -> tuple[Jacobian, Jacobian]:
-    """``J_r`` ``(c·N_r, p)`` and ``J_f`` ``(c·N_f, p)`` at the same point."""
+    """``J_r`` ``(c·N_r, p)`` and ``J_f`` ``(c·N_f, p)`` at the same point; on a cached prefix
+    the default pass budget is twice the whole network's training step, not the suffix's."""
     jkw = products.jacobian_options()
+    if prefix["cached"] and jkw["memory_budget"] is None:
+        jkw["memory_budget"] = 2 * prefix["train_step_bytes"]
     J_r = Jacobian(space, rows["retain"], name="retain", **jkw)
     return J_r, Jacobian(space, rows["forget"], at=J_r.theta, name="forget", **jkw)
 

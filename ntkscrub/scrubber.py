@@ -165,6 +165,7 @@ class Scrubber:
         self._build_spaces(model, init, params)
         # What the products stream: D itself, or (prefix activations, labels) of D.
         self._rows_data, prefix_info = self._cache_prefix(data) if cache_prefix else (data, None)
+        self._prefix = prefix_info
         self.J_D = self._jacobian(self._rows_data, "data")
         self.n, self.c = self.J_D.n, self.J_D.c
         self.ridge_d = ridge if weight_decay is None else self.n * weight_decay
@@ -222,15 +223,12 @@ class Scrubber:
         return rows["data"], info
 
     def _jacobian(self, data: Any, name: str) -> Jacobian:
-        p = self.products
         at = getattr(self, "J_D", None)
-        return Jacobian(
-            self.space,
-            data,
-            at=None if at is None else at.theta,
-            name=name,
-            **p.jacobian_options(),
-        )
+        options = self.products.jacobian_options()
+        if self._prefix is not None and options["memory_budget"] is None:
+            # the suffix's passes against the whole network's training step (as in scrub)
+            options["memory_budget"] = 2 * self._prefix["train_step_bytes"]
+        return Jacobian(self.space, data, at=None if at is None else at.theta, name=name, **options)
 
     # ------------------------------------------------------------------ requests
     def _check_indices(self, indices: Any) -> list[int]:

@@ -151,3 +151,16 @@ def test_blocks_inside_features_fall_back_to_fx():
     )
     assert cached.info["prefix_cache"]["cached"]
     assert rel(cached.shift, streamed.shift) <= 1e-8
+
+
+def test_cached_prefix_budgets_passes_against_the_whole_networks_training_step():
+    """The suffix's pass plan takes 2× the whole network's training step (measured on one batch)
+    as its budget, not 2× the suffix's own, which is a fraction of it."""
+    init, model, X, Y = resnet_pair()
+    res = scrub(
+        model, (X[:11], Y[:11]), (X[11:], Y[11:]), init=init, ridge=0.5, params=r"^fc\.",
+        solver="cg",
+    )  # fmt: skip
+    prefix, plan = res.info["prefix_cache"], res.info["passes"]["retain"]
+    assert prefix["cached"] and prefix["train_step_bytes"] > plan["train_step"] > 0
+    assert plan["budget"] == 2 * prefix["train_step_bytes"]

@@ -115,6 +115,17 @@ def _train_step(f: Any, params: dict[str, Tensor], x: Tensor) -> int:
     return peak_bytes(step)
 
 
+def training_step_bytes(space: Any, x: Tensor) -> int:
+    """Peak bytes of a training step (forward and backward of a loss w.r.t. the parameters of
+    ``space``, a :class:`~ntkscrub.params.ParameterSpace`) on the batch ``x``: the yardstick of a
+    pass's memory budget. With a cached frozen prefix (:mod:`ntkscrub.prefix`) the products run
+    a suffix whose own training step is a fraction of the network's, so the budget is taken
+    from the whole network's (a first run measured a 25 MB budget for a 31 MB pass there, and
+    warned for no reason)."""
+    params = {n: t.detach() for n, t in space.unflatten(space.point()).items()}
+    return _train_step(space.functional(), params, x)
+
+
 def _jvp_pass(J: Any, x: Tensor, k: int) -> tuple[int, float]:
     g = J._fn(x)
     V = torch.ones(J.p, k, dtype=J.dtype, device=J.device)
