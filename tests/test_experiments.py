@@ -644,3 +644,25 @@ def test_jacobian_precision_measures_in_the_precision_scrub_runs(monkeypatch):
     assert seen and all(flags == (False, False) for flags in seen)
     assert out["jvp"] < 1e-5 and out["vjp"] < 1e-5 and out["samples"] == 4
     assert torch.backends.cudnn.allow_tf32  # restored
+
+
+def test_step_rule_and_kernel_prediction_run_without_tf32(monkeypatch):
+    """The validation step rule (a JVP against realised logit changes) and the kernel prediction
+    read the network with TF32 off, as the scrubs that produced Δ did; the flags come back."""
+    from ntkscrub.recipes.reproduction.measure import step_to_predicted_change
+
+    seen: list[tuple[bool, bool]] = []
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    net[1].register_forward_hook(
+        lambda *_: seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        )
+    )
+    val = (torch.randn(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1]))
+    delta = 0.1 * torch.randn(39)
+    out = step_to_predicted_change(net, net, delta, val, (0.5, 1.0, 2.0))
+    assert out["a"] == 1.0  # a model linear in its parameters: the linear prediction is exact
+    assert seen and all(flags == (False, False) for flags in seen)
+    assert torch.backends.cudnn.allow_tf32  # restored

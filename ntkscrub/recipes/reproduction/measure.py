@@ -399,6 +399,7 @@ def raw_line(
     return out
 
 
+@full_fp32_precision()  # a difference of logits against a JVP: TF32 would blur both
 def step_to_predicted_change(
     w_d: nn.Module,
     at: nn.Module,
@@ -433,6 +434,7 @@ def step_to_predicted_change(
     }
 
 
+@full_fp32_precision()  # one JVP, in the precision the scrubs run in
 def kernel_prediction(
     at: nn.Module,
     w_lin_r: Tensor,
