@@ -451,8 +451,9 @@ def _default_solver(solver: Any, solver_config: Any, max_iter: Any) -> Any:
     """``solver=None`` means ``"auto"`` unless a solver configuration or a CG iteration cap was
     given (then the configuration's method, ``"cg"`` by default, as before ``"auto"`` was the
     default). Why auto: on the quick preset the dense twin costs 0.3× a retrain and cg 1.6–3×
-    (``benchmarks/results/cpu/``), while on an MLP of the demo's shape cg took 0.54 s and the
-    dense twin 16.6 s (2 CPU cores); the cost model picks the cheaper one either way."""
+    (``benchmarks/results/cpu/``), while on an MLP of the demo's shape cg took 0.46 s and the
+    dense twin 16 s (2 CPU cores, ``benchmarks/auto_solver_cases.py``); the cost model picks
+    the cheaper one either way."""
     if solver is None and solver_config is None and max_iter is None:
         return "auto"
     return solver

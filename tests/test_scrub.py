@@ -424,7 +424,8 @@ def test_default_solver_is_auto_unless_a_cg_knob_is_given(cnn_problem):
 def test_auto_solver_takes_cg_when_the_gram_product_dominates():
     """Many classes: J_D and Θ fit the memory cap, but forming Θ = J Jᵀ costs 2(c·N)²·p
     operations against cg's K·6·N·F — auto takes cg (the memory-only rule took dense; measured
-    on 2 CPU cores for this shape at p = 42 k: dense 33 s, cg 0.3 s)."""
+    on 2 CPU cores at a wider MLP of 100 classes, benchmarks/auto_solver_cases.py: dense 31.6 s,
+    cg 0.19 s)."""
     from ntkscrub.operators import Jacobian
     from ntkscrub.params import ParameterSpace
     from ntkscrub.scrub import solver_estimate

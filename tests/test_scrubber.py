@@ -206,3 +206,23 @@ def test_cached_prefix_on_features_classifier_models(name):
     got = s.forget([0, 13])
     want = fresh(model, init, X, Y, [0, 13], **kw)
     assert rel(got.shift, want.shift) <= 1e-6
+
+
+def test_request_tightens_its_solve_by_the_cancellation_of_delta():
+    """Δ = J_Rᵀy − J_Fᵀα_F is a difference: forgetting near-duplicates of retained samples makes
+    ρ = ‖J_Fᵀα_F‖/‖Δ‖ large, and y is solved again to tol/ρ (recorded), so the request is as
+    accurate as a fresh scrub at the same tol (float64 reference at 1e-12)."""
+    model, init, X, Y = setup("mlp", n=60)
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([X[:3] + 1e-2 * torch.randn(X[:3].shape, generator=g, dtype=X.dtype), X])
+    Y = torch.cat([Y[:3], Y])
+    kw = {"loss": "ce", "weight_decay": 0.05, "linearize_at": "trained"}
+    s = Scrubber(model, (X, Y), init=init, tol=1e-3, **kw)
+    got = s.forget([0, 1, 2])
+    rho = got.info["solves"][-1]["cancellation"]
+    assert rho > 1 and got.info["solves"][-1]["system"] == "Θ_rr (tol / cancellation)"
+    assert got.info["solves"][-1]["tol"] == pytest.approx(1e-3 / rho)
+    assert got.info["converged"]
+    exact = fresh(model, init, X, Y, [0, 1, 2], tol=1e-12, **kw)
+    loose = fresh(model, init, X, Y, [0, 1, 2], tol=1e-3, **kw)
+    assert rel(got.shift, exact.shift) <= 2 * rel(loose.shift, exact.shift) + 1e-4
