@@ -36,7 +36,7 @@ from ntkscrub.operators.forward_cache import default_cache_budget
 from ntkscrub.operators.passes import training_step_bytes
 from ntkscrub.params import ParameterSpace
 
-__all__ = ["PrefixSplit", "split_frozen_prefix", "prefix_rows"]
+__all__ = ["PrefixSplit", "split_frozen_prefix", "prefix_rows", "jacobian_options"]
 
 
 @dataclass
@@ -204,7 +204,6 @@ def prefix_rows(
             if any(y is None for y in ys):
                 raise ValueError(f"{name}: labels are required but the data carry none")
             rows[name] = (torch.cat(hs), torch.cat(ys))
-    x1 = next(iter(next(iter(batches.values()))))[0]
     info = {
         "cached": True,
         "reason": why,
@@ -214,6 +213,16 @@ def prefix_rows(
         "bytes": need,
         "seconds": time.perf_counter() - t0,
         # the whole network's training step at this batch size (every trainable parameter)
-        "train_step_bytes": training_step_bytes(ParameterSpace(model, check=False), x1),
+        "train_step_bytes": training_step_bytes(ParameterSpace(model, check=False), x0),
     }
     return suffix_space, rows, info
+
+
+def jacobian_options(products: Any, info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``products.jacobian_options()`` (a :class:`~ntkscrub.config.ProductConfig`) for Jacobians
+    on the rows :func:`prefix_rows` returned: on a cached prefix the default pass budget is
+    twice the whole network's training step (``info["train_step_bytes"]``), not the suffix's."""
+    options = products.jacobian_options()
+    if info and info.get("cached") and options["memory_budget"] is None:
+        options["memory_budget"] = 2 * info["train_step_bytes"]
+    return options

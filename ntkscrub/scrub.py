@@ -62,7 +62,7 @@ from ntkscrub.operators import (
     StackedJacobian,
 )
 from ntkscrub.params import ParameterSpace, ParamSelector, check_eval_mode
-from ntkscrub.prefix import prefix_rows
+from ntkscrub.prefix import jacobian_options, prefix_rows
 from ntkscrub.shifts import NewtonConfig, ce_newton_shift, projected_shift
 
 __all__ = [
@@ -737,9 +737,7 @@ def _jacobians(
 ) -> tuple[Jacobian, Jacobian]:
     """``J_r`` ``(c·N_r, p)`` and ``J_f`` ``(c·N_f, p)`` at the same point; on a cached prefix
     the default pass budget is twice the whole network's training step, not the suffix's."""
-    jkw = products.jacobian_options()
-    if prefix["cached"] and jkw["memory_budget"] is None:
-        jkw["memory_budget"] = 2 * prefix["train_step_bytes"]
+    jkw = jacobian_options(products, prefix)
     J_r = Jacobian(space, rows["retain"], name="retain", **jkw)
     return J_r, Jacobian(space, rows["forget"], at=J_r.theta, name="forget", **jkw)
 

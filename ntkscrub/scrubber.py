@@ -58,7 +58,7 @@ from ntkscrub.batches import Batches
 from ntkscrub.config import Method, ProductConfig, SolverConfig, check_mixed_precision
 from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter, SolveNotConverged
 from ntkscrub.params import ParameterSpace, ParamSelector
-from ntkscrub.prefix import prefix_rows
+from ntkscrub.prefix import jacobian_options, prefix_rows
 from ntkscrub.scrub import (
     ScrubResult,
     _check_scrub_args,
@@ -226,10 +226,7 @@ class Scrubber:
 
     def _jacobian(self, data: Any, name: str) -> Jacobian:
         at = getattr(self, "J_D", None)
-        options = self.products.jacobian_options()
-        if self._prefix is not None and options["memory_budget"] is None:
-            # the suffix's passes against the whole network's training step (as in scrub)
-            options["memory_budget"] = 2 * self._prefix["train_step_bytes"]
+        options = jacobian_options(self.products, self._prefix)
         return Jacobian(self.space, data, at=None if at is None else at.theta, name=name, **options)
 
     # ------------------------------------------------------------------ requests
@@ -323,31 +320,40 @@ class Scrubber:
         y = inv_r.solve(b, x0=self._y[rows_r].clone() if warm else None)
         delta = Counted(J_r, counter).mT @ y - g
         records = list(inv_r.records)
-        # Δ = J_Rᵀy − g is a difference: when the forget samples resemble retained ones, both
-        # terms are ρ = ‖g‖/‖Δ‖ times Δ, and y's relative error reaches Δ multiplied by ρ.
-        # Measured (torchvision ResNet-18, last block + head, 200 CIFAR images, 5 forgotten,
-        # float64 against tol 1e-12, benchmarks/results/cpu/scrubber_accuracy.json): at tol 1e-3
-        # the request was 11 % off while a fresh scrub was 0.49 %. So y is solved once more,
-        # warm, to tol/ρ.
-        tol = self.cfg.tol_for(self.space.dtype)
         rho = float(g.norm() / delta.norm().clamp_min(1e-300))
         if self.cfg.method == "cg" and rho > 1.0:
-            tight = Inverse(
-                Counted(NTK(jac_a=J_r, ridge=ridge_r), counter),
-                self.cfg.replace(tol=max(tol / rho, self._floor())),
-                label="Θ_rr (tol / cancellation)",
-                precond=inv_r.preconditioner,
-            )
-            try:
-                y = tight.solve(b, x0=y)
-            except SolveNotConverged as err:  # the dtype's floor: keep what it reached
-                y = err.partial
-            rec = tight.records[-1]  # converged: the requests' tol is met (tol/ρ: best effort)
-            rec["converged"] = max(rec.get("residuals") or [0.0]) <= tol
+            y, rec = self._cancellation_solve(inv_r, b, y, rho)
             delta = Counted(J_r, counter).mT @ y - g
-            records += tight.records
+            records.append(rec)
         records[-1]["cancellation"] = rho
         return delta.detach(), y.detach(), rows_r, ridge_r, records
+
+    def _cancellation_solve(
+        self, inv_r: Inverse, b: Tensor, y: Tensor, rho: float
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """y solved once more, warm from ``y``, to tol/ρ on the same counted operator and
+        preconditioner; returns it and its record (``converged``: the requests' tol is met —
+        tol/ρ is best effort below the dtype's floor).
+
+        Why: Δ = J_Rᵀy − g is a difference; when the forget samples resemble retained ones,
+        both terms are ρ = ‖g‖/‖Δ‖ times Δ, and y's relative error reaches Δ multiplied by ρ.
+        Measured (torchvision ResNet-18, last block + head, 200 CIFAR images, 5 forgotten,
+        float64 against tol 1e-12, benchmarks/results/cpu/scrubber_accuracy.json): at tol 1e-3
+        the request was 11 % off while a fresh scrub was 0.49 %."""
+        tol = self.cfg.tol_for(self.space.dtype)
+        tight = Inverse(
+            inv_r.A,
+            self.cfg.replace(tol=max(tol / rho, self._floor())),
+            label="Θ_rr (tol / cancellation)",
+            precond=inv_r.preconditioner,
+        )
+        try:
+            y = tight.solve(b, x0=y)
+        except SolveNotConverged as err:  # the dtype's floor: keep what it reached
+            y = err.partial
+        rec = tight.records[-1]
+        rec["converged"] = max(rec.get("residuals") or [0.0]) <= tol
+        return y, rec
 
     def _floor(self) -> float:
         """The tightest tolerance a request asks of its dtype (float32: 1e-6, float64: 1e-13)."""
