@@ -666,3 +666,30 @@ def test_step_rule_and_kernel_prediction_run_without_tf32(monkeypatch):
     assert out["a"] == 1.0  # a model linear in its parameters: the linear prediction is exact
     assert seen and all(flags == (False, False) for flags in seen)
     assert torch.backends.cudnn.allow_tf32  # restored
+
+
+def test_cached_pretraining_made_with_other_threads_is_named(monkeypatch):
+    """A CPU run is reproducible only at the same torch thread count (the quick preset's first
+    pre-training epoch: loss 4.26 with 2 threads, 8.34 with 1), so train() records the count and
+    results.md says when a cached checkpoint was made with another."""
+    import torch
+
+    from ntkscrub.recipes.reproduction.figures import _report_header
+    from ntkscrub.training import train
+
+    net = torch.nn.Linear(3, 2)
+    X, Y = torch.randn(8, 3), torch.arange(8) % 2
+    _, log = train(net, (X, Y), epochs=1, lr=0.1, batch_size=4)
+    assert log.recipe["threads"] == torch.get_num_threads()
+
+    def header(made: int) -> str:
+        res = {
+            "meta": {"hardware": {"device": "cpu", "torch_threads": 2}, "wall_seconds": 5},
+            "pretrain": {
+                "training": {"from_cache": True, "seconds": 90, "recipe": {"threads": made}}
+            },
+        }
+        return "\n".join(_report_header(res))
+
+    assert "trained with 1 torch threads, this run has 2" in header(1)
+    assert "torch threads, this run" not in header(2)

@@ -458,6 +458,14 @@ def _report_header(results: dict[str, Any]) -> list[str]:
             "checkpoint cache of an earlier invocation with the same pre-training settings, so "
             f"a run from scratch takes about {total:.0f} s at this load"
         )
+        made = (ptr.get("recipe") or {}).get("threads")
+        if hw.get("device") == "cpu" and made is not None and made != hw.get("torch_threads"):
+            wall += (
+                f". **That checkpoint was trained with {made} torch threads, this run has "
+                f"{hw.get('torch_threads')}**: on a CPU the thread count changes the float "
+                "summation order, which SGD amplifies, so a run from scratch here would not "
+                "reproduce it bit for bit"
+            )
     L.append(wall)
     return L
 
