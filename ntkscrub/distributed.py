@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ntkscrub.config import SolverConfig
-from ntkscrub.operators import Inverse, Jacobian, Operator, StackedJacobian
+from ntkscrub.operators import Inverse, Jacobian, Operator, SolveNotConverged, StackedJacobian
 from ntkscrub.solvers import LowRankPreconditioner
 from ntkscrub.solvers.lanczos import LanczosResult, LogdetEstimate, Sharding, lanczos, slq_logdet
 
@@ -540,7 +540,13 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
     (not data-parallel yet).
     """
     from ntkscrub.config import ProductConfig, SolverConfig
-    from ntkscrub.scrub import ScrubResult, _spaces, _targets, trapezium_scale
+    from ntkscrub.scrub import (
+        ScrubResult,
+        _spaces,
+        _targets,
+        trapezium_scale,
+    )
+    from ntkscrub.shifts import cancellation_floor
 
     t_start = time.perf_counter()
     cfg = solver_config if solver_config is not None else SolverConfig()
@@ -603,12 +609,15 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
                "precond_matvecs": M.matvecs, "precond_seconds": M.seconds}  # fmt: skip
         return {"precond": M, "record": rec}
 
-    def solve(A: Any, B: Tensor, n_glob: int, label: str, x0: Tensor | None, pc: dict) -> Tensor:
+    def solve(
+        A: Any, B: Tensor, n_glob: int, label: str, x0: Tensor | None, pc: dict, tol: float = tol
+    ) -> Tensor:
         # The engine's one inverse operator, with CG's inner products summed over the ranks.
         local = cfg.replace(
             max_iter=2 * n_glob if cfg.max_iter is None else cfg.max_iter,
             precond="none" if pc["precond"] is None else cfg.precond,
             max_seconds=None,
+            tol=tol,
         )
         inv = Inverse(A, local, label=label, precond=pc["precond"], allreduce=comm.sum_scalars)
         try:
@@ -625,12 +634,33 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
     A_d, A_r = sharded_ntk(Jd, ridge_d), sharded_ntk(Jr, ridge_r)
     pc_d = nystrom(A_d, ridge_d, rows_d)
     x_d = solve(A_d, torch.cat([e_r, e_f]), sum(rows_d), "Θ_DD", None, pc_d)
-    x0 = x_d[:cr].clone() if cfg.warm_start else None
     pc_r = nystrom(A_r, ridge_r, rows_r)
-    x_r = solve(A_r, e_r, sum(rows_r), "Θ_rr", x0, pc_r)
-    # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_Dᵀ [x_r − x_D[r]; −x_D[f]]  (one all-reduce each)
-    delta = Jd._tmm(torch.cat([x_r - x_d[:cr], -x_d[cr:]]).unsqueeze(1)).squeeze(1)
-    w_lin_r = Jr._tmm(x_r.unsqueeze(1)).squeeze(1)
+    # The retain model as a change of the D solution, as scrub.retain_change (why: there):
+    # (Θ_rr + λ_r I) y = Θ_rf x_f + (λ_D − λ_r) x_D[r], Δ = J_rᵀ y − J_fᵀ x_f, y once more to
+    # tol/(ρ·‖b‖/‖e_r‖) when Δ cancels (ρ = ‖J_fᵀ x_f‖/‖Δ‖: all-reduced, the same everywhere).
+    g = Jd._tmm(torch.cat([torch.zeros_like(e_r), x_d[cr:]]).unsqueeze(1)).squeeze(1)
+    b = Jr._mm(g.unsqueeze(1)).squeeze(1) + (ridge_d - ridge_r) * x_d[:cr]
+    y = solve(A_r, b, sum(rows_r), "Θ_rr", None, pc_r)
+    delta = Jr._tmm(y.unsqueeze(1)).squeeze(1) - g
+    rho = float(g.norm() / delta.norm().clamp_min(1e-300))
+    b2, e2 = comm.sum_scalars(torch.stack([b.pow(2).sum(), e_r.pow(2).sum()])).tolist()
+    big = (b2 / max(e2, 1e-300)) ** 0.5
+    amp = max(1.0, rho) * max(1.0, big)
+    if amp > 1.0:
+        tight = max(tol / amp, cancellation_floor(dt))
+        try:
+            reused = {**pc_r, "record": {**pc_r["record"], "precond_matvecs": 0}}
+            if pc_r["precond"] is not None:
+                reused["record"].update(
+                    precond="nystrom (row-sharded, reused)", precond_seconds=0.0
+                )
+            y = solve(A_r, b, sum(rows_r), "Θ_rr (tol / cancellation)", y, reused, tight)
+        except SolveNotConverged as err:  # the dtype's floor: keep what it reached
+            y = err.partial
+        records[-1]["converged"] = max(records[-1].get("residuals") or [0.0]) <= tol
+        delta = Jr._tmm(y.unsqueeze(1)).squeeze(1) - g
+    records[-1].update(cancellation=rho, rhs_ratio=big)
+    w_lin_r = Jr._tmm((x_d[:cr] + y).unsqueeze(1)).squeeze(1)
     # Bit-identical on every rank whatever the backend's all-reduce algorithm: rank 0's copy.
     delta, w_lin_r = comm.broadcast(delta), comm.broadcast(w_lin_r)
     scale, cos = 1.0, None
@@ -656,7 +686,9 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         "p": p,
         "dtype": str(dt),
         "device": str(dev),
-        "matvecs": sum(r["matvecs"] + r.get("precond_matvecs", 0) for r in records) + 2,
+        # + the bare passes: J_fᵀx_f, J_r g, J_rᵀy (twice after a re-solve), J_rᵀx_r
+        "matvecs": sum(r["matvecs"] + r.get("precond_matvecs", 0) for r in records)
+        + (5 if amp > 1.0 else 4),
         "solves": records,
         "rescale": rescale,
         "rescale_factor": scale,

@@ -63,7 +63,7 @@ from ntkscrub.operators import (
 )
 from ntkscrub.params import ParameterSpace, ParamSelector, check_eval_mode
 from ntkscrub.prefix import jacobian_options, prefix_rows
-from ntkscrub.shifts import NewtonConfig, ce_newton_shift, projected_shift
+from ntkscrub.shifts import NewtonConfig, ce_newton_shift, projected_shift, retain_change
 
 __all__ = [
     "ScrubResult",
@@ -258,7 +258,8 @@ def _shift_solves(
     config: SolverConfig,
     counter: MatvecCounter,
 ) -> ShiftResult:
-    """Two solves, one right-hand side each: x_D = (Θ_DD + λI)⁻¹ e_D, x_r = (Θ_rr + λI)⁻¹ e_r."""
+    """x_D = (Θ_DD + λ_D I)⁻¹ e_D, then the retain model as a change of it (:func:`retain_change`):
+    x_r = x_D[r] + y, Δ = J_rᵀ y − J_fᵀ x_D[f]."""
     cr = e_r.shape[0]
     J_d = StackedJacobian(J_r, J_f)
     inv_d = Inverse(Counted(NTK(jac_a=J_d, ridge=ridge_d), counter), config, label="Θ_DD")
@@ -266,14 +267,12 @@ def _shift_solves(
     # Θ_rr is the leading principal submatrix of Θ_DD: its preconditioner comes for free.
     M = inv_d.preconditioner
     shared = M.restrict(slice(0, cr), ridge_r) if (config.share_precond and M is not None) else None
-    inv_r = Inverse(
-        Counted(NTK(jac_a=J_r, ridge=ridge_r), counter), config, label="Θ_rr", precond=shared
-    )
-    x_r = inv_r.solve(e_r, x0=x_d[:cr].clone() if config.warm_start else None)
-    # Δ = J_rᵀ x_r − J_Dᵀ x_D = J_rᵀ (x_r − x_D[r]) − J_fᵀ x_D[f]
-    delta = Counted(J_d, counter).mT @ torch.cat([x_r - x_d[:cr], -x_d[cr:]])
-    w_lin_r = Counted(J_r, counter).mT @ x_r
-    return ShiftResult(delta, w_lin_r, counter.count, inv_d.records + inv_r.records)
+    delta, y, records = retain_change(
+        J_r, J_f, x_d[:cr], x_d[cr:], ridge_r=ridge_r, ridge_d=ridge_d, config=config,
+        counter=counter, precond=shared, e_norm=float(e_r.norm()),
+    )  # fmt: skip
+    w_lin_r = Counted(J_r, counter).mT @ (x_d[:cr] + y)
+    return ShiftResult(delta, w_lin_r, counter.count, inv_d.records + records)
 
 
 # The least relative residual CG is asked for per dtype: below it the iterates sit at the
@@ -539,7 +538,10 @@ def scrub(
             weights, with the reference code's clamps (``noise_config``).
         seed: seeds the noise and the preconditioner's sketch; the same seed gives the same result.
         tol: per-column relative residual of CG (default 1e-10 in float64, 1e-3 in float32 —
-            what float32 products deliver, see :meth:`SolverConfig.tol_for`).
+            what float32 products deliver, see :meth:`SolverConfig.tol_for`). Θ_DD is solved to
+            it; the retain system is solved for the *change* of that solution
+            (:func:`~ntkscrub.shifts.retain_change`), to tol over Δ's cancellation, so that Δ is
+            not ρ·tol off when it is ρ times smaller than either fit.
         max_iter: CG iteration cap per solve (default: the CG default).
         form: ``"solves"`` (default; two single-rhs solves) or ``"block"`` (eq. 10's block form).
         strict: raise :class:`~ntkscrub.operators.SolveNotConverged` (a ``CGNotConverged`` naming

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ntkscrub._validation import check_number
 from ntkscrub.batches import Batches
 from ntkscrub.config import Method, ProductConfig, SolverConfig, check_mixed_precision
-from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter, SolveNotConverged
+from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter
 from ntkscrub.params import ParameterSpace, ParamSelector
 from ntkscrub.prefix import jacobian_options, prefix_rows
 from ntkscrub.scrub import (
@@ -70,6 +70,7 @@ from ntkscrub.scrub import (
     full_fp32_precision,
     load_weights,
 )
+from ntkscrub.shifts import retain_change
 
 __all__ = ["Scrubber"]
 
@@ -178,6 +179,7 @@ class Scrubber:
         )
         with full_fp32_precision(not self.products.allow_tf32):
             self.alpha = self._inv_d.solve(e_d).detach()  # (c·N,)
+        self._e_d = e_d.detach()  # its retained rows scale a request's solve (retain_change)
         self.forgotten: list[int] = []
         self._y = torch.zeros_like(self.alpha)  # last request's y on its retained rows, else 0
         self.requests: list[dict[str, Any]] = []
@@ -307,57 +309,15 @@ class Scrubber:
         rows_f = _rows(F, self.c, self.alpha.device)
         a_r, a_f = self.alpha[rows_r], self.alpha[rows_f]
         ridge_r = self.ridge if self.weight_decay is None else len(R) * self.weight_decay
-        g = Counted(J_f, counter).mT @ a_f  # (p,)
-        b = Counted(J_r, counter) @ g  # (c·|R|,)
-        if ridge_r != self.ridge_d:
-            b = b + (self.ridge_d - ridge_r) * a_r
         M = self._inv_d.preconditioner
         shared = M.restrict(rows_r, ridge_r) if (self.cfg.share_precond and M is not None) else None
-        inv_r = Inverse(
-            Counted(NTK(jac_a=J_r, ridge=ridge_r), counter), self.cfg, label="Θ_rr", precond=shared
-        )
         warm = self.cfg.warm_start and bool(self.forgotten)
-        y = inv_r.solve(b, x0=self._y[rows_r].clone() if warm else None)
-        delta = Counted(J_r, counter).mT @ y - g
-        records = list(inv_r.records)
-        rho = float(g.norm() / delta.norm().clamp_min(1e-300))
-        if self.cfg.method == "cg" and rho > 1.0:
-            y, rec = self._cancellation_solve(inv_r, b, y, rho)
-            delta = Counted(J_r, counter).mT @ y - g
-            records.append(rec)
-        records[-1]["cancellation"] = rho
+        delta, y, records = retain_change(
+            J_r, J_f, a_r, a_f, ridge_r=ridge_r, ridge_d=self.ridge_d, config=self.cfg,
+            counter=counter, precond=shared, x0=self._y[rows_r].clone() if warm else None,
+            e_norm=float(self._e_d[rows_r].norm()),
+        )  # fmt: skip
         return delta.detach(), y.detach(), rows_r, ridge_r, records
-
-    def _cancellation_solve(
-        self, inv_r: Inverse, b: Tensor, y: Tensor, rho: float
-    ) -> tuple[Tensor, dict[str, Any]]:
-        """y solved once more, warm from ``y``, to tol/ρ on the same counted operator and
-        preconditioner; returns it and its record (``converged``: the requests' tol is met —
-        tol/ρ is best effort below the dtype's floor).
-
-        Why: Δ = J_Rᵀy − g is a difference; when the forget samples resemble retained ones,
-        both terms are ρ = ‖g‖/‖Δ‖ times Δ, and y's relative error reaches Δ multiplied by ρ.
-        Measured (torchvision ResNet-18, last block + head, 200 CIFAR images, 5 forgotten,
-        float64 against tol 1e-12, benchmarks/results/cpu/scrubber_accuracy.json): at tol 1e-3
-        the request was 11 % off while a fresh scrub was 0.49 %."""
-        tol = self.cfg.tol_for(self.space.dtype)
-        tight = Inverse(
-            inv_r.A,
-            self.cfg.replace(tol=max(tol / rho, self._floor())),
-            label="Θ_rr (tol / cancellation)",
-            precond=inv_r.preconditioner,
-        )
-        try:
-            y = tight.solve(b, x0=y)
-        except SolveNotConverged as err:  # the dtype's floor: keep what it reached
-            y = err.partial
-        rec = tight.records[-1]
-        rec["converged"] = max(rec.get("residuals") or [0.0]) <= tol
-        return y, rec
-
-    def _floor(self) -> float:
-        """The tightest tolerance a request asks of its dtype (float32: 1e-6, float64: 1e-13)."""
-        return 1e-6 if self.space.dtype in (torch.float32, torch.bfloat16, torch.float16) else 1e-13
 
     def _info(
         self, F: list[int], R: list[int], ridge_r: float, request: dict, delta: Tensor

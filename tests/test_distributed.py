@@ -411,7 +411,9 @@ def test_sharded_scrub_with_nystrom(two: list[dict[str, Any]]) -> None:
     for r in ranks:
         assert (r["shift"] - ref.shift).abs().max() <= 1e-10 * max(1.0, float(ref.shift.norm()))
     assert torch.equal(ranks[0]["shift"], ranks[1]["shift"])
-    assert ranks[0]["precond"] == ["nystrom (row-sharded)"] * 2  # Θ_DD and Θ_rr
+    # Θ_DD and Θ_rr each build one; the re-solve to tol/ρ (scrub.retain_change) reuses Θ_rr's
+    assert ranks[0]["precond"][:2] == ["nystrom (row-sharded)"] * 2
+    assert ranks[0]["precond"][2:] in ([], ["nystrom (row-sharded, reused)"])
 
 
 def test_sharded_scrub_three_ranks(three: list[dict[str, Any]]) -> None:

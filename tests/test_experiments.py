@@ -135,9 +135,9 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     assert set(dc["scrub"]) == set(seed["ntk"])
     for form, e in dc["scrub"].items():
         # float32 products, CG to its float32 tolerance 1e-3: the two paths agree to that —
-        # except output matching toward the CE model's targets, a chain of a float32 Newton fit
-        # and LM rounds at moved weights (1e-2; its float64 twins agree to 3e-11, test_matching)
-        assert e["expected"] == (1e-2 if form == "ntk_match_ce" else 1e-3)
+        # except output matching, LM rounds at moved weights whose accept/stop decisions branch
+        # on rounding (1e-2; its float64 twins agree, test_matching)
+        assert e["expected"] == (1e-2 if form in ("ntk_match", "ntk_match_ce") else 1e-3)
         assert e["cg_converged"] and e["rel_l2_delta"] <= e["expected"], (form, e)
         # the trapezium factor inherits cos(Δ, e)'s conditioning (stages.TRAPEZIUM_AMPLIFICATION)
         assert e["expected_trapezium"] == 10 * e["expected"]

@@ -67,10 +67,13 @@ def test_torchvision_resnet_scrubbed_end_to_end_with_dataloaders():
         return
     finally:
         assert time.perf_counter() - t0 < 60  # seconds in CI; never a silent hang
-    solves = res.info["solves"]
+    solves, again = res.info["solves"][:2], res.info["solves"][2:]
     assert [s["system"] for s in solves] == ["Θ_DD", "Θ_rr"]
     assert all(s["all_converged"] for s in solves)
     assert all(s["status"] == "converged" and s["kappa"] > 1 for s in solves)
+    # y once more to tol/ρ when Δ cancels (scrub.retain_change): the requested tol still met
+    assert [s["system"] for s in again] in ([], ["Θ_rr (tol / cancellation)"])
+    assert all(s["converged"] for s in again) and res.info["converged"]
     # The float32 CG shift against the dense float64 reference (same data, same θ0).
     ref = scrub(
         model.double(),
@@ -80,4 +83,4 @@ def test_torchvision_resnet_scrubbed_end_to_end_with_dataloaders():
         solver="dense",
     )
     rel = float((res.shift.double() - ref.shift).norm() / ref.shift.norm())
-    assert rel < 0.02, rel  # measured 2e-3
+    assert rel < 0.02, rel  # measured 2.1e-4 (5.5e-4 before scrub.retain_change)

@@ -115,8 +115,9 @@ def test_shared_preconditioner_saves_a_build(cnn_problem):
     )
     shared = scrub(trained, retain, forget, solver_config=SolverConfig(precond_rank=8), **kw)
     assert rel(shared.shift, own.shift) <= 1e-7
-    d_own, r_own = own.info["solves"]
-    d_sh, r_sh = shared.info["solves"]
+    d_own, r_own, *again_own = own.info["solves"]  # again: y to tol/ρ (retain_change)
+    d_sh, r_sh, *again_sh = shared.info["solves"]
+    assert all(a["precond_matvecs"] == 0 for a in again_own + again_sh)  # the factor reused
     assert d_own["precond_matvecs"] == d_sh["precond_matvecs"] == 8
     assert r_own["precond_matvecs"] == 8 and r_sh["precond_matvecs"] == 0
     assert "restricted" in r_sh["precond"] and r_sh["converged"]
@@ -440,3 +441,33 @@ def test_auto_solver_takes_cg_when_the_gram_product_dominates():
     assert est["method"] == "cg" and est["dense_flops"] > est["cg_flops"]
     assert est["forward_flops"] == 2 * (10 * 8 + 8 * 100)  # the two matmuls (biases: not counted)
     assert solver_estimate(J_r, J_f, 1024)["reason"].startswith("the explicit Jacobian")
+
+
+def cluster_mlp_problem(n: int = 256, nf: int = 5):
+    """θ0 and w(D) (the fine-tuning recipe, float64) of an MLP 64-128-128-5 on Gaussian class
+    clusters: the forget samples resemble retained ones, so Δ is small against either fit."""
+    from ntkscrub import retrain
+    from ntkscrub.recipes.models import build_model
+
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(5, 64, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 5, (n,), generator=g)
+    X = means[Y] + torch.randn(n, 64, generator=g, dtype=torch.float64)
+    init = build_model("mlp", 5, 1.0, in_features=64, hidden=(128, 128), seed=0).double().eval()
+    out = retrain(init, (X, Y), init=init, epochs=10, lr=0.01, weight_decay=0.1, seed=0)
+    return init, out.model.eval(), (X[nf:], Y[nf:]), (X[:nf], Y[:nf])
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_shift_error_is_not_the_fits_error_times_the_cancellation(loss):
+    """Δ = w_lin(D_r) − w_lin(D) is a difference of two fits ρ times its size: solving each to
+    tol left Δ ≈ ρ·tol off (2e-2 here at tol 1e-3, every solve converged). Δ is now the retain
+    model's change (scrub.retain_change), solved to tol / (ρ · ‖b‖/‖e_r‖)."""
+    init, model, retain, forget = cluster_mlp_problem()
+    kw = dict(init=init, loss=loss, weight_decay=0.1)
+    ref = scrub(model, retain, forget, solver="dense", **kw).shift
+    res = scrub(model, retain, forget, solver="cg", tol=1e-3, **kw)
+    assert rel(res.shift, ref) <= 5e-3
+    last = res.info["solves"][-1]
+    assert last["cancellation"] > 1 and last["rhs_ratio"] > 0 and res.info["converged"]
+    assert last["system"] == "Θ_rr (tol / cancellation)" and last["converged"]
