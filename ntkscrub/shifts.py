@@ -810,16 +810,16 @@ def cancellation_floor(dtype: torch.dtype) -> float:
 
 
 def cancellation_solve(
-    inv: Inverse, b: Tensor, y: Tensor, rho: float
+    inv: Inverse, b: Tensor, y: Tensor, amp: float
 ) -> tuple[Tensor, dict[str, Any]]:
-    """y solved once more, warm from ``y``, to tol/ρ on the same counted operator and
-    preconditioner; returns it and its record (``converged``: the configuration's tol is met —
-    tol/ρ is best effort below :func:`cancellation_floor`). See :func:`retain_change`.
-    """
+    """y solved once more, warm from ``y``, to tol/amp (amp: how much Δ amplifies y's error,
+    :func:`retain_change`) on the same counted operator and preconditioner; returns it and its
+    record (``converged``: the configuration's tol is met — tol/amp is best effort below
+    :func:`cancellation_floor`)."""
     tol = inv.config.tol_for(b.dtype)
     tight = Inverse(
         inv.A,
-        inv.config.replace(tol=max(tol / rho, cancellation_floor(b.dtype))),
+        inv.config.replace(tol=max(tol / amp, cancellation_floor(b.dtype))),
         label=f"{inv.label} (tol / cancellation)",
         precond=inv.preconditioner,
     )
