@@ -546,7 +546,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         _targets,
         trapezium_scale,
     )
-    from ntkscrub.shifts import cancellation_floor
+    from ntkscrub.shifts import cancellation_amplification, cancellation_floor
 
     t_start = time.perf_counter()
     cfg = solver_config if solver_config is not None else SolverConfig()
@@ -642,10 +642,10 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
     b = Jr._mm(g.unsqueeze(1)).squeeze(1) + (ridge_d - ridge_r) * x_d[:cr]
     y = solve(A_r, b, sum(rows_r), "Θ_rr", None, pc_r)
     delta = Jr._tmm(y.unsqueeze(1)).squeeze(1) - g
-    rho = float(g.norm() / delta.norm().clamp_min(1e-300))
     b2, e2 = comm.sum_scalars(torch.stack([b.pow(2).sum(), e_r.pow(2).sum()])).tolist()
-    big = (b2 / max(e2, 1e-300)) ** 0.5
-    amp = max(1.0, rho) * max(1.0, big)
+    rho, big, amp = cancellation_amplification(
+        float(g.norm()), float(delta.norm()), b2**0.5, e2**0.5
+    )
     if amp > 1.0:
         tight = max(tol / amp, cancellation_floor(dt))
         try:

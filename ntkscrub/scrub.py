@@ -267,7 +267,7 @@ def _shift_solves(
     # Θ_rr is the leading principal submatrix of Θ_DD: its preconditioner comes for free.
     M = inv_d.preconditioner
     shared = M.restrict(slice(0, cr), ridge_r) if (config.share_precond and M is not None) else None
-    delta, y, records = retain_change(
+    delta, y, records, _ = retain_change(
         J_r, J_f, x_d[:cr], x_d[cr:], ridge_r=ridge_r, ridge_d=ridge_d, config=config,
         counter=counter, precond=shared, e_norm=float(e_r.norm()),
     )  # fmt: skip

@@ -312,7 +312,7 @@ class Scrubber:
         M = self._inv_d.preconditioner
         shared = M.restrict(rows_r, ridge_r) if (self.cfg.share_precond and M is not None) else None
         warm = self.cfg.warm_start and bool(self.forgotten)
-        delta, y, records = retain_change(
+        delta, y, records, _ = retain_change(
             J_r, J_f, a_r, a_f, ridge_r=ridge_r, ridge_d=self.ridge_d, config=self.cfg,
             counter=counter, precond=shared, x0=self._y[rows_r].clone() if warm else None,
             e_norm=float(self._e_d[rows_r].norm()),

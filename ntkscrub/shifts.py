@@ -49,6 +49,7 @@ from ntkscrub.operators import (
 __all__ = [
     "NewtonConfig",
     "retain_change",
+    "cancellation_amplification",
     "cancellation_solve",
     "cancellation_floor",
     "CEModel",
@@ -764,12 +765,14 @@ def retain_change(
     precond: Any = None,
     x0: Tensor | None = None,
     e_norm: float | None = None,
-) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+) -> tuple[Tensor, Tensor, list[dict[str, Any]], Inverse]:
     """Δ = J_rᵀ y − J_fᵀ x_f ``(p,)`` with ``(Θ_rr + λ_r I) y = Θ_rf x_f + (λ_D − λ_r) x_r``,
     given ``x = [x_r; x_f] = (Θ_DD + λ_D I)⁻¹ e_D`` — the change of the dual solution when D_f
     leaves (the rows of the D system give ``(Θ_rr + λ_r I)(x_D[r] + y) = e_r``). Returns Δ, y
-    ``(c·N_r,)`` and the solve records (the last one carries ``cancellation`` = ρ and
-    ``rhs_ratio``). ``e_norm``: ‖e_r‖, the right-hand side of the retain system.
+    ``(c·N_r,)``, the solve records (the last one carries ``cancellation`` = ρ and
+    ``rhs_ratio``) and the :class:`Inverse` of Θ_rr + λ_r I it solved with (for another
+    right-hand side: its preconditioner, or its Cholesky factor on the dense twin, is reused).
+    ``e_norm``: ‖e_r‖, the right-hand side of the retain system.
 
     Why y and not ``x_r = (Θ_rr + λ_r I)⁻¹ e_r``, then ``J_rᵀ x_r − J_Dᵀ x_D``: Δ is a difference
     of two weight vectors ρ = ‖J_fᵀ x_f‖/‖Δ‖ times its size, so x_r and x_D each solved to tol
@@ -791,15 +794,26 @@ def retain_change(
     y = inv.solve(b, x0=x0)
     delta = Counted(J_r, counter).mT @ y - g
     records = list(inv.records)
-    rho = float(g.norm() / delta.norm().clamp_min(1e-300))
-    big = 1.0 if e_norm is None else float(b.norm()) / max(e_norm, 1e-300)
-    amp = max(1.0, rho) * max(1.0, big)
+    rho, big, amp = cancellation_amplification(
+        float(g.norm()), float(delta.norm()), float(b.norm()), e_norm
+    )
     if config.method == "cg" and amp > 1.0:
         y, rec = cancellation_solve(inv, b, y, amp)
         delta = Counted(J_r, counter).mT @ y - g
         records.append(rec)
     records[-1].update(cancellation=rho, rhs_ratio=big)
-    return delta, y, records
+    return delta, y, records, inv
+
+
+def cancellation_amplification(
+    g_norm: float, delta_norm: float, b_norm: float, e_norm: float | None
+) -> tuple[float, float, float]:
+    """How much Δ = J_rᵀy − g amplifies y's relative error (:func:`retain_change`): returns
+    ``(ρ, r, amp)`` with ρ = ‖g‖/‖Δ‖ (the cancellation), r = ‖b‖/‖e_r‖ (the right-hand side
+    against the retain system's own; 1 without ``e_norm``) and amp = max(1, ρ)·max(1, r)."""
+    rho = g_norm / max(delta_norm, 1e-300)
+    big = 1.0 if e_norm is None else b_norm / max(e_norm, 1e-300)
+    return rho, big, max(1.0, rho) * max(1.0, big)
 
 
 def cancellation_floor(dtype: torch.dtype) -> float:
@@ -882,15 +896,13 @@ def projected_shift(
     # Θ_rr is Θ_DD's leading principal block: its sketch restricts (as in scrub._shift_solves).
     M = inv_d.preconditioner
     shared = M.restrict(slice(0, cr), lam) if (config.share_precond and M is not None) else None
-    delta, _, records = retain_change(
+    delta, _, records, inv_r = retain_change(
         J_r, J_f, y[:cr], y[cr:], ridge_r=lam, ridge_d=lam, config=config, counter=counter,
         precond=shared, e_norm=float(Jv[:cr].norm()),
     )  # fmt: skip
-    inv_e = Inverse(
-        Counted(NTK(jac_a=J_r, ridge=lam), counter), config, label="Θ_rr (e_r)", precond=shared
-    )
-    w_lin_r = Counted(J_r, counter).mT @ inv_e.solve(e_r.to(Jv.dtype))
     extra = {"cancellation": records[-1]["cancellation"]}
-    return MethodShift(
-        delta, w_lin_r, counter.count, inv_d.records + records + inv_e.records, extra
-    )
+    # the same Θ_rr + λI (its factor: on the dense twin a second Inverse formed Θ_rr again)
+    w_lin_r = Counted(J_r, counter).mT @ inv_r.solve(e_r.to(Jv.dtype))
+    leg = inv_r.records[-1]
+    leg.update({k: "Θ_rr (e_r)" for k in ("system", "label") if k in leg})
+    return MethodShift(delta, w_lin_r, counter.count, inv_d.records + records + [leg], extra)
