@@ -128,6 +128,13 @@ class SolverConfig(_Config):
         warm_start: scrub starts the Θ_rr solve from the Θ_DD solution's retain rows.
         share_precond: scrub preconditions Θ_rr with the Θ_DD factor restricted to the retain
             rows (no second build).
+        recycle: how many of a CG solve's search directions (and their products, which CG
+            computes anyway) augment the Nyström factor for the later solves that use it: the
+            retain solves after Θ_DD, a :class:`~ntkscrub.Scrubber`'s requests, each
+            cross-entropy Newton step (:mod:`ntkscrub.solvers.recycle`; the retain solves took
+            128 → 84 iterations on the quick preset's reference form). ``None``: as many as the
+            factor's rank (their memory is then about the factor's own); ``0``: off. Not with
+            ``inner_precision`` (inexact products) or data-parallel solves.
         max_dense_bytes: the dense method refuses operators whose dense twin needs more memory
             (:class:`~ntkscrub.operators.DenseTooLarge`); 4 GiB.
         inner_precision: a mixed-precision solve (:func:`ntkscrub.solvers.mixed_cg`): ``None``
@@ -166,6 +173,7 @@ class SolverConfig(_Config):
     seed: int = 0
     warm_start: bool = True
     share_precond: bool = True
+    recycle: int | None = None
     max_dense_bytes: float = 4 * 2**30
     inner_precision: InnerPrecision | None = None
     inner_tol: float | None = None
@@ -191,6 +199,7 @@ class SolverConfig(_Config):
         _int(c, "seed", self.seed, 0)
         _bool(c, "warm_start", self.warm_start)
         _bool(c, "share_precond", self.share_precond)
+        _int(c, "recycle", self.recycle, 0, allow_none=True)
         _num(c, "max_dense_bytes", self.max_dense_bytes)
         if self.inner_precision is not None:
             _choice(c, "inner_precision", self.inner_precision, _INNER_PRECISIONS)

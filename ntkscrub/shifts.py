@@ -42,9 +42,12 @@ from ntkscrub.operators import (
     Jacobian,
     MatvecCounter,
     OutputHessian,
+    Product,
+    Recorded,
     SolveNotConverged,
     StackedJacobian,
 )
+from ntkscrub.solvers import KrylovPairs, recycled
 
 __all__ = [
     "NewtonConfig",
@@ -220,7 +223,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
     floor = 0.0 if not scale or scale <= lam else lam / scale  # see _newton_direction
     proj = None
     if centre is not None and warm is None:
-        proj = _displacement_start(Theta, f0, f_lin, lam, precond, config, records, label)
+        proj, precond = _displacement_start(Theta, f0, f_lin, lam, precond, config, records, label)
     alpha, q, z, obj, start = _dual_start(Theta, f0, f_lin, onehot, lam, warm, proj)
     tol_final, rtol = config.tol_for(dt), newton.rtol_for(dt)
     history, converged, dec_prev, dec_first = [], False, 1.0, None
@@ -234,7 +237,9 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
             _newton_direction, jac, Theta, probs, r, lam, precond,
             counter=counter, label=f"{label} #{it}", floor=floor,
         )  # fmt: skip
-        beta, Tb, inv, tol = _descent_direction(solve, Theta, r, config, (tol_k, tol_final))
+        pairs = _record_theta(Theta, precond, config)
+        cfg = config if pairs is None else config.replace(recycle=0)  # Θ's pairs, not S's
+        beta, Tb, inv, tol = _descent_direction(solve, Theta, r, cfg, (tol_k, tol_final))
         for i, rec in enumerate(inv.records):  # the sketch's cost goes on the first record
             rec.update(
                 build if it == i + 1 == 1 else {"precond_matvecs": 0, "precond_seconds": 0.0}
@@ -243,6 +248,7 @@ def ce_newton_fit(  # noqa: PLR0915 - listed in pyproject.toml
         beta, Tb, dec2, step_kind = _checked_direction(
             inv, label, it, r, beta, Theta, tol_final, stop, Tb
         )
+        precond = _recycle_theta(Theta, precond, pairs, inv.records)
         if step_kind == "zero":  # the decrement vanishes to the products' precision: done
             history.append({"objective": obj, "decrement2": dec2, "inner_tol": tol})
             history[-1].update({"step": 0.0, "direction": "none (decrement at rounding floor)"})
@@ -312,11 +318,12 @@ def _displacement_start(
     config: SolverConfig,
     records: list[dict[str, Any]],
     label: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[tuple[Tensor, Tensor], Any]:
     """A start whose linear logits are θ_lin's own: ``α = (Θ + λI)⁻¹(f(θ_lin) − f₀)`` ``(c·N,)``
     with ``f₀ = f(θ_lin) + J·centre`` — the dual image of the displacement θ_lin − centre on the
     rows (logits ``f₀ + Θα ≈ f(θ_lin) − λα``) — and ``Θα`` ``(c·N,)``. One solve on Θ + λI,
     preconditioned by the fit's own sketch, to 1e-2 (a start), recorded, and one product.
+    Returns ``(α, Θα)`` and the sketch as that solve left it (recycled, ``SolverConfig.recycle``).
 
     Why: SGD does not end at the stationary point of the training objective, so the t·α₀ grid's
     points can all be far from the linear model's minimiser; this start keeps w(D)'s own fit of
@@ -336,7 +343,7 @@ def _displacement_start(
     # the Newton steps (a linear model on cg: decrement² stuck at 1.7e-6, Armijo steps of 1e-9,
     # the tracked objective below the true minimum). Not made to sum to zero over each sample's
     # classes like the minimiser's (Y − π)/λ: that start took 8 steps instead of 4 (quick preset).
-    return a, Theta @ a
+    return (a, Theta @ a), inv.preconditioner
 
 
 def _dual_start(
@@ -388,7 +395,7 @@ def _theta_operator(jac: Jacobian, config: SolverConfig, counter: MatvecCounter)
     Dual operator's own dense twin re-multiplies the ``(c·N, p)`` Jacobian at every step
     (measured on the quick preset: minutes per fit instead of seconds)."""
     if config.method != "dense":
-        return Counted(NTK(jac_a=jac), counter)
+        return Recorded(NTK(jac_a=jac), counter)  # its products can sharpen Θ's factor
     gate = Inverse(NTK(jac_a=jac), config, label="Θ (explicit, CE Newton)")
     return DenseLinearOperator(gate.dense_system())
 
@@ -396,7 +403,12 @@ def _theta_operator(jac: Jacobian, config: SolverConfig, counter: MatvecCounter)
 def _newton_system(
     jac: Jacobian, Theta: Any, probs: Tensor, root: Tensor, lam: float, counter: MatvecCounter
 ) -> Any:
-    """``H^½ΘH^½ + λI`` ``(c·N, c·N)``: the Dual operator, or from the explicit Θ when dense."""
+    """``H^½ΘH^½ + λI`` ``(c·N, c·N)``: through the recorded Θ (its products are Θ's, kept for
+    recycling), the Dual operator, or from the explicit Θ when dense."""
+    if isinstance(Theta, Recorded):
+        kw = {"dtype": jac.dtype, "device": jac.device}
+        R = OutputHessian(probs, jac.c, jac.n, power=0.5, **kw)
+        return Product(R, Product(Theta, R)).add_diagonal(lam)
     if not isinstance(Theta, DenseLinearOperator):
         return Counted(Dual(jac=jac, loss="ce", damping=lam, probs=probs), counter)
     n, c = jac.n, jac.c
@@ -487,6 +499,35 @@ def _descent_direction(
         logger.info("CE Newton %s: no descent at tol %.3g, solving again", inv.label, tol)
     inv.records[:] = records
     return beta, Tb, inv, tol
+
+
+def _record_theta(Theta: Any, precond: Any, config: SolverConfig) -> KrylovPairs | None:
+    """Start keeping the Θ products of a Newton step (``Theta`` a :class:`Recorded`), to sharpen
+    Θ's factor for the next step (:func:`_recycle_theta`); ``None`` where the configuration or
+    the operator gives nothing to recycle."""
+    if not isinstance(Theta, Recorded) or precond is None or not getattr(precond, "rank", 0):
+        return None
+    if config.recycle == 0 or config.inner_precision is not None:
+        return None
+    Theta.pairs = KrylovPairs(precond.rank if config.recycle is None else config.recycle)
+    return Theta.pairs
+
+
+def _recycle_theta(
+    Theta: Any, precond: Any, pairs: KrylovPairs | None, records: list[dict[str, Any]]
+) -> Any:
+    """Θ's factor augmented with the step's ``(q, Θq)`` pairs (:func:`~ntkscrub.solvers.recycled`;
+    every step's system ``H^½ΘH^½ + λI`` is a congruence of Θ's, so what one step's CG learnt
+    about Θ carries to the next step's H), the rank recorded on the step's last solve."""
+    if pairs is None:
+        return precond
+    Theta.pairs = None
+    if pairs.columns == 0:
+        return precond
+    out = recycled(precond, pairs, shifted=False)
+    if records:
+        records[-1].update(recycled_columns=pairs.columns, recycled_rank=out.rank)
+    return out
 
 
 def _theta_scale(Theta: Any, precond: Any) -> float | None:

@@ -39,6 +39,7 @@ __all__ = [
     "Identity",
     "Dense",
     "Counted",
+    "Recorded",
     "MatvecCounter",
     "check_vector",
     "to_scipy",
@@ -619,6 +620,26 @@ class Counted(Operator):
 
     def __repr__(self) -> str:
         return f"Counted({self.base!r})"
+
+
+class Recorded(Counted):
+    """A counted ``A`` that, while :attr:`pairs` is set (a
+    :class:`~ntkscrub.solvers.KrylovPairs`), also keeps every product's ``(X, A X)`` — the
+    products a solve computes anyway, for Krylov recycling (:mod:`ntkscrub.solvers.recycle`;
+    the cross-entropy Newton steps keep Θ's products to sharpen Θ's factor for the next step)."""
+
+    def __init__(self, A: Operator, counter: MatvecCounter | None = None) -> None:
+        super().__init__(A, counter)
+        self.pairs: Any = None
+
+    def _mm(self, X: Tensor) -> Tensor:
+        Y = super()._mm(X)
+        if self.pairs is not None:
+            self.pairs.add(X, Y)
+        return Y
+
+    def __repr__(self) -> str:
+        return f"Recorded({self.base!r})"
 
 
 # =========================================================================== scipy export

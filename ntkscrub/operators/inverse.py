@@ -36,12 +36,14 @@ from ntkscrub.operators.base import Operator, check_vector
 from ntkscrub.solvers import (
     CGInfo,
     CGNotConverged,
+    KrylovPairs,
     LowRankPreconditioner,
     PrecisionFallbackWarning,
     cg,
     low_precision_products,
     mixed_cg,
     nystrom_preconditioner,
+    recycled,
 )
 from ntkscrub.solvers.mixed import DEFAULT_INNER_TOL
 
@@ -78,6 +80,7 @@ def pcg_solve(
     precond: LowRankPreconditioner | None,
     x0: Tensor | None = None,
     allreduce: Callable[[Tensor], Tensor] | None = None,
+    krylov: KrylovPairs | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """The single entry to :func:`ntkscrub.solvers.cg` (non-strict: the caller decides).
 
@@ -85,7 +88,8 @@ def pcg_solve(
     would converge) run here; :class:`Inverse` turns a miss into :class:`SolveNotConverged`.
     With ``config.inner_precision`` the solve is :func:`ntkscrub.solvers.mixed_cg`: inner PCG
     with ``A``'s products in that precision (:func:`ntkscrub.solvers.low_precision_products`),
-    true residuals with ``A`` itself.
+    true residuals with ``A`` itself. ``krylov`` keeps CG's (p, A p) pairs (not in a mixed
+    solve, whose products are inexact).
     """
     common: dict[str, Any] = {
         "precond": precond,
@@ -104,7 +108,7 @@ def pcg_solve(
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("always", PrecisionFallbackWarning)
         if config.inner_precision is None:
-            out = cg(A, B, refine=config.refine, **common)
+            out = cg(A, B, refine=config.refine, krylov=krylov, **common)
         else:
             lo, precision = low_precision_products(A, config.inner_precision, n=B.shape[0])
             inner_tol = config.inner_tol or DEFAULT_INNER_TOL[config.inner_precision]
@@ -315,8 +319,29 @@ class Inverse(Operator):
             "precond_seconds": M.seconds,
         }
 
+    def _krylov(self) -> KrylovPairs | None:
+        """Where this solve keeps its (p, A p) pairs for :meth:`_recycle`, or ``None``."""
+        M, cfg = self.preconditioner, self.config
+        if M is None or not M.rank or cfg.recycle == 0 or cfg.inner_precision is not None:
+            return None
+        if self.allreduce is not None:  # the factor's rows are global, the pairs local
+            return None
+        return KrylovPairs(M.rank if cfg.recycle is None else cfg.recycle)
+
+    def _recycle(self, pairs: KrylovPairs | None) -> dict[str, Any]:
+        """Augment the preconditioner with the solve's pairs, for the next solves with this
+        inverse and whatever restricts its factor (:mod:`ntkscrub.solvers.recycle`)."""
+        if pairs is None or pairs.columns == 0:
+            return {}
+        t0 = time.perf_counter()
+        M = recycled(self.preconditioner, pairs)
+        self.preconditioner = M
+        return {"recycled_columns": pairs.columns, "recycled_rank": M.rank,
+                "recycle_seconds": time.perf_counter() - t0}  # fmt: skip
+
     def _cg_solve(self, B: Tensor, x0: Tensor | None, t0: float) -> Tensor:
         build = self.build_preconditioner()
+        pairs = self._krylov()
         X, info = pcg_solve(
             self.A,
             B,
@@ -325,10 +350,12 @@ class Inverse(Operator):
             precond=self.preconditioner,
             x0=x0,
             allreduce=self.allreduce,
+            krylov=pairs,
         )
         self.last_info = info
         rec = {"system": self.label, "solver": "cg", "size": self.shape[0], **build}
         rec.update(info.to_dict())
+        rec.update(self._recycle(pairs))
         rec["converged_per_column"] = rec.pop("converged")
         rec["converged"] = info.all_converged
         rec["seconds_total"] = time.perf_counter() - t0

@@ -5,6 +5,8 @@
 * :class:`NystromPreconditioner`, :class:`RPCholeskyPreconditioner` — low-rank preconditioners for
   ``(K + μI)`` built from a few block matvecs; :func:`nystrom_preconditioner` with ``rank="auto"``
   doubles the Nyström sketch until its smallest kept eigenvalue is within a factor of the shift.
+* :class:`KrylovPairs`, :func:`recycled` — a solve's search directions and products augment the
+  factor for the next solves (Krylov recycling, no extra product).
 * :func:`cg` stops within a time/matvec budget, early when the residual decay cannot reach ``tol``
   in it, and raises :class:`CGNotConverged` with a diagnosis (κ estimated from CG's own Lanczos
   coefficients, the extra ridge that would converge, the matvec cost, the partial solution).
@@ -48,6 +50,7 @@ from ntkscrub.solvers.preconditioners import (
     RPCholeskyPreconditioner,
     nystrom_preconditioner,
 )
+from ntkscrub.solvers.recycle import KrylovPairs, recycled
 
 __all__ = [
     "as_matmul",
@@ -65,6 +68,8 @@ __all__ = [
     "LowRankPreconditioner",
     "NystromPreconditioner",
     "RPCholeskyPreconditioner",
+    "KrylovPairs",
+    "recycled",
     "lanczos",
     "rademacher",
     "LanczosResult",

@@ -434,6 +434,7 @@ def cg(
     label: str = "A",
     progress: bool | None = None,
     allreduce: Callable[[Tensor], Tensor] | None = None,
+    krylov: Any = None,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``A X = B`` by preconditioned CG, one independent recurrence per column.
 
@@ -480,6 +481,10 @@ def cg(
             ``allreduce``, ``max_seconds`` must be ``None`` (then no time budget) or ``math.inf``,
             and ``max_iter`` defaults to twice the global n (summed by ``allreduce``).
             ``None`` (default): one process, unchanged.
+        krylov: a :class:`~ntkscrub.solvers.recycle.KrylovPairs` that keeps the recurrences'
+            search directions ``P`` and products ``A P`` (no extra product; the restarts' and
+            the refinement's are not kept), to augment a preconditioner for later solves
+            (:func:`~ntkscrub.solvers.recycle.recycled`). ``None``: nothing kept.
 
     Returns:
         ``(X, info)``: ``X`` with ``B``'s shape, dtype and device; ``info`` a :class:`CGInfo`.
@@ -534,6 +539,7 @@ def cg(
         t_start=t_start,
         allreduce=allreduce,
     )
+    run.krylov = krylov
     try:
         run.iterate()
         # Refinement finishes a solve that stalled (or ran out of iterations) at the precision
@@ -685,6 +691,7 @@ class _CGRun:
         self.col_best: dict[int, list[float]] = {j: [] for j in self.idx_nz}
         self.bar = progress_bar(max_iter, f"cg[{label}]", progress)
         self.R_full = B2.clone()  # residual b − A x of every column (set by iterate)
+        self.krylov: Any = None  # a KrylovPairs collecting (P, A P) of the recurrences
 
     # ------------------------------------------------------------------ reductions
     def _dot(self, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -828,6 +835,8 @@ class _CGRun:
                 if idx.numel() == 0:
                     return
             self.a_norm = max(self.a_norm, float((pAp / pp).max()))
+            if self.krylov is not None:
+                self.krylov.add(P, AP)
             alpha = rz / pAp  # (m,) scalar dtype
             a_v = alpha.to(B2.dtype)  # the same rounded α for x and r keeps them consistent
             self.X[:, idx] += P * a_v
