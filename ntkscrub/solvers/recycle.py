@@ -23,8 +23,9 @@ tol and again warm to tol/amplification; a :class:`~ntkscrub.Scrubber` restricts
 factor for every request; the cross-entropy Newton steps carry Θ's factor from step to step.
 Measured (``benchmarks/recycle_study.py``, quick preset seed 2, tol 1e-3, rank-64 factor): on the
 float64 replica the two retain solves took 45 → 35 CG iterations (paper form) and 128 → 84
-(reference form), a fresh right-hand side on Θ_DD 51 → 40 and 129 → 91; the float32 scrub's
-paper form 166 → 151 products.
+(reference form), a fresh random right-hand side on Θ_DD 49 → 39 and 127 → 93; the float32
+scrubs 166 → 151 products (paper form), 311 → 288 (reference form), 282 → 258 (CE Newton at
+w(D)), each shift as far from the dense twin as before.
 """
 
 from __future__ import annotations
