@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,17 @@ def replica(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, loss: str)
     T = D @ D.T
     e = _targets(J, loss).double()  # scrub's residuals e_S, (c·N,)
     return {"T": 0.5 * (T + T.T), "e": e, "c": J.c}
+
+
+def replicas(run: Any) -> Iterator[tuple[str, dict, int, float]]:
+    """The quick preset's two forms as float64 replicas (:func:`replica`) on D = D_r ⊔ D_f:
+    ``(form, replica, |D_r|, weight decay)`` for the paper form (θ0, MSE) and the
+    reference-code form (w(D), CE); ``run`` is ``quick_cost.seed_run``'s."""
+    (Xr, Yr), (Xf, Yf) = run.split.retain, run.split.forget
+    X, Y = torch.cat([Xr, Xf]), torch.cat([Yr, Yf])
+    wd = run.cfg.train.finetune.weight_decay
+    for form, at, loss in (("paper", run.init, "mse"), ("ref", run.w_d, "ce")):
+        yield form, replica(at, X, Y, loss), Xr.shape[0], wd
 
 
 def products(T: torch.Tensor, e: torch.Tensor, m: int, lam: tuple, M: Any) -> dict[str, int]:
@@ -99,9 +111,6 @@ def main() -> None:
 
     t0 = time.perf_counter()
     run = seed_run(a.seed, a.data_root)
-    (Xr, Yr), (Xf, Yf) = run.split.retain, run.split.forget
-    X, Y = torch.cat([Xr, Xf]), torch.cat([Yr, Yf])
-    wd = run.cfg.train.finetune.weight_decay
     res: dict[str, Any] = {
         "what": __doc__.split("\n")[0],
         "command": " ".join(["python", *sys.argv]),
@@ -109,8 +118,8 @@ def main() -> None:
         "tol": TOL,
         "forms": {},
     }
-    for form, at, loss in (("paper", run.init, "mse"), ("ref", run.w_d, "ce")):
-        res["forms"][form] = study(replica(at, X, Y, loss), Xr.shape[0], wd)
+    for form, rep, n_retain, wd in replicas(run):
+        res["forms"][form] = study(rep, n_retain, wd)
         r = res["forms"][form]
         print(form, "best", r["best_fixed_rank"], "cost rule", r["adaptive_cost_rule"], flush=True)
     res["seconds"] = time.perf_counter() - t0

@@ -35,9 +35,9 @@ from ntkscrub.shifts import cancellation_amplification
 from ntkscrub.solvers import KrylovPairs, NystromPreconditioner, cg, recycled
 
 TOL = 1e-3
-FORMS = {"paper": ("init", "mse"), "ref": ("trained", "ce")}
-# scrub part only: the cross-entropy Newton model at w(D) (its steps carry Θ's factor)
-SCRUB_FORMS = {**FORMS, "ce_newton": ("trained", "ce")}
+# the scrub part's forms (the replica part's: quick_pcg_ranks.replicas): both one-shot forms and
+# the cross-entropy Newton model at w(D) (its steps carry Θ's factor)
+SCRUB_FORMS = {"paper": ("init", "mse"), "ref": ("trained", "ce"), "ce_newton": ("trained", "ce")}
 
 
 def _solve(A: torch.Tensor, b: torch.Tensor, M: Any, tol: float, recycle: bool, x0=None):
@@ -116,29 +116,25 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).parent))
     from quick_cost import seed_run
-    from quick_pcg_ranks import replica
+    from quick_pcg_ranks import replicas
 
     t0 = time.perf_counter()
     run = seed_run(a.seed, a.data_root)
-    (Xr, Yr), (Xf, Yf) = run.split.retain, run.split.forget
-    wd = run.cfg.train.finetune.weight_decay
     res: dict[str, Any] = {
         "what": __doc__.split("\n")[0], "command": " ".join(["python", *sys.argv]),
         "seed": a.seed, "tol": TOL, "threads": a.threads,
     }  # fmt: skip
     if "replica" in a.parts:
-        X, Y = torch.cat([Xr, Xf]), torch.cat([Yr, Yf])
         res["replica"] = {}
-        for form, (at, loss) in FORMS.items():
-            rep = replica(run.init if at == "init" else run.w_d, X, Y, loss)
-            m = Xr.shape[0] * rep["c"]
-            lam = (wd * X.shape[0], wd * Xr.shape[0])
+        for form, rep, n_retain, wd in replicas(run):
+            n = rep["T"].shape[0]
+            m, lam = n_retain * rep["c"], (wd * (n // rep["c"]), wd * n_retain)
             res["replica"][form] = {
                 str(r): replica_study(rep["T"], rep["e"], m, lam, r) for r in (32, 64)
             }
             print(form, res["replica"][form], flush=True)
     if "scrub" in a.parts:
-        res["scrub"] = scrub_study(run, wd)
+        res["scrub"] = scrub_study(run, run.cfg.train.finetune.weight_decay)
     res["seconds"] = time.perf_counter() - t0
     write_record(a.out, res)
 

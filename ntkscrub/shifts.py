@@ -47,6 +47,7 @@ from ntkscrub.operators import (
     SolveNotConverged,
     StackedJacobian,
 )
+from ntkscrub.operators.inverse import krylov_pairs
 from ntkscrub.solvers import KrylovPairs, recycled
 
 __all__ = [
@@ -505,11 +506,9 @@ def _record_theta(Theta: Any, precond: Any, config: SolverConfig) -> KrylovPairs
     """Start keeping the Θ products of a Newton step (``Theta`` a :class:`Recorded`), to sharpen
     Θ's factor for the next step (:func:`_recycle_theta`); ``None`` where the configuration or
     the operator gives nothing to recycle."""
-    if not isinstance(Theta, Recorded) or precond is None or not getattr(precond, "rank", 0):
+    if not isinstance(Theta, Recorded):
         return None
-    if config.recycle == 0 or config.inner_precision is not None:
-        return None
-    Theta.pairs = KrylovPairs(precond.rank if config.recycle is None else config.recycle)
+    Theta.pairs = krylov_pairs(precond, config)
     return Theta.pairs
 
 
@@ -872,9 +871,10 @@ def cancellation_solve(
     record (``converged``: the configuration's tol is met — tol/amp is best effort below
     :func:`cancellation_floor`)."""
     tol = inv.config.tol_for(b.dtype)
+    # recycle=0: this inverse and its factor end with the call (nothing would use the pairs).
     tight = Inverse(
         inv.A,
-        inv.config.replace(tol=max(tol / amp, cancellation_floor(b.dtype))),
+        inv.config.replace(tol=max(tol / amp, cancellation_floor(b.dtype)), recycle=0),
         label=f"{inv.label} (tol / cancellation)",
         precond=inv.preconditioner,
     )

@@ -47,7 +47,7 @@ from ntkscrub.solvers import (
 )
 from ntkscrub.solvers.mixed import DEFAULT_INNER_TOL
 
-__all__ = ["Inverse", "SolveNotConverged", "DenseTooLarge", "pcg_solve"]
+__all__ = ["Inverse", "SolveNotConverged", "DenseTooLarge", "krylov_pairs", "pcg_solve"]
 
 
 class DenseTooLarge(MemoryError):
@@ -116,6 +116,16 @@ def pcg_solve(
     for w in caught:  # the rest (a fallback, torch's own) goes out again, to the caller's filters
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return out
+
+
+def krylov_pairs(precond: Any, config: SolverConfig) -> KrylovPairs | None:
+    """Where a solve preconditioned by ``precond`` keeps its products for recycling
+    (``SolverConfig.recycle``: ``None`` — as many columns as the factor's rank), or ``None``
+    when there is no factor, recycling is off, or the products are inexact (``inner_precision``)."""
+    rank = getattr(precond, "rank", 0)
+    if not rank or config.recycle == 0 or config.inner_precision is not None:
+        return None
+    return KrylovPairs(rank if config.recycle is None else config.recycle)
 
 
 def _caller_stacklevel() -> int:
@@ -321,12 +331,9 @@ class Inverse(Operator):
 
     def _krylov(self) -> KrylovPairs | None:
         """Where this solve keeps its (p, A p) pairs for :meth:`_recycle`, or ``None``."""
-        M, cfg = self.preconditioner, self.config
-        if M is None or not M.rank or cfg.recycle == 0 or cfg.inner_precision is not None:
-            return None
         if self.allreduce is not None:  # the factor's rows are global, the pairs local
             return None
-        return KrylovPairs(M.rank if cfg.recycle is None else cfg.recycle)
+        return krylov_pairs(self.preconditioner, self.config)
 
     def _recycle(self, pairs: KrylovPairs | None) -> dict[str, Any]:
         """Augment the preconditioner with the solve's pairs, for the next solves with this
