@@ -41,6 +41,27 @@ def test_cached_products_equal_streamed_products(k, monkeypatch):
     assert ref.cache.info()["bytes"] == 0 and ref.cache.info()["vjp_batches"] == 0
 
 
+def test_a_wide_pass_counts_as_many_products(monkeypatch):
+    """The cache counts vectors, not passes: one 5-vector pass in chunks of one (the Nyström
+    sketch's first round) keeps each batch's pullback and traces its tangent map after the
+    second chunk — and its products still equal the streamed ones."""
+    monkeypatch.setattr(forward_cache, "_TRACE_MIN_SECONDS", 0.0)
+    J, ref = pair(cache_bytes=None)
+    J.vector_chunk = 1
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(J.p, 5, generator=g, dtype=torch.float64)
+    U = torch.randn(J.shape[0], 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(J @ V, ref @ V, rtol=1e-12, atol=1e-13)
+    assert torch.allclose(J.mT @ U, ref.mT @ U, rtol=1e-12, atol=1e-13)
+    info = J.cache.info()
+    assert info["vjp_batches"] == 3 and info["jvp_batches"] == 3
+    # a single vector still streams on first use
+    J1, _ = pair(cache_bytes=None)
+    J1.matvec(V[:, 0])
+    J1.rmatvec(U[:, 0])
+    assert J1.cache.info()["vjp_batches"] == 0 and J1.cache.info()["jvp_batches"] == 0
+
+
 def test_budget_bounds_what_is_kept_and_gc_releases_it():
     gc.collect()
     before = cached_bytes()

@@ -131,6 +131,28 @@ class TestJacobian(OperatorContract):
         assert rel(J.dense(chunk=3), explicit_jacobian(model, X)) <= TOL
         assert rel(J.row_norms_sq(), (explicit_jacobian(model, X) ** 2).sum(1)) <= TOL
 
+    def test_dense_twin_rows_follow_the_batched_pass(self, case, monkeypatch):
+        """A per-sample row that took another ReLU branch than the batched products (here: one
+        sample's Jacobian perturbed, as a flipped unit would) is found by the row check and
+        recomputed from the batched pass; a clean twin recomputes nothing."""
+        model, X, Y = case
+        J = Jacobian(ParameterSpace(model), (X, Y), batch_size=4)
+        ref = explicit_jacobian(model, X)
+        J.dense(chunk=3)
+        assert J.recomputed_rows == 0
+        per_sample = Jacobian._per_sample_jac
+
+        def flipped(self, xi):
+            jac = per_sample(self, xi)
+            is_5 = ((xi - X[5]).abs().sum() == 0).to(xi.dtype)  # data-free branching, for vmap
+            first = next(iter(jac))
+            return {n: t * (1 + 1e-6 * is_5) if n == first else t for n, t in jac.items()}
+
+        monkeypatch.setattr(Jacobian, "_per_sample_jac", flipped)
+        J2 = Jacobian(ParameterSpace(model), (X, Y), batch_size=4)
+        assert rel(J2.dense(chunk=3), ref) <= TOL
+        assert J2.recomputed_rows == J2.c  # the c rows of sample 5
+
     @pytest.mark.parametrize("form", ["dataset", "loader", "tensors"])
     def test_data_forms_agree(self, case, form):
         model, X, Y = case

@@ -40,9 +40,11 @@ __all__ = ["ForwardCache", "default_cache_budget", "cached_bytes"]
 _LEDGER = [0]
 
 
-# Passes of a batch that stream before its entry is built: a Jacobian used for one product
+# Vectors pushed through a batch before its entry is built: a Jacobian used for one vector
 # (outputs, one VJP) keeps nothing; the pullback's accounting (the dispatch-mode tracker) slows
-# the pass that builds it.
+# the pass that builds it. Counted in vectors, not passes: a multi-vector pass (the Nyström
+# sketch's first rounds, 16 columns each) is as many products — counted in passes, the quick
+# preset's first 32 sketch columns streamed their JVPs (0.53 s instead of 0.35 s per column).
 _KEEP_AFTER = {"vjp": 1, "jvp": 2}
 # Tracing a tangent map costs 0.15–0.7 s of Python whatever the batch (a 3-layer MLP on this CPU:
 # 70 streamed JVPs of 16 rows; one-off 3 s for torch.fx's first import), and saves ≈ 40 % of a
@@ -124,12 +126,14 @@ class ForwardCache:
         self._box[0] += nbytes
         return True
 
-    def pullback(self, i: int, g: Callable, params: dict[str, Tensor]) -> tuple[Callable, Any]:
-        """``(pullback, out dtype)`` of batch ``i``'s forward ``g`` at ``params`` — kept when the
-        budget allows, else computed for this pass only."""
+    def pullback(
+        self, i: int, g: Callable, params: dict[str, Tensor], vectors: int = 1
+    ) -> tuple[Callable, Any]:
+        """``(pullback, out dtype)`` of batch ``i``'s forward ``g`` at ``params``, about to carry
+        ``vectors`` cotangents — kept when the budget allows, else computed for this pass only."""
         if i in self._vjp:
             return self._vjp[i]
-        if self.full or not self._worth_it("vjp", i, _KEEP_AFTER["vjp"]):
+        if self.full or not self._worth_it("vjp", i, _KEEP_AFTER["vjp"], vectors):
             out, pb = vjp(g, params)
             return pb, out.dtype
         with LiveBytes() as live:
@@ -139,13 +143,16 @@ class ForwardCache:
             self._vjp[i] = entry
         return entry
 
-    def linearized(self, i: int, g: Callable, params: dict[str, Tensor]) -> Callable | None:
-        """The kept tangent map ``t ↦ J_i t`` of batch ``i`` (``None``: stream this batch)."""
+    def linearized(
+        self, i: int, g: Callable, params: dict[str, Tensor], vectors: int = 1
+    ) -> Callable | None:
+        """The kept tangent map ``t ↦ J_i t`` of batch ``i``, about to carry ``vectors`` tangents
+        (``None``: stream them)."""
         if i in self._jvp:
             return self._jvp[i]
         if self.full or self.jvp_unavailable is not None:
             return None
-        if not self._worth_it("jvp", i, _KEEP_AFTER["jvp"]):
+        if not self._worth_it("jvp", i, _KEEP_AFTER["jvp"], vectors):
             return None
         if self._jvp_seconds.get(i, 0.0) < _TRACE_MIN_SECONDS:
             return None
@@ -174,8 +181,8 @@ class ForwardCache:
         """Record how long batch ``i``'s streamed JVP took (per vector)."""
         self._jvp_seconds[i] = seconds
 
-    def _worth_it(self, kind: str, i: int, after: int) -> bool:
-        n = self._uses[kind, i] = self._uses.get((kind, i), 0) + 1
+    def _worth_it(self, kind: str, i: int, after: int, vectors: int) -> bool:
+        n = self._uses[kind, i] = self._uses.get((kind, i), 0) + vectors
         return n > after
 
     def info(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
-from ntkscrub._progress import warn
+from ntkscrub._progress import logger, warn
 from ntkscrub._validation import check_vector_chunk
 from ntkscrub.batches import Batches, as_batches, check_model_accepts
 from ntkscrub.operators.base import Operator, check_vector
@@ -33,6 +33,22 @@ from ntkscrub.operators.passes import PassPlan, plan_passes
 from ntkscrub.params import ParameterSpace
 
 __all__ = ["Jacobian", "StackedJacobian", "check_vector"]
+
+# Random tangents along which the explicit twin's rows are checked (see _BatchedRows).
+_CHECK_TANGENTS = 2
+
+
+def _check_rtol(dtype: torch.dtype) -> float:
+    """How far (relative to its norm) an explicit row may be from the batched JVP along a random
+    tangent before it counts as another branch. Measured on the quick preset's All-CNN: rounding
+    reaches 2.4e-6 in float32 (20 eps) and 8e-14 in float64 (700 eps); a flipped ReLU unit
+    moved rows by 1.5e-4–3.6e-3 in either. The bound sits 4–100× above the rounding."""
+    eps = torch.finfo(dtype).eps
+    return max(100 * eps, 1e-11 if eps < 1e-10 else 1e-5)
+
+
+# Rows recomputed per vmapped batched backward (memory: that many cotangent copies of a batch).
+_RECOMPUTE_CHUNK = 8
 
 # Pass plans per parameter space (weakly keyed: a plan lives as long as its space).
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -210,34 +226,47 @@ class Jacobian(Operator):
         )
         chunks = [] if single else self._column_chunks(V.shape[1], "jvp")
         T1 = self.space.unflatten(V) if single else None
-        cached = self._cacheable()
         for i, (r0, r1, x) in enumerate(self._row_batches()):
             g = self._fn(x)
             with self._ctx():
-                lin = self.cache.linearized(i, g, self._params) if cached else None
-                t0 = time.perf_counter()
                 if single:
-                    jv = lin(T1) if lin is not None else jvp(g, (self._params,), (T1,))[1]
+                    jv = self._jvp_kept(i, g, T1, 1)
                     out[r0:r1] = jv.reshape(-1).to(self.dtype)  # (b, c) → rows
-                else:
-                    for sl in chunks:
-                        jv = self._jvp_block(g, V[:, sl], lin)  # (k, b, c)
-                        out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
-                if cached and lin is None:
-                    self.cache.note_jvp(
-                        i, (time.perf_counter() - t0) / (1 if single else V.shape[1])
-                    )
+                    continue
+                # The cache is asked per chunk: a wide pass's later chunks use the tangent map
+                # its first chunks' vectors made worth tracing.
+                for sl in chunks:
+                    jv = self._jvp_kept(i, g, V[:, sl], sl.stop - sl.start)  # (k, b, c)
+                    out[r0:r1, sl] = jv.reshape(jv.shape[0], -1).T.to(self.dtype)
         return out
+
+    def _jvp_kept(self, i: int, g: Callable, V: Any, k: int) -> Tensor:
+        """Batch ``i``'s JVPs along ``V`` (``k`` vectors: one unflattened tangent when ``V`` is
+        a dict, else ``(p, k)``), through the kept tangent map when the cache has or builds it;
+        a streamed pass's time per vector is noted for the cache's tracing rule."""
+        cached = self._cacheable()
+        lin = self.cache.linearized(i, g, self._params, k) if cached else None
+        t0 = time.perf_counter()
+        jv = self._jvp_one(g, V, lin) if isinstance(V, dict) else self._jvp_block(g, V, lin)
+        if cached and lin is None:
+            self.cache.note_jvp(i, (time.perf_counter() - t0) / k)
+        return jv
 
     def _jvp_block(self, g: Callable, V: Tensor, lin: Callable | None = None) -> Tensor:
         """``(k, b, c)``: the JVPs of batch function ``g`` along the k columns of ``V`` ``(p, k)``
         in one ``vmap`` (unflattened here, per batch and chunk — a copy of k·p — not all of V
         up front); through the kept tangent map ``lin`` when given.
         :func:`~ntkscrub.operators.passes.plan_passes` measures this same call."""
+        if V.shape[1] == 1:  # vmap over a single vector buys nothing
+            return self._jvp_one(g, self.space.unflatten(V[:, 0]), lin).unsqueeze(0)
         T = self.space.unflatten(V)
         if lin is not None:
             return vmap(lin)(T)
         return vmap(lambda t: jvp(g, (self._params,), (t,))[1])(T)
+
+    def _jvp_one(self, g: Callable, t: dict[str, Tensor], lin: Callable | None) -> Tensor:
+        """``(b, c)``: the JVP of ``g`` along one unflattened tangent ``t``."""
+        return lin(t) if lin is not None else jvp(g, (self._params,), (t,))[1]
 
     def _cacheable(self) -> bool:
         """Keep forward passes only for full-precision products: a kept graph would ignore an
@@ -252,6 +281,10 @@ class Jacobian(Operator):
     def _vjp_block(self, pullback: Callable, u: Tensor) -> Tensor:
         """``(p, k)``: ``pullback`` (of one batch's forward) applied to the k cotangents
         ``u`` ``(k, b, c)`` in one ``vmap``; measured by the pass plan the same way."""
+        if u.shape[0] == 1:
+            # measured on the quick preset's All-CNN (475 rows, 2 threads): a pass of one
+            # cotangent through vmap took 0.45 s, the plain pullback 0.38 s
+            return self.space.flatten(pullback(u[0])[0]).unsqueeze(1)
         return self.space.flatten_batched(vmap(pullback)(u)[0])
 
     def _tmm(self, U: Tensor) -> Tensor:
@@ -274,7 +307,8 @@ class Jacobian(Operator):
         for i, (r0, r1, x) in enumerate(self._row_batches()):
             with self._ctx():
                 if cached:
-                    pullback, out_dtype = self.cache.pullback(i, self._fn(x), self._params)
+                    k = 1 if single else U.shape[1]
+                    pullback, out_dtype = self.cache.pullback(i, self._fn(x), self._params, k)
                 else:
                     out, pullback = vjp(self._fn(x), self._params)
                     out_dtype = out.dtype
@@ -303,8 +337,11 @@ class Jacobian(Operator):
 
     # ------------------------------------------------------------------ exact twin
     def dense_rows(self, chunk: int = 16) -> Iterator[tuple[int, int, Tensor]]:
-        """Explicit rows of J: ``(row_start, row_stop, J[rows])`` with blocks ``(chunk·c, p)``."""
+        """Explicit rows of J: ``(row_start, row_stop, J[rows])`` with blocks ``(chunk·c, p)``,
+        each row checked against the batched products (:class:`_BatchedRows`)."""
+        self.recomputed_rows = 0
         for r0, _, x in self._row_batches():
+            batched = _BatchedRows(self, x)
             for s in range(0, x.shape[0], chunk):
                 xs = x[s : s + chunk]
                 # Per-sample jacrev under vmap: one reverse pass per logit for the whole chunk
@@ -313,7 +350,15 @@ class Jacobian(Operator):
                 jac = vmap(self._per_sample_jac)(xs)  # dict of (b, c, *shape)
                 b = xs.shape[0]
                 block = torch.cat([jac[n].reshape(b * self.c, -1) for n in self.space.names], 1)
+                self.recomputed_rows += batched.fix(block, s)
                 yield r0 + s * self.c, r0 + (s + b) * self.c, block
+        if self.recomputed_rows:
+            logger.info(
+                "%s: %d explicit Jacobian rows took another ReLU branch than the batched "
+                "products and were recomputed from the batched pass",
+                self.name,
+                self.recomputed_rows,
+            )
 
     def _per_sample_jac(self, xi: Tensor) -> dict[str, Tensor]:
         """∂f_θ(x)/∂θ for one sample ``xi`` (no batch dim): dict of ``(c, *shape)``."""
@@ -433,3 +478,60 @@ class StackedJacobian(Jacobian):
 
     def __repr__(self) -> str:
         return f"StackedJacobian(parts={len(self.parts)}, c={self.c}, N={self.n}, p={self.p})"
+
+
+class _BatchedRows:
+    """The rows of one batch as the batched products see them, for :meth:`Jacobian.dense_rows`.
+
+    A per-sample reverse pass (``jacrev`` under ``vmap``) evaluates the network with other
+    kernels than the batched passes of ``J V`` / ``Jᵀ U``. Where a ReLU pre-activation lies
+    within rounding of zero the two take different branches, and the explicit row differs from
+    the operator's by O(1) along that unit's path — not by rounding. Measured on the quick
+    preset (All-CNN ×0.25, float32, 500 images): at w(D) the five rows of one sample are
+    6e-4–3.6e-3 off the batched JVP, every other row ≤ 8.5e-7; at θ0 rows of several samples
+    (up to 2e-3). With the shift's cancellation (ρ ≈ 200) that one sample made the dense twin
+    3 % off the float32 CG scrub and off float64. So each explicit row is compared with the
+    batched JVP along ``_CHECK_TANGENTS`` fixed random tangents (relative to the row's norm,
+    in float64: float32 products of a 10⁵-long row carry 5e-6 of rounding themselves) and,
+    beyond :func:`_check_rtol`, recomputed as a one-hot VJP through the batch's own forward
+    pass. Cost: two batched JVPs per batch, and one batched backward per recomputed row.
+    """
+
+    def __init__(self, J: Jacobian, x: Tensor) -> None:
+        self.J, self.x = J, x
+        gen = torch.Generator().manual_seed(0)  # fixed: the twin is deterministic
+        T = torch.randn(J.p, _CHECK_TANGENTS, generator=gen, dtype=torch.float64)
+        self.T = T.to(device=J.device)
+        g = J._fn(x)
+        with J._ctx():
+            jv = [
+                J._jvp_one(g, J.space.unflatten(self.T[:, k].to(J.dtype)), None)
+                for k in range(_CHECK_TANGENTS)
+            ]
+        self.JT = torch.stack([v.reshape(-1) for v in jv], 1).double()  # (b·c, k)
+        self.rtol = _check_rtol(J.dtype)
+        self.pullback: Callable | None = None
+
+    def fix(self, block: Tensor, s: int) -> int:
+        """Recompute, in place, the rows of ``block`` (samples ``s, s+1, …`` of the batch) that
+        disagree with the batched JVP; returns how many."""
+        c = self.J.c
+        ref = self.JT[s * c : s * c + block.shape[0]]
+        got = block.double() @ self.T.to(device=block.device)
+        tol = self.rtol * block.double().norm(dim=1)
+        bad = ((got - ref).abs().amax(1) > tol).nonzero().flatten()
+        if bad.numel() == 0:
+            return 0
+        if self.pullback is None:
+            with self.J._ctx():
+                out, self.pullback = vjp(self.J._fn(self.x), self.J._params)
+            self.out_dtype = out.dtype
+        for i0 in range(0, bad.numel(), _RECOMPUTE_CHUNK):
+            rows = bad[i0 : i0 + _RECOMPUTE_CHUNK]
+            U = torch.zeros(
+                rows.numel(), self.x.shape[0] * c, dtype=self.out_dtype, device=self.x.device
+            )
+            U[torch.arange(rows.numel()), s * c + rows] = 1
+            U = U.reshape(rows.numel(), -1, c)
+            block[rows] = self.J._vjp_block(self.pullback, U).T.to(block.dtype)
+        return int(bad.numel())
