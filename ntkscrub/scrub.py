@@ -60,6 +60,7 @@ from ntkscrub.operators import (
     MatvecCounter,
     Projection,
     StackedJacobian,
+    dense_dtype,
 )
 from ntkscrub.params import ParameterSpace, ParamSelector, check_eval_mode
 from ntkscrub.prefix import jacobian_options, prefix_rows
@@ -403,13 +404,17 @@ def solver_estimate(
 ) -> dict[str, Any]:
     """The cost model behind ``solver="auto"`` (recorded as ``info["auto_solver"]``).
 
-    Memory: the explicit ``J_D`` ``(c·N, p)`` and two ``(c·N)²`` matrices (Θ_DD and a factor)
-    must fit ``max_dense_bytes``. Time, in floating-point operations with F the forward FLOPs
-    per sample (:meth:`~ntkscrub.operators.Jacobian.forward_flops`, at least 2p)::
+    Memory: the explicit ``J_D`` ``(c·N, p)`` and two ``(c·N)²`` float64 matrices (Θ_DD and a
+    factor; :func:`~ntkscrub.operators.inverse.dense_dtype`) must fit ``max_dense_bytes``. Time,
+    in floating-point operations with F the forward FLOPs per sample
+    (:meth:`~ntkscrub.operators.Jacobian.forward_flops`, at least 2p)::
 
-        dense ≈ (2c + 1)·N·F  +  2(c·N)²·p  +  k·(c·N)³/3     (per-sample Jacobians, Θ = JJᵀ,
-                                                              k Cholesky factorisations)
-        cg    ≈ K · 6·N·F                                    (K products of a JVP + a VJP)
+        dense ≈ (2c + 1)·N·F  +  w·(2(c·N)²·p  +  k·(c·N)³/3)   (per-sample Jacobians, Θ = JJᵀ,
+                                                                k Cholesky factorisations)
+        cg    ≈ K · 6·N·F                                      (K products of a JVP + a VJP)
+
+    with w = 2 for a J below float64 (Θ and its factors are computed in float64: half the
+    throughput; quick preset 27 → 39 s) and 1 in float64.
 
     with K and k per method (``_CG_PRODUCTS``, ``_DENSE_FACTORS``). Why FLOPs: on this
     project's 2-core CPU the Θ product of the quick preset (All-CNN ×0.25, F = 44 MFLOPs)
@@ -418,14 +423,15 @@ def solver_estimate(
     classes the (c·N)²·p product dominates — c = 100, N = 100, p = 100 k, F = 10 MFLOPs fits
     4 GiB but costs ≈ 2e13 operations against cg's ≈ 5e11.
     """
-    item = torch.finfo(J_r.dtype).bits // 8
     n, c, p = J_r.n + J_f.n, J_r.c, J_r.p
     rows = c * n
+    item = torch.finfo(dense_dtype(J_r)).bits // 8
     need = (J_r.dense_bytes() + J_f.dense_bytes()) + 2 * rows * rows * item
+    wide = 1.0 if J_r.dtype == torch.float64 else 2.0
     counted = J_r.forward_flops()
     F = max(counted or 0.0, 2.0 * p)
     K, k = _CG_PRODUCTS.get(method, 80), _DENSE_FACTORS.get(method, 2)
-    dense = (2 * c + 1) * n * F + 2.0 * rows * rows * p + k * rows**3 / 3
+    dense = (2 * c + 1) * n * F + wide * (2.0 * rows * rows * p + k * rows**3 / 3)
     cg = K * 6.0 * n * F
     if need > max_dense_bytes:
         choice, why = "cg", "the explicit Jacobian and Θ exceed max_dense_bytes"

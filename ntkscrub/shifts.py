@@ -398,7 +398,9 @@ def _theta_operator(jac: Jacobian, config: SolverConfig, counter: MatvecCounter)
     if config.method != "dense":
         return Recorded(NTK(jac_a=jac), counter)  # its products can sharpen Θ's factor
     gate = Inverse(NTK(jac_a=jac), config, label="Θ (explicit, CE Newton)")
-    return DenseLinearOperator(gate.dense_system())
+    # accumulated in float64 (the gate's dense system), held in the Jacobian's dtype: each
+    # Newton step's system is formed from it and factored in float64 again by its own Inverse
+    return DenseLinearOperator(gate.dense_system().to(jac.dtype))
 
 
 def _newton_system(

@@ -660,6 +660,31 @@ def test_inverse_float32_against_float64(method):
     assert rel(out[torch.float32], out[torch.float64]) <= 1e-2
 
 
+def test_float32_dense_system_is_accumulated_and_factored_in_float64(monkeypatch):
+    """The dense twin of a float32 Θ = J Jᵀ + λI sums J's long rows, factors and solves in
+    float64: it matches float64 arithmetic on the same float32 entries to float32 rounding,
+    where float32 throughout misses by κ·eps — also when the Gram product is formed in blocks
+    of the inner dimension."""
+    from ntkscrub.operators import base
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(20000, 60, generator=g, dtype=torch.float64)).Q
+    J32 = ((U * torch.logspace(2, 0, 60, dtype=torch.float64)) @ V.T).float()  # κ(Θ + I) ≈ 5e3
+    b = torch.randn(60, generator=g)
+    eye = torch.eye(60, dtype=torch.float64)
+    ref = torch.linalg.solve(J32.double() @ J32.double().T + eye, b.double())
+    monkeypatch.setattr(base, "PRODUCT_BLOCK_BYTES", 4 * 8 * 120 * 3000)  # 7 inner blocks
+    J = base.Dense(J32)
+    inv = Inverse((J @ J.mT).add_diagonal(1.0), SolverConfig(method="dense"), label="Θ")
+    x = inv.solve(b)
+    assert x.dtype == torch.float32 and inv.cholesky().dtype == torch.float64
+    assert rel(x.double(), ref) <= 1e-6
+    assert rel(inv.to_dense().double() @ b.double(), ref) <= 1e-6
+    L32 = torch.linalg.cholesky(J32 @ J32.T + eye.float())
+    assert rel(torch.cholesky_solve(b[:, None], L32)[:, 0].double(), ref) > 1e-5
+
+
 def test_product_splits_wide_blocks_into_column_chunks(monkeypatch):
     """Θ X = J (Jᵀ X) with a p × k intermediate over the block budget is computed in column
     chunks (the 512-column sketch of a ResNet-18 needed 23 GB otherwise) — same numbers."""

@@ -16,7 +16,13 @@ from ntkscrub.operators.base import (
     to_scipy,
 )
 from ntkscrub.operators.ggn import GGN, Dual, OutputHessian, ggn_diagonal, output_hessian_apply
-from ntkscrub.operators.inverse import DenseTooLarge, Inverse, SolveNotConverged, pcg_solve
+from ntkscrub.operators.inverse import (
+    DenseTooLarge,
+    Inverse,
+    SolveNotConverged,
+    dense_dtype,
+    pcg_solve,
+)
 from ntkscrub.operators.jacobian import Jacobian, StackedJacobian
 from ntkscrub.operators.ntk import NTK, PartitionedNTK, dense_ntk
 from ntkscrub.operators.projection import Projection
@@ -43,6 +49,7 @@ __all__ = [
     "StackedJacobian",
     "Sum",
     "Transposed",
+    "dense_dtype",
     "dense_ntk",
     "ggn_diagonal",
     "output_hessian_apply",

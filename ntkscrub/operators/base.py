@@ -21,6 +21,7 @@ is only accepted when nothing changes (the dtype is the model's).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -348,6 +349,40 @@ def _by_columns(apply: Callable[[Tensor], Tensor], X: Tensor, inner: int) -> Ten
     return torch.cat([apply(X[:, i : i + chunk]) for i in range(0, k, chunk)], dim=1)
 
 
+#: The dtype a dense twin sums the inner dimension of its products in (``None``: the operands'),
+#: set by :func:`dense_accumulation`.
+_ACCUMULATE: list[torch.dtype | None] = [None]
+
+
+@contextlib.contextmanager
+def dense_accumulation(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within this block, :meth:`Product.to_dense` sums the inner dimension in ``dtype`` when it
+    is wider than the operands' and returns that dtype (sums, scalings and transposes above it
+    follow by type promotion). :class:`~ntkscrub.operators.Inverse` builds its dense system so:
+    Θ = J Jᵀ of a float32 J is a sum of p ≈ 10⁵ products per entry."""
+    prev, _ACCUMULATE[0] = _ACCUMULATE[0], dtype
+    try:
+        yield
+    finally:
+        _ACCUMULATE[0] = prev
+
+
+def _accumulated_matmul(A: Tensor, B: Tensor) -> Tensor:
+    """``A @ B``, the inner dimension summed in the :func:`dense_accumulation` dtype when that is
+    wider, in blocks of the inner dimension whose wider copies fit a quarter of
+    PRODUCT_BLOCK_BYTES (the float32 J of a quick-preset Θ is 1 GB; its float64 copy need not
+    exist at once)."""
+    acc = _ACCUMULATE[0]
+    if acc is None or all(torch.finfo(t.dtype).bits >= torch.finfo(acc).bits for t in (A, B)):
+        return A @ B
+    size = torch.finfo(acc).bits // 8
+    step = max(1, PRODUCT_BLOCK_BYTES // 4 // max(1, (A.shape[0] + B.shape[1]) * size))
+    out = torch.zeros(A.shape[0], B.shape[1], dtype=acc, device=A.device)
+    for i in range(0, A.shape[1], step):
+        out += A[:, i : i + step].to(acc) @ B[i : i + step].to(acc)
+    return out
+
+
 class Product(Operator):
     """``A B``: ``(m, n) · (n, k)``; ``to_dense`` multiplies the dense twins."""
 
@@ -366,7 +401,7 @@ class Product(Operator):
         return _by_columns(lambda V: self.B._tmm(self.A._tmm(V)), X, self.A.shape[1])
 
     def to_dense(self) -> Tensor:  # type: ignore[override]
-        return self.A.to_dense() @ self.B.to_dense()
+        return _accumulated_matmul(self.A.to_dense(), self.B.to_dense())
 
     def _diagonal(self) -> Tensor:
         # Θ = J Jᵀ: the squared row norms of J, from explicit row blocks (no c·N × c·N matrix).

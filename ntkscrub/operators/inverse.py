@@ -12,6 +12,8 @@ features (preconditioning, precision, refinement, records) land in one place:
   (low precision), ``outer_matvecs`` (full precision) and ``fallback``;
 * ``method == "dense"``: Cholesky of ``A.to_dense()`` (the exact twin of the same graph), cached.
   A singular or indefinite dense system raises, naming the system — no least-squares fallback.
+  Below float64 the system is accumulated, factored and solved in float64 (:func:`dense_dtype`)
+  and the solution returned in the operator's dtype.
 
 Every solve appends a record to :attr:`Inverse.records` (system label, iterations, residuals,
 matvecs, seconds, converged). A solve that misses its tolerance raises
@@ -32,7 +34,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkscrub.config import SLQConfig, SolverConfig
-from ntkscrub.operators.base import Operator, check_vector
+from ntkscrub.operators.base import Operator, check_vector, dense_accumulation
 from ntkscrub.solvers import (
     CGInfo,
     CGNotConverged,
@@ -141,6 +143,15 @@ def _caller_stacklevel() -> int:
     return level
 
 
+def dense_dtype(op: Operator) -> torch.dtype:
+    """The dtype of an operator's dense system, Cholesky factor and solves: float64 unless the
+    device has none (MPS). Measured on the quick preset (seed 2, float32, against the float64
+    scrub): a float32 Θ = J Jᵀ and Cholesky left the reference form's shift 1.7e-3 off, float64
+    accumulation and factor 9.0e-5 (paper form 6.2e-4 → 5.3e-4, its rest being ReLU kinks at
+    θ0), for 26 → 39 s of the dense scrub (``benchmarks/results/cpu/dense_twin_precision/``)."""
+    return op.dtype if op.device.type == "mps" else torch.float64
+
+
 class Inverse(Operator):
     """``A⁻¹`` of a symmetric positive definite operator ``A`` ``(n, n)``, applied by solves.
 
@@ -236,7 +247,7 @@ class Inverse(Operator):
             for op in leaves
             if hasattr(op, "dense_bytes")
         ]
-        need = sum(b for _, b in sized) + n * n * torch.finfo(self.dtype).bits // 8
+        need = sum(b for _, b in sized) + n * n * torch.finfo(dense_dtype(self)).bits // 8
         if need > cap:
             parts = ", ".join(f"'{name}' {b / 2**20:,.1f} MiB" for name, b in sized)
             raise DenseTooLarge(
@@ -265,14 +276,17 @@ class Inverse(Operator):
         dense path)."""
         if self._dense_A is None:
             self._check_dense_memory()
-            Ad = self.A.to_dense()
+            wide = dense_dtype(self)
+            with dense_accumulation(wide):
+                Ad = self.A.to_dense().to(wide)
             self._dense_A = 0.5 * (Ad + Ad.T)
         return self._dense_A
 
     def _dense_solve(self, B: Tensor, t0: float) -> Tensor:
         L = self.cholesky()
-        X = torch.cholesky_solve(B, L)
-        rel = (self._dense_A @ X - B).norm(dim=0) / B.norm(dim=0).clamp_min(1e-300)
+        Bw = B.to(L.dtype)
+        X = torch.cholesky_solve(Bw, L)
+        rel = (self._dense_A @ X - Bw).norm(dim=0) / Bw.norm(dim=0).clamp_min(1e-300)
         self.records.append(
             {
                 "system": self.label,
@@ -284,7 +298,7 @@ class Inverse(Operator):
                 "seconds": time.perf_counter() - t0,
             }
         )
-        return X
+        return X.to(B.dtype)
 
     # ------------------------------------------------------------------ cg
     def build_preconditioner(self) -> dict[str, Any]:
@@ -377,7 +391,7 @@ class Inverse(Operator):
     # ------------------------------------------------------------------ dense twin, logdet
     def to_dense(self) -> Tensor:  # type: ignore[override]
         """``(A.to_dense())⁻¹`` by Cholesky (small problems and tests)."""
-        return torch.cholesky_inverse(self.cholesky())
+        return torch.cholesky_inverse(self.cholesky()).to(self.dtype)
 
     def logdet(self) -> float:  # type: ignore[override]
         """``log det A``: exact by Cholesky when the method is dense, else SLQ (with the
