@@ -13,7 +13,9 @@ first use, as ``experiments/reproduce.py`` would), then:
   made the retrains of the band), timed fresh, not read from the cache: epochs and seconds.
 
 Ratios scrub / retrain are written with the raw numbers to ``--out`` (JSON, atomically).
-``--solvers cg,auto`` adds ``scrub(solver="auto")`` (the dense twin when J_D fits memory).
+``--solvers cg,auto`` adds ``scrub(solver="auto")`` (the dense twin when J_D fits memory); when
+a form ran on both cg and the dense twin, ``cg_vs_dense`` records how far apart the two shifts
+are (normwise and in the largest entry, relative to the dense shift).
 
     python benchmarks/quick_cost.py --seed 0 --out benchmarks/results/cpu/quick_cost.json
 """
@@ -58,6 +60,7 @@ def scrub_once(run: Any, form: str, cache: int | None, solver: str = "cg") -> di
         methods.ProductConfig = original
     info = res.info
     return {
+        "_shift": res.shift.detach().double(),
         "form": form,
         "solver_requested": solver,
         "solver": info.get("solver"),
@@ -144,13 +147,29 @@ def main() -> None:
         save()
     runs = [(f, s, c) for f in a.forms.split(",") for s in a.solvers.split(",") for c in caches]
     keys = ("form", "solver", "cache_bytes", "seconds", "matvecs", "converged")
+    shifts: dict[tuple[str, str], torch.Tensor] = {}
     for form, solver, cache in runs:
         row = scrub_once(run, form, cache, solver)
+        shifts[form, row["solver"]] = row.pop("_shift")
         if "retrain" in out:
             row["ratio_to_retrain"] = row["seconds"] / out["retrain"]["seconds"]
+        if (
+            row["solver"] == "cg"
+            and (form, "dense") in shifts
+            or (row["solver"] == "dense" and (form, "cg") in shifts)
+        ):
+            row["cg_vs_dense"] = _difference(shifts[form, "cg"], shifts[form, "dense"])
         out["scrubs"].append(row)
-        print(json.dumps({k: row[k] for k in keys}), flush=True)
+        print(json.dumps({k: row.get(k) for k in (*keys, "cg_vs_dense")}), flush=True)
         save()
+
+
+def _difference(cg: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
+    """The shifts' relative difference, normwise and in the largest entry (issue 13 item 4)."""
+    return {
+        "relative": float((cg - dense).norm() / dense.norm()),
+        "largest_entry": float((cg - dense).abs().max() / dense.abs().max()),
+    }
 
 
 if __name__ == "__main__":

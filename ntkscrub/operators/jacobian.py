@@ -47,6 +47,8 @@ def _check_rtol(dtype: torch.dtype) -> float:
     return max(100 * eps, 1e-11 if eps < 1e-10 else 1e-5)
 
 
+# Columns of an explicit row block compared in float64 at a time (bounds the wide copy).
+_WIDE_COLUMNS = 2**16
 # Rows recomputed per vmapped batched backward (memory: that many cotangent copies of a batch).
 _RECOMPUTE_CHUNK = 8
 
@@ -500,15 +502,16 @@ class _BatchedRows:
     def __init__(self, J: Jacobian, x: Tensor) -> None:
         self.J, self.x = J, x
         gen = torch.Generator().manual_seed(0)  # fixed: the twin is deterministic
+        self.wide = torch.float64 if J.device.type != "mps" else J.dtype  # MPS has no float64
         T = torch.randn(J.p, _CHECK_TANGENTS, generator=gen, dtype=torch.float64)
-        self.T = T.to(device=J.device)
+        self.T = T.to(device=J.device, dtype=self.wide)
         g = J._fn(x)
         with J._ctx():
             jv = [
                 J._jvp_one(g, J.space.unflatten(self.T[:, k].to(J.dtype)), None)
                 for k in range(_CHECK_TANGENTS)
             ]
-        self.JT = torch.stack([v.reshape(-1) for v in jv], 1).double()  # (b·c, k)
+        self.JT = torch.stack([v.reshape(-1) for v in jv], 1).to(self.wide)  # (b·c, k)
         self.rtol = _check_rtol(J.dtype)
         self.pullback: Callable | None = None
 
@@ -517,8 +520,10 @@ class _BatchedRows:
         disagree with the batched JVP; returns how many."""
         c = self.J.c
         ref = self.JT[s * c : s * c + block.shape[0]]
-        got = block.double() @ self.T.to(device=block.device)
-        tol = self.rtol * block.double().norm(dim=1)
+        got = torch.zeros_like(ref)
+        for j in range(0, block.shape[1], _WIDE_COLUMNS):  # no wide copy of the whole block
+            got += block[:, j : j + _WIDE_COLUMNS].to(self.wide) @ self.T[j : j + _WIDE_COLUMNS]
+        tol = self.rtol * torch.linalg.vector_norm(block, dim=1, dtype=self.wide)
         bad = ((got - ref).abs().amax(1) > tol).nonzero().flatten()
         if bad.numel() == 0:
             return 0
