@@ -343,7 +343,9 @@ class Jacobian(Operator):
         each row checked against the batched products (:class:`_BatchedRows`)."""
         self.recomputed_rows = 0
         for r0, _, x in self._row_batches():
-            batched = _BatchedRows(self, x)
+            # Under autocast the products are not the twin's reference (the twin is full
+            # precision): rows are checked only against full-precision batched passes.
+            batched = _BatchedRows(self, x) if self.autocast is None else None
             for s in range(0, x.shape[0], chunk):
                 xs = x[s : s + chunk]
                 # Per-sample jacrev under vmap: one reverse pass per logit for the whole chunk
@@ -352,7 +354,8 @@ class Jacobian(Operator):
                 jac = vmap(self._per_sample_jac)(xs)  # dict of (b, c, *shape)
                 b = xs.shape[0]
                 block = torch.cat([jac[n].reshape(b * self.c, -1) for n in self.space.names], 1)
-                self.recomputed_rows += batched.fix(block, s)
+                if batched is not None:
+                    self.recomputed_rows += batched.fix(block, s)
                 yield r0 + s * self.c, r0 + (s + b) * self.c, block
         if self.recomputed_rows:
             logger.info(
@@ -506,11 +509,10 @@ class _BatchedRows:
         T = torch.randn(J.p, _CHECK_TANGENTS, generator=gen, dtype=torch.float64)
         self.T = T.to(device=J.device, dtype=self.wide)
         g = J._fn(x)
-        with J._ctx():
-            jv = [
-                J._jvp_one(g, J.space.unflatten(self.T[:, k].to(J.dtype)), None)
-                for k in range(_CHECK_TANGENTS)
-            ]
+        jv = [
+            J._jvp_one(g, J.space.unflatten(self.T[:, k].to(J.dtype)), None)
+            for k in range(_CHECK_TANGENTS)
+        ]
         self.JT = torch.stack([v.reshape(-1) for v in jv], 1).to(self.wide)  # (b·c, k)
         self.rtol = _check_rtol(J.dtype)
         self.pullback: Callable | None = None
@@ -528,8 +530,7 @@ class _BatchedRows:
         if bad.numel() == 0:
             return 0
         if self.pullback is None:
-            with self.J._ctx():
-                out, self.pullback = vjp(self.J._fn(self.x), self.J._params)
+            out, self.pullback = vjp(self.J._fn(self.x), self.J._params)
             self.out_dtype = out.dtype
         for i0 in range(0, bad.numel(), _RECOMPUTE_CHUNK):
             rows = bad[i0 : i0 + _RECOMPUTE_CHUNK]
