@@ -250,13 +250,14 @@ def jacobian_precision(model: nn.Module, data: tuple[Tensor, Tensor], seed: int)
     one VJP ``Jᵀu`` ``(p,)`` with Gaussian v, u drawn from ``seed``; ``None`` for a model that is
     not float32.
 
-    Why the dense check records it: cg (streamed JVP/VJP) and dense (explicit per-sample rows)
-    are two float32 evaluations of the same linear model, each this far from the float64 one,
-    and a shift is a difference of two fits that can amplify it. Measured on the quick preset,
-    seed 0, CE at w(D): products 1.9e-4 / 2.0e-4 from float64 (explicit rows 1.1e-4, up to 9e-4
-    per row) while the logits are 2.5e-7 off; cg 3.5e-4 and dense 1.5e-3 from a float64 solve of
-    the whole problem (``precision_seed0.log`` in
-    ``experiments/results/quick-dense-3seeds/engine-check/``)."""
+    Why the dense check records it: it is how far both paths are from a float64 model. Measured
+    on the quick preset, seed 0, CE at w(D): products 1.9e-4 / 2.0e-4 from float64 while the
+    logits are 2.5e-7 off (``precision_seed0.log`` in
+    ``experiments/results/quick-dense-3seeds/engine-check/``) — far above rounding, i.e. a unit
+    of D_f at a ReLU kink of the float32 forward pass. Until the dense twin's rows were checked
+    against the batched products (commit 820be74) the explicit rows could sit at other kinks
+    than the products, and this floor was read as the distance between cg and dense; it no
+    longer is (``benchmarks/results/cpu/dense_twin_precision/``)."""
     if next(model.parameters()).dtype != torch.float32:
         return {"jvp": None, "vjp": None, "samples": 0}
     X, Y = data
