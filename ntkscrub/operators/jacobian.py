@@ -9,7 +9,9 @@ mini-batch, accumulated — so memory is that of one batch, whatever |S|. Severa
 in one pass by ``vmap`` over the tangents/cotangents, which shares the primal computation.
 
 :meth:`Jacobian.to_dense` is the exact twin (explicit per-sample Jacobians via
-``torch.func.jacrev``, chunked, cached) that the tests trust and that ``solver="dense"`` uses.
+``torch.func.jacrev``, chunked, cached) that the tests trust and that ``solver="dense"`` uses;
+each of its rows is checked against the batched products and recomputed from the batched pass
+where a ReLU kink sent the per-sample pass down another branch (:class:`_BatchedRows`).
 """
 
 from __future__ import annotations
