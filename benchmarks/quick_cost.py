@@ -44,9 +44,12 @@ def _solve_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: r.get(k) for k in keys} for r in info.get("solves", [])]
 
 
-def scrub_once(run: Any, form: str, cache: int | None, solver: str = "cg") -> dict[str, Any]:
+def scrub_once(
+    run: Any, form: str, cache: int | None, solver: str = "cg"
+) -> tuple[dict[str, Any], torch.Tensor]:
     """One reproduction scrub of ``form`` with forward-cache budget ``cache`` (bytes / None) on
-    ``solver`` ("cg" as the reproduction runs it, "dense" or "auto")."""
+    ``solver`` ("cg" as the reproduction runs it, "dense" or "auto"): its record and its shift
+    ``(p,)`` in float64."""
     methods = importlib.import_module("ntkscrub.recipes.reproduction.methods")
     jac_batch = run.cfg.forget.jac_batch
     original = methods.ProductConfig
@@ -59,8 +62,7 @@ def scrub_once(run: Any, form: str, cache: int | None, solver: str = "cg") -> di
     finally:
         methods.ProductConfig = original
     info = res.info
-    return {
-        "_shift": res.shift.detach().double(),
+    row = {
         "form": form,
         "solver_requested": solver,
         "solver": info.get("solver"),
@@ -72,6 +74,7 @@ def scrub_once(run: Any, form: str, cache: int | None, solver: str = "cg") -> di
         "solves": _solve_rows(info),
         "passes": info.get("passes"),
     }
+    return row, res.shift.detach().double()
 
 
 def retrain_once(run: Any) -> dict[str, Any]:
@@ -149,15 +152,12 @@ def main() -> None:
     keys = ("form", "solver", "cache_bytes", "seconds", "matvecs", "converged")
     shifts: dict[tuple[str, str], torch.Tensor] = {}
     for form, solver, cache in runs:
-        row = scrub_once(run, form, cache, solver)
-        shifts[form, row["solver"]] = row.pop("_shift")
+        row, shift = scrub_once(run, form, cache, solver)
+        shifts[form, row["solver"]] = shift  # "auto" is recorded as what it resolved to
         if "retrain" in out:
             row["ratio_to_retrain"] = row["seconds"] / out["retrain"]["seconds"]
-        if (
-            row["solver"] == "cg"
-            and (form, "dense") in shifts
-            or (row["solver"] == "dense" and (form, "cg") in shifts)
-        ):
+        pair = {(form, "cg"), (form, "dense")}
+        if row["solver"] in ("cg", "dense") and pair <= shifts.keys():
             row["cg_vs_dense"] = _difference(shifts[form, "cg"], shifts[form, "dense"])
         out["scrubs"].append(row)
         print(json.dumps({k: row.get(k) for k in (*keys, "cg_vs_dense")}), flush=True)

@@ -413,8 +413,8 @@ def solver_estimate(
                                                                 k Cholesky factorisations)
         cg    ≈ K · 6·N·F                                      (K products of a JVP + a VJP)
 
-    with w = 2 for a J below float64 (Θ and its factors are computed in float64: half the
-    throughput; quick preset 27 → 39 s) and 1 in float64.
+    with w = 2 where Θ and its factors are computed in a wider dtype than J (float64 for a
+    float32 J: half the throughput; quick preset 27 → 39 s) and 1 otherwise.
 
     with K and k per method (``_CG_PRODUCTS``, ``_DENSE_FACTORS``). Why FLOPs: on this
     project's 2-core CPU the Θ product of the quick preset (All-CNN ×0.25, F = 44 MFLOPs)
@@ -427,7 +427,7 @@ def solver_estimate(
     rows = c * n
     item = torch.finfo(dense_dtype(J_r)).bits // 8
     need = (J_r.dense_bytes() + J_f.dense_bytes()) + 2 * rows * rows * item
-    wide = 1.0 if J_r.dtype == torch.float64 else 2.0
+    wide = 1.0 if dense_dtype(J_r) == J_r.dtype else 2.0
     counted = J_r.forward_flops()
     F = max(counted or 0.0, 2.0 * p)
     K, k = _CG_PRODUCTS.get(method, 80), _DENSE_FACTORS.get(method, 2)

@@ -367,12 +367,10 @@ def dense_accumulation(dtype: torch.dtype | None) -> Iterator[None]:
         _ACCUMULATE[0] = prev
 
 
-def _accumulated_matmul(A: Tensor, B: Tensor) -> Tensor:
-    """``A @ B``, the inner dimension summed in the :func:`dense_accumulation` dtype when that is
-    wider, in blocks of the inner dimension whose wider copies fit a quarter of
-    PRODUCT_BLOCK_BYTES (the float32 J of a quick-preset Θ is 1 GB; its float64 copy need not
-    exist at once)."""
-    acc = _ACCUMULATE[0]
+def accumulated_matmul(A: Tensor, B: Tensor, acc: torch.dtype | None) -> Tensor:
+    """``A @ B``, the inner dimension summed in ``acc`` when that is wider than an operand's, in
+    blocks of the inner dimension whose wider copies fit a quarter of PRODUCT_BLOCK_BYTES (the
+    float32 J of a quick-preset Θ is 1 GB; its float64 copy need not exist at once)."""
     if acc is None or all(torch.finfo(t.dtype).bits >= torch.finfo(acc).bits for t in (A, B)):
         return A @ B
     size = torch.finfo(acc).bits // 8
@@ -401,7 +399,7 @@ class Product(Operator):
         return _by_columns(lambda V: self.B._tmm(self.A._tmm(V)), X, self.A.shape[1])
 
     def to_dense(self) -> Tensor:  # type: ignore[override]
-        return _accumulated_matmul(self.A.to_dense(), self.B.to_dense())
+        return accumulated_matmul(self.A.to_dense(), self.B.to_dense(), _ACCUMULATE[0])
 
     def _diagonal(self) -> Tensor:
         # Θ = J Jᵀ: the squared row norms of J, from explicit row blocks (no c·N × c·N matrix).

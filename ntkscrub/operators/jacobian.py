@@ -29,7 +29,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 from ntkscrub._progress import logger, warn
 from ntkscrub._validation import check_vector_chunk
 from ntkscrub.batches import Batches, as_batches, check_model_accepts
-from ntkscrub.operators.base import Operator, check_vector
+from ntkscrub.operators.base import Operator, accumulated_matmul, check_vector
 from ntkscrub.operators.forward_cache import ForwardCache
 from ntkscrub.operators.passes import PassPlan, plan_passes
 from ntkscrub.params import ParameterSpace
@@ -49,8 +49,6 @@ def _check_rtol(dtype: torch.dtype) -> float:
     return max(100 * eps, 1e-11 if eps < 1e-10 else 1e-5)
 
 
-# Columns of an explicit row block compared in float64 at a time (bounds the wide copy).
-_WIDE_COLUMNS = 2**16
 # Rows recomputed per vmapped batched backward (memory: that many cotangent copies of a batch).
 _RECOMPUTE_CHUNK = 8
 
@@ -517,16 +515,15 @@ class _BatchedRows:
         ]
         self.JT = torch.stack([v.reshape(-1) for v in jv], 1).to(self.wide)  # (b·c, k)
         self.rtol = _check_rtol(J.dtype)
-        self.pullback: Callable | None = None
+        self.pullback: Callable | None = None  # the batch's own, built on the first bad row
+        self.out_dtype = J.dtype
 
     def fix(self, block: Tensor, s: int) -> int:
         """Recompute, in place, the rows of ``block`` (samples ``s, s+1, …`` of the batch) that
         disagree with the batched JVP; returns how many."""
         c = self.J.c
         ref = self.JT[s * c : s * c + block.shape[0]]
-        got = torch.zeros_like(ref)
-        for j in range(0, block.shape[1], _WIDE_COLUMNS):  # no wide copy of the whole block
-            got += block[:, j : j + _WIDE_COLUMNS].to(self.wide) @ self.T[j : j + _WIDE_COLUMNS]
+        got = accumulated_matmul(block, self.T, self.wide)  # no wide copy of the whole block
         tol = self.rtol * torch.linalg.vector_norm(block, dim=1, dtype=self.wide)
         bad = ((got - ref).abs().amax(1) > tol).nonzero().flatten()
         if bad.numel() == 0:
