@@ -508,7 +508,8 @@ def _report_setup(results: dict[str, Any]) -> list[str]:
     if tuned:
         L.append(
             "- **Fisher forgetting, α tuned on validation**: the largest α of the noise sweep "
-            "whose validation error (images outside D) is no worse than the worst retrain's; "
+            "whose mean increase of the validation cross-entropy (images outside D) over "
+            "w(D)'s is within one standard error of the paired per-image differences; "
             "chosen α per seed: "
             + ", ".join(
                 f"{k}: {t['alpha']:.0e}" + ("" if t["qualified"] else " (none qualified: smallest)")
