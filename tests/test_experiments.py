@@ -136,14 +136,17 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     assert set(dc["scrub"]) == set(seed["ntk"])
     for form, e in dc["scrub"].items():
         # float32 products, CG to its float32 tolerance 1e-3: the two paths agree to that —
-        # except output matching, LM rounds at moved weights whose accept/stop decisions branch
-        # on rounding (1e-2; its float64 twins agree, test_matching)
+        # except output matching, LM rounds re-linearised at moved weights, which branch on
+        # rounding (accept/stop decisions, ReLU kinks): 1e-2 on this smoke model; its float64
+        # twins agree, test_matching)
         assert e["expected"] == (1e-2 if form in ("ntk_match", "ntk_match_ce") else 1e-3)
         assert e["cg_converged"] and e["rel_l2_delta"] <= e["expected"], (form, e)
         # the trapezium factor inherits cos(Δ, e)'s conditioning (stages.TRAPEZIUM_AMPLIFICATION)
         assert e["expected_trapezium"] == 10 * e["expected"]
         assert e["rel_max_entry_delta"] <= 1e-2, (form, e)
         assert e["rel_trapezium_scale"] <= e["expected_trapezium"], (form, e)
+        # ... and where a user sees it: the two raw-step models' outputs on D_f and test
+        _assert_outputs_agree(form, e["outputs"])
     assert dc["max_rel_shift"] == max(
         max(e["rel_l2_delta"], e["rel_trapezium_scale"]) for e in dc["scrub"].values()
     )
@@ -545,7 +548,54 @@ def test_dense_check_report_reads_a_difference_as_the_tolerance():
     chk.update(float32_jacobian=floor, scrub={"ntk_paper": entry}, shift_within_expected=False)
     text = "\n".join(figures._report_dense_check({"dense_check": {"0": chk}}))
     assert "--set cg_tol" in text and "from a float64 model, not from each other" in text
+    assert "D_f softmax-L1" in text  # the outputs' columns, empty ("–") for an old record
     assert "rounding, which a smaller" not in text and "two float32 evaluations" not in text
+    # output matching over its own (looser) expectation: explained as the rounds' discontinuity
+    # at ReLU kinks, not sent to cg_tol; a one-shot form within 1e-3 adds no cg_tol advice
+    match = dict(entry, rel_l2_delta=3.5e-2, expected=1e-2)
+    fine = dict(entry, rel_l2_delta=5e-4)
+    chk.update(scrub={"ntk_paper": fine, "ntk_match": match}, max_rel_shift=3.5e-2)
+    text = "\n".join(figures._report_dense_check({"dense_check": {"0": chk}}))
+    assert "**Output matching** (ntk_match)" in text and "not continuous in their start" in text
+    assert "--set cg_tol=" not in text
+    chk["scrub"]["ntk_paper"] = entry  # a one-shot form over 1e-3 as well: both are said
+    text = "\n".join(figures._report_dense_check({"dense_check": {"0": chk}}))
+    assert "**Output matching**" in text and "--set cg_tol=" in text
+
+
+def _assert_outputs_agree(form: str, outputs: dict) -> None:
+    """A smoke dense check's output comparison: logits and softmax within 1e-2 on both sets."""
+    for name in ("forget", "test"):
+        o = outputs[name]
+        assert 0 <= o["rel_logits"] <= 1e-2 and 0 <= o["softmax_l1"] <= 1e-2, (form, name, o)
+
+
+def test_output_dense_check_compares_the_raw_step_models():
+    """Equal shifts give equal outputs; a shift along one weight changes them by what the
+    model's logits change; w(D) itself is not modified."""
+    import torch
+    from torch import nn
+
+    from ntkscrub.recipes.reproduction import measure as M
+    from ntkscrub.recipes.reproduction.weights import flat_params, load_flat
+
+    torch.manual_seed(0)
+    w_d = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    sets = {k: (torch.randn(20, 4), torch.randint(0, 3, (20,))) for k in ("forget", "test")}
+    before = flat_params(w_d).clone()
+    d = 0.1 * torch.randn(before.numel())
+    same = M.output_dense_check(w_d, d, d.clone(), sets)
+    assert all(v == {"rel_logits": 0.0, "softmax_l1": 0.0} for v in same.values())
+    bumped = d.clone()
+    bumped[-1] += 0.5  # the last output bias: every logit of class 2 moves by 0.5
+    diff = M.output_dense_check(w_d, bumped, d, sets)
+    for name, (x, _) in sets.items():
+        with torch.no_grad():
+            ref = load_flat(w_d, before + d)(x)
+        want = 0.5 * len(x) ** 0.5 / float(ref.double().norm())
+        assert abs(diff[name]["rel_logits"] - want) < 1e-6 * want
+        assert diff[name]["softmax_l1"] > 0
+    assert torch.equal(flat_params(w_d), before)
 
 
 def test_finished_seed_key_follows_the_library_defaults(monkeypatch, tmp_path):

@@ -805,6 +805,14 @@ def _report_fidelity(summ: dict[str, Any]) -> list[str]:
     return L
 
 
+def _chained_over(entry: dict[str, Any], exp: float | None) -> bool:
+    """Whether a dense-check entry is a chained (output-matching) form over its expectation:
+    those carry a looser ``expected`` than the one-shot forms' ``expected_max``."""
+    own = entry.get("expected")
+    chained = own is not None and exp is not None and own > exp
+    return chained and entry["rel_l2_delta"] > own
+
+
 def _report_dense_check(summ: dict[str, Any]) -> list[str]:
     """Issue 13 item 4: the cg path against its dense twin on one seed."""
     checks = summ.get("dense_check") or {}
@@ -840,13 +848,18 @@ def _report_dense_check(summ: dict[str, Any]) -> list[str]:
         L.append("")
         L.append(
             "| form | ‖Δ_cg − Δ_dense‖/‖Δ_dense‖ | largest entry | trapezium factor "
+            "| D_f logits | D_f softmax-L1 | test softmax-L1 "
             "| cg tol | cg converged | cg matvecs | cg s | dense s |"
         )
-        L.append("|---|---|---|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for form, e in (chk.get("scrub") or {}).items():
+            outs = e.get("outputs") or {}
+            f_out, t_out = outs.get("forget") or {}, outs.get("test") or {}
             L.append(
                 f"| {form} | {_num(e['rel_l2_delta'])} | {_num(e['rel_max_entry_delta'])} "
-                f"| {_num(e['rel_trapezium_scale'])} | {_num(e.get('cg_tol'))} "
+                f"| {_num(e['rel_trapezium_scale'])} | {_num(f_out.get('rel_logits'))} "
+                f"| {_num(f_out.get('softmax_l1'))} | {_num(t_out.get('softmax_l1'))} "
+                f"| {_num(e.get('cg_tol'))} "
                 f"| {e['cg_converged']} | {_num(e.get('cg_matvecs'))} "
                 f"| {_num(e.get('cg_seconds'))} | {_num(e.get('dense_seconds'))} |"
             )
@@ -866,7 +879,23 @@ def _report_dense_check(summ: dict[str, Any]) -> list[str]:
                 "|log-det|), when that exceeds |KL|: the KL of two close models is a difference of "
                 "large terms and its rounding scales with them)"
             )
-        if chk.get("shift_within_expected") is False:
+        scrub = chk.get("scrub") or {}
+        chained = [f for f, e in scrub.items() if _chained_over(e, exp)]
+        if chained:
+            L.append(
+                f"- **Output matching** ({', '.join(chained)}) differs by more than its "
+                f"{_num(scrub[chained[0]].get('expected'))}: its Levenberg–Marquardt rounds "
+                "re-linearise the ReLU network where units of D_f and the anchors sit within "
+                "float32 rounding of their kink, so they are not continuous in their start "
+                "(quick preset, seed 0: a first step moved by 1e-6 ends 1.3e-2 away in weights; "
+                "a ten times smaller `cg_tol` left cg vs dense at 3.5e-2; "
+                "`benchmarks/results/cpu/match_sensitivity/`). A smaller `cg_tol` does not "
+                "bring its weights closer; read its output columns instead."
+            )
+        others_over = any(
+            e["rel_l2_delta"] > e.get("expected", exp) for f, e in scrub.items() if f not in chained
+        )
+        if chk.get("shift_within_expected") is False and (others_over or not chained):
             L.append(
                 f"- **The shifts differ by more than {exp:g}.** The CG solves stop at a "
                 "relative residual of `cg_tol` (float32 default 1e-3), and the error of the "

@@ -46,6 +46,7 @@ __all__ = [
     "fidelity_diagnostics",
     "rel_diff",
     "shift_dense_check",
+    "output_dense_check",
     "bounds_dense_check",
 ]
 
@@ -238,6 +239,29 @@ def shift_dense_check(cg_result: Any, dense_result: Any) -> dict[str, Any]:
         "cg_seconds": ci.get("seconds"),
         "dense_seconds": di.get("seconds"),
     }
+
+
+def output_dense_check(
+    w_d: nn.Module, delta_cg: Tensor, delta_dense: Tensor, sets: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """cg vs dense where a user sees them: the two raw-step models w(D) + Δ ``(p,)`` on D_f and on
+    the test images — the relative 2-norm difference of their logits ``(N, c)`` and their mean
+    softmax-L1 (:func:`ntkscrub.readouts.softmax_l1`). Why beside the weights: the
+    re-linearised output-matching rounds amplify a difference of their start (measured on the
+    quick preset, seed 0: a first step perturbed by 1.5e-3 ends 2.1e-2 away in weights after
+    three rounds, ``benchmarks/results/cpu/match_sensitivity``), mostly along weights the
+    outputs barely see; a weight difference alone cannot tell that from a wrong path."""
+    base = flat_params(w_d)
+    m_cg = load_flat(w_d, base + delta_cg.to(base).reshape(base.shape)).eval()
+    m_dn = load_flat(w_d, base + delta_dense.to(base).reshape(base.shape)).eval()
+    out = {}
+    for name in ("forget", "test"):
+        a, b = readouts.predict_logits(m_cg, sets[name]), readouts.predict_logits(m_dn, sets[name])
+        out[name] = {
+            "rel_logits": rel_diff(a, b),
+            "softmax_l1": readouts.softmax_l1(m_cg, m_dn, sets[name]),
+        }
+    return out
 
 
 # a floor (nats) for the comparison's denominator when an entry records no dimension k
