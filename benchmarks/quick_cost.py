@@ -23,6 +23,7 @@ are (normwise and in the largest entry, relative to the dense shift).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -123,11 +124,14 @@ def main() -> None:
     p.add_argument(
         "--data-root", default=os.environ.get("NTKSCRUB_DATA", "../shared/data/cifar10-jpeg")
     )
+    p.add_argument("--precond", default="auto", help="SolverConfig.precond: auto, nystrom, columns")
     p.add_argument("--no-retrain", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     run = seed_run(a.seed, a.data_root)
+    forget = dataclasses.replace(run.ctx.cfg.forget, cg_precond=a.precond)
+    run.ctx.cfg = dataclasses.replace(run.ctx.cfg, forget=forget)
     caches = [None if c == "auto" else int(c) for c in a.caches.split(",")]
     out: dict[str, Any] = {
         "what": "quick preset: scrub (matrix-free, as the reproduction runs it) vs one retrain",
@@ -138,6 +142,7 @@ def main() -> None:
         },
         "torch": torch.__version__,
         "seed": a.seed,
+        "precond": a.precond,
         "scrubs": [],
     }
 

@@ -34,6 +34,7 @@ __all__ = [
     "Batches",
     "as_batches",
     "DataLike",
+    "subset",
     "subset_indices",
     "check_sequential_loader",
     "check_input_shapes",
@@ -408,3 +409,29 @@ def subset_indices(data: Any) -> tuple[int, list[int]] | None:
             base = base.dataset
         return id(base), idx
     return None
+
+
+def subset(data: Any, positions: Any) -> Any:
+    """The samples of ``data`` at ``positions`` (a sequence or 1-D tensor of ints, in that order),
+    in a form :func:`as_batches` accepts: an ``(X, Y)`` pair / ``X`` sliced, a Dataset as a
+    ``Subset``, a DataLoader as a sequential loader over the ``Subset``; a :class:`Batches` by
+    its source. Nothing outside ``positions`` is read."""
+    if isinstance(positions, Tensor):
+        positions = positions.reshape(-1).tolist()
+    positions = [int(i) for i in positions]
+    if isinstance(data, Batches):
+        # A Batches keeps its dataset (loader/Dataset) or its (X, Y) pair as the source.
+        return subset(data.source, positions)
+    if isinstance(data, (tuple, list)):
+        idx = torch.as_tensor(positions, dtype=torch.long, device=data[0].device)
+        return tuple(t[idx.to(t.device)] for t in data)
+    if isinstance(data, Tensor):
+        return data[torch.as_tensor(positions, dtype=torch.long, device=data.device)]
+    if isinstance(data, DataLoader):
+        sub = Subset(data.dataset, positions)
+        return DataLoader(
+            sub, batch_size=data.batch_size, shuffle=False, collate_fn=data.collate_fn
+        )
+    if isinstance(data, Dataset):
+        return Subset(data, positions)
+    raise TypeError(f"data: cannot take a subset of a {type(data).__name__}")

@@ -39,10 +39,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import Subset
 
 from ntkscrub._validation import check_choice
-from ntkscrub.batches import Batches, as_batches
+from ntkscrub.batches import Batches, as_batches, subset
 from ntkscrub.config import ProductConfig, SolverConfig, _choice, _Config, _int, _num
 from ntkscrub.operators import (
     NTK,
@@ -272,20 +271,10 @@ def _anchor_sets(
     idx = torch.randperm(len(retain), generator=gen)[:k].sort().values
     sets: list[tuple[str, Any]] = [("forget", forget)]
     if k > 0:
-        sets.append(("anchors", _subset(retain, idx)))
+        sets.append(("anchors", subset(retain, idx)))
     if anchor_data is not None:
         sets.append(("anchor_data", anchor_data))
     return sets, k
-
-
-def _subset(data: Batches, idx: Tensor) -> Any:
-    """The samples ``idx`` of a data set (inputs only for tensors; a Subset of a Dataset)."""
-    src = data.source
-    if isinstance(src, Tensor):
-        return src[idx.to(src.device)]
-    if isinstance(src, (tuple, list)):
-        return src[0][idx.to(src[0].device)]
-    return Subset(src, idx.tolist())
 
 
 class _LMRounds:

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ntkscrub._progress import check_progress, logger, progress_bar, warn
-from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches
+from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches, subset
 from ntkscrub.params import check_eval_mode
 
 # The losses are training's own, so "ce"/"mse" here are exactly what train() minimises.
@@ -485,19 +485,6 @@ class RelearnResult:
         return asdict(self)
 
 
-def _subset(data: DataLike, idx: Tensor) -> Any:
-    """The samples ``idx`` of a data set, in that order, without materialising the rest."""
-    if isinstance(data, Batches):
-        data = data.source  # the (X, Y) pair, X tensor or Dataset behind the stream
-    if isinstance(data, Tensor):
-        return data[idx]
-    if isinstance(data, (tuple, list)):
-        return (data[0][idx], data[1][idx])
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    return Subset(data, idx.tolist())
-
-
 def relearn_time(  # noqa: C901, PLR0915 - listed in pyproject.toml
     model: nn.Module,
     data_full: DataLike,
@@ -651,7 +638,9 @@ def relearn_time(  # noqa: C901, PLR0915 - listed in pyproject.toml
         current, reps, diverged = model, -(-per_epoch // n_full), None
         for k in range(1, max_epochs + 1):
             idx = torch.cat([torch.randperm(n_full, generator=gen) for _ in range(reps)])
-            epoch_data = _subset(data_full, idx[:per_epoch])
+            # a Dataset (not a loader) for train's own shuffling batches
+            source = data_full.dataset if isinstance(data_full, DataLoader) else data_full
+            epoch_data = subset(source, idx[:per_epoch])
             epoch_seed = None if seed is None else seed + k
             current, lg = train(current, epoch_data, epochs=1, seed=epoch_seed, **recipe)
             if lg.recipe.get("diverged_at_epoch") is not None:

@@ -51,10 +51,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from ntkscrub._validation import check_number
-from ntkscrub.batches import Batches
+from ntkscrub.batches import subset
 from ntkscrub.config import Method, ProductConfig, SolverConfig, check_mixed_precision
 from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter
 from ntkscrub.params import ParameterSpace, ParamSelector
@@ -73,26 +72,6 @@ from ntkscrub.scrub import (
 from ntkscrub.shifts import retain_change
 
 __all__ = ["Scrubber"]
-
-
-def _subset(data: Any, positions: list[int]) -> Any:
-    """The samples of ``data`` at ``positions`` (in that order), in a form scrub accepts."""
-    if isinstance(data, Batches):
-        # A Batches keeps its dataset (loader/Dataset) or its (X, Y) pair as the source.
-        return _subset(data.source, positions)
-    if isinstance(data, (tuple, list)):
-        idx = torch.as_tensor(positions, dtype=torch.long, device=data[0].device)
-        return tuple(t[idx.to(t.device)] for t in data)
-    if isinstance(data, Tensor):
-        return data[torch.as_tensor(positions, dtype=torch.long, device=data.device)]
-    if isinstance(data, DataLoader):
-        sub = Subset(data.dataset, positions)
-        return DataLoader(
-            sub, batch_size=data.batch_size, shuffle=False, collate_fn=data.collate_fn
-        )
-    if isinstance(data, Dataset):
-        return Subset(data, positions)
-    raise TypeError(f"data: cannot take a subset of a {type(data).__name__}")
 
 
 def _rows(positions: list[int], c: int, device: torch.device) -> Tensor:
@@ -303,8 +282,8 @@ class Scrubber:
         self, F: list[int], R: list[int], counter: MatvecCounter
     ) -> tuple[Tensor, Tensor, Tensor, float, list[dict[str, Any]]]:
         """Δ = J_Rᵀ y − J_Fᵀ α_F with (Θ_RR + λ_R I) y = J_R J_Fᵀ α_F + (λ_D − λ_R) α_R."""
-        J_r = self._jacobian(_subset(self._rows_data, R), "retain")
-        J_f = self._jacobian(_subset(self._rows_data, F), "forget")
+        J_r = self._jacobian(subset(self._rows_data, R), "retain")
+        J_f = self._jacobian(subset(self._rows_data, F), "forget")
         rows_r = _rows(R, self.c, self.alpha.device)
         rows_f = _rows(F, self.c, self.alpha.device)
         a_r, a_f = self.alpha[rows_r], self.alpha[rows_f]

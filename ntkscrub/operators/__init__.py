@@ -24,7 +24,7 @@ from ntkscrub.operators.inverse import (
     pcg_solve,
 )
 from ntkscrub.operators.jacobian import Jacobian, StackedJacobian
-from ntkscrub.operators.ntk import NTK, PartitionedNTK, dense_ntk
+from ntkscrub.operators.ntk import NTK, PartitionedNTK, dense_ntk, pivot_columns
 from ntkscrub.operators.projection import Projection
 
 __all__ = [
@@ -54,5 +54,6 @@ __all__ = [
     "ggn_diagonal",
     "output_hessian_apply",
     "pcg_solve",
+    "pivot_columns",
     "to_scipy",
 ]

@@ -28,7 +28,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from ntkscrub._progress import logger, warn
 from ntkscrub._validation import check_vector_chunk
-from ntkscrub.batches import Batches, as_batches, check_model_accepts
+from ntkscrub.batches import Batches, as_batches, check_model_accepts, subset
 from ntkscrub.operators.base import Operator, accumulated_matmul, check_vector
 from ntkscrub.operators.forward_cache import ForwardCache
 from ntkscrub.operators.passes import PassPlan, plan_passes
@@ -324,6 +324,21 @@ class Jacobian(Operator):
                     acc[:, sl] += self._vjp_block(pullback, u.to(out_dtype)).to(self.dtype)
         return acc
 
+    def restricted(self, samples: Any, name: str | None = None) -> Jacobian:
+        """``J_S`` ``(c·|S|, p)``: the Jacobian of the samples at positions ``samples`` of this
+        one's data (in that order), at the same point θ with the same pass options — rows
+        ``i·c + k`` for the i-th sample of ``samples``. Its passes run the model on S alone."""
+        return Jacobian(
+            self.space,
+            subset(self.data, samples),
+            at=self.theta,
+            batch_size=self.data.batch_size,
+            name=name or f"{self.name} (subset)",
+            autocast=self.autocast,
+            vector_chunk=self.vector_chunk,
+            memory_budget=self.memory_budget,
+        )
+
     def outputs(self) -> Tensor:
         """``f_θ(S)``: the logits at θ, shape ``(N, c)``."""
         outs = []
@@ -448,6 +463,20 @@ class StackedJacobian(Jacobian):
         self._dense_cache = None
         Operator.__init__(self, (self.c * self.n, self.p), first.dtype, first.device)
         self.children = tuple(parts)
+
+    def restricted(self, samples: Any, name: str | None = None) -> Jacobian:
+        """``J_S`` of the samples at (stacked, ascending) positions ``samples``: each part's own
+        :meth:`Jacobian.restricted` on its share, stacked in the parts' order."""
+        pos = torch.as_tensor(samples, dtype=torch.long).reshape(-1).cpu()
+        if bool((pos[1:] <= pos[:-1]).any()):
+            raise ValueError("samples: a stacked Jacobian restricts to ascending positions")
+        out, start = [], 0
+        for j in self.parts:
+            mine = pos[(pos >= start) & (pos < start + j.n)] - start
+            if mine.numel():
+                out.append(j.restricted(mine, name))
+            start += j.n
+        return out[0] if len(out) == 1 else StackedJacobian(*out)
 
     def _mm(self, V: Tensor) -> Tensor:
         return torch.cat([j._mm(V) for j in self.parts])

@@ -11,6 +11,7 @@ Jacobians and whose ``solve`` / ``logdet`` run ntkscrub's PCG / SLQ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from ntkscrub.operators.base import Counted, MatvecCounter, Operator
 from ntkscrub.operators.jacobian import Jacobian
 from ntkscrub.params import ParameterSpace
 
-__all__ = ["NTK", "PartitionedNTK", "dense_ntk"]
+__all__ = ["NTK", "PartitionedNTK", "dense_ntk", "pivot_columns"]
 
 
 def NTK(  # noqa: N802 - a named constructor of the paper's Θ
@@ -62,6 +63,45 @@ def NTK(  # noqa: N802 - a named constructor of the paper's Θ
     # The named constructor records its factors (call sites read K.jac_a, K.ridge).
     K.jac_a, K.jac_b, K.ridge = jac_a, jac_b, ridge
     return K
+
+
+def pivot_columns(A: Any) -> Callable[[Tensor], Tensor] | None:
+    """``idx (k,) -> A[:, idx] (n, k)`` for an NTK ``A = Θ + λI`` made by :func:`NTK` (also
+    wrapped in :class:`~ntkscrub.operators.base.Counted`, which then counts k column-products);
+    ``None`` for any other operator.
+
+    ``Θ e_i = J (J_iᵀ e_i)``: a VJP over the pivot samples alone (:meth:`Jacobian.restricted`,
+    their own forward pass) and one JVP pass over the data with k tangents — no VJP pass over
+    the data, which is what a product ``Θ v`` spends half its time on. Measured on the quick
+    preset (All-CNN ×0.25, |D| = 500, c = 5, 2 CPU threads): 64 columns 26.5 s against 51 s
+    for a Gaussian sketch's 64 products. Used for column-Nyström preconditioners
+    (``SolverConfig.precond="columns"``): a pivot sample's forward pass alone may put a unit on
+    the other side of a ReLU kink than the batched pass does; a preconditioner only has to
+    approximate, so this is harmless there (the solve itself uses the batched products)."""
+    counter = None
+    if isinstance(A, Counted):
+        counter, A = A.counter, A.base
+    J = getattr(A, "jac_a", None)
+    if not isinstance(J, Jacobian) or getattr(A, "jac_b", None) is not J:
+        return None
+    ridge, c = float(getattr(A, "ridge", 0.0)), J.c
+
+    def columns(idx: Tensor) -> Tensor:
+        idx = idx.reshape(-1).to(torch.long).cpu()
+        k = idx.numel()
+        samples = torch.unique(idx // c)  # sorted; the pivots' rows in J_S are i·c + class
+        J_s = J.restricted(samples, name=f"{J.name} (pivots)")
+        rows = torch.searchsorted(samples, idx // c) * c + idx % c
+        E = torch.zeros(J_s.shape[0], k, dtype=J.dtype, device=J.device)
+        E[rows.to(J.device), torch.arange(k, device=J.device)] = 1.0
+        C = J @ (J_s.mT @ E)  # (n, k)
+        if ridge:
+            C[idx.to(C.device), torch.arange(k, device=C.device)] += ridge
+        if counter is not None:
+            counter.count += k
+        return C
+
+    return columns
 
 
 def dense_ntk(J_a: Tensor, J_b: Tensor | None = None, *, ridge: float = 0.0) -> Tensor:

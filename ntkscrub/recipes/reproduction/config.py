@@ -139,6 +139,9 @@ class ForgetConfig:
             and per-column relative residual of every scrub solve (``None``: the library
             defaults — 1e-3 in float32, 300 s). A solve that misses its tolerance is used but
             recorded loudly (``solver_warnings``, results.md).
+        cg_precond: ``SolverConfig.precond`` of every scrub solve: ``"auto"`` (the library's
+            default: pivot columns of Θ at about half a product each), ``"nystrom"`` (Gaussian
+            sketch) or ``"columns"``.
         dense_forms: NTK forms (:data:`~.methods.NTK_FORMS` keys) scrubbed on the dense path
             whatever ``solver`` says — for a CPU run on which the form's CG solves cannot finish
             (recorded per scrub as ``scrub_info.solver``; such forms have no cg-vs-dense check).
@@ -153,6 +156,7 @@ class ForgetConfig:
     cg_max_iter: int = 300
     cg_tol: float | None = None
     cg_max_seconds: float | None = None
+    cg_precond: str = "auto"
     dense_forms: tuple[str, ...] = ()
     skip_methods: tuple[str, ...] = ()
     dense_check_seed: int | None = None
@@ -246,6 +250,7 @@ FLAT_FIELDS: dict[str, tuple[str, ...] | None] = {
     },
     "cg_tol": ("forget", "cg_tol"),
     "cg_max_seconds": ("forget", "cg_max_seconds"),
+    "cg_precond": ("forget", "cg_precond"),
     "dense_forms": ("forget", "dense_forms"),
     "skip_methods": ("forget", "skip_methods"),
     "dense_check_seed": ("forget", "dense_check_seed"),

@@ -202,6 +202,7 @@ def scrub_call(run: SeedRun, form: str, solver: str) -> Any:
         solver_config=SolverConfig(
             max_dense_bytes=40 * 2**30,
             max_seconds=cfg.cg_max_seconds if solver == "cg" else None,
+            precond=cfg.cg_precond,
         ),
         # the validation images (unlabelled) as extra anchors: allowed by the tuning rule
         anchor_data=data_sets(run.split)["val"][0] if match else None,
