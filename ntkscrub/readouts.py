@@ -636,10 +636,10 @@ def relearn_time(  # noqa: C901, PLR0915 - listed in pyproject.toml
         else:
             gen.manual_seed(seed)
         current, reps, diverged = model, -(-per_epoch // n_full), None
+        # a Dataset (not a loader) for train's own shuffling batches
+        source = data_full.dataset if isinstance(data_full, DataLoader) else data_full
         for k in range(1, max_epochs + 1):
             idx = torch.cat([torch.randperm(n_full, generator=gen) for _ in range(reps)])
-            # a Dataset (not a loader) for train's own shuffling batches
-            source = data_full.dataset if isinstance(data_full, DataLoader) else data_full
             epoch_data = subset(source, idx[:per_epoch])
             epoch_seed = None if seed is None else seed + k
             current, lg = train(current, epoch_data, epochs=1, seed=epoch_seed, **recipe)

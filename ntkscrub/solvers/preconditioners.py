@@ -460,14 +460,12 @@ def _doubling_pays(
 Sketch = Literal["gaussian", "columns"]
 
 
-def _column_block(
-    idx: Tensor, n: int, columns: Callable[[Tensor], Tensor] | None
-) -> tuple[Tensor, Tensor | None]:
-    """``(Ω (n, k) float64 unit vectors of idx, A[:, idx] from columns or None)``."""
+def _unit_columns(idx: Tensor, n: int) -> Tensor:
+    """Ω ``(n, k)`` float64: the unit vectors of the indices ``idx`` ``(k,)``."""
     k = int(idx.numel())
     Q = torch.zeros(n, k, dtype=torch.float64)
     Q[idx, torch.arange(k)] = 1.0
-    return Q, None if columns is None else columns(idx)
+    return Q
 
 
 def nystrom_preconditioner(  # noqa: C901, PLR0915 - listed in pyproject.toml
@@ -571,7 +569,6 @@ def nystrom_preconditioner(  # noqa: C901, PLR0915 - listed in pyproject.toml
         # A rank-n sketch costs n matvecs, what CG needs at most in exact arithmetic: past n/4
         # the build would cost more than it can save.
         max_rank = min(max(n // 4, initial_rank), _AUTO_MAX_RANK)
-    max_rank = min(max_rank, n)
     _, max_rank, _ = _check_common(n, max_rank, shift)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
         raise ValueError(f"factor: must be a number > 1, got {factor!r}")
@@ -598,8 +595,9 @@ def nystrom_preconditioner(  # noqa: C901, PLR0915 - listed in pyproject.toml
     try:
         while True:
             if order is not None:
-                Q, Yq = _column_block(order[omega.shape[1] : omega.shape[1] + new], n, columns)
-                Q, Yq = Q.to(op_device), Yq if columns is not None else matmul(Q.to(op_dtype))
+                idx = order[omega.shape[1] : omega.shape[1] + new]
+                Q = _unit_columns(idx, n).to(op_device)
+                Yq = columns(idx) if columns is not None else matmul(Q.to(op_dtype))
                 Yq = Yq.to(device=op_device, dtype=f64)
             else:
                 G = torch.randn(n, new, dtype=f64, generator=gen).to(op_device)
