@@ -113,20 +113,26 @@ def seed_run(seed: int, data_root: str) -> Any:
     return run
 
 
-def main() -> None:
-    """Command line (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--forms", default="ntk_paper,ntk_ref")
-    p.add_argument("--caches", default="0,auto", help="forward-cache budgets: bytes or 'auto'")
-    p.add_argument("--solvers", default="cg", help="comma-separated: cg, dense, auto")
-    p.add_argument("--threads", type=int, default=1)
+def quick_parser(doc: str, seed: int, threads: int) -> argparse.ArgumentParser:
+    """The arguments every quick-preset study shares: --seed, --threads, --data-root, --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--threads", type=int, default=threads)
     p.add_argument(
         "--data-root", default=os.environ.get("NTKSCRUB_DATA", "../shared/data/cifar10-jpeg")
     )
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def main() -> None:
+    """Command line (see the module docstring)."""
+    p = quick_parser(__doc__, seed=0, threads=1)
+    p.add_argument("--forms", default="ntk_paper,ntk_ref")
+    p.add_argument("--caches", default="0,auto", help="forward-cache budgets: bytes or 'auto'")
+    p.add_argument("--solvers", default="cg", help="comma-separated: cg, dense, auto")
     p.add_argument("--precond", default="auto", help="SolverConfig.precond: auto, nystrom, columns")
     p.add_argument("--no-retrain", action="store_true")
-    p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     run = seed_run(a.seed, a.data_root)

@@ -19,8 +19,6 @@ one epoch of the recipe's training on this CPU (``quick_cost.py``); a retrain is
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -97,17 +95,11 @@ def study(rep: dict, n_retain: int, wd: float) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--data-root", default=os.environ.get("NTKSCRUB_DATA", "../shared/data/cifar10-jpeg")
-    )
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).parent))
-    from quick_cost import seed_run  # the preset's cached w(D), θ0 and split
+    from quick_cost import quick_parser, seed_run  # the preset's cached w(D), θ0 and split
+
+    a = quick_parser(__doc__, seed=0, threads=2).parse_args()
+    torch.set_num_threads(a.threads)
 
     t0 = time.perf_counter()
     run = seed_run(a.seed, a.data_root)

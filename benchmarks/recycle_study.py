@@ -19,8 +19,6 @@ Two parts, each with recycling off (``SolverConfig(recycle=0)``) and on (the def
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -104,19 +102,14 @@ def scrub_study(run: Any, wd: float) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quick_cost import quick_parser, seed_run
+    from quick_pcg_ranks import replicas
+
+    p = quick_parser(__doc__, seed=2, threads=2)
     p.add_argument("--parts", default="replica,scrub")
-    p.add_argument(
-        "--data-root", default=os.environ.get("NTKSCRUB_DATA", "../shared/data/cifar10-jpeg")
-    )
-    p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from quick_cost import seed_run
-    from quick_pcg_ranks import replicas
 
     t0 = time.perf_counter()
     run = seed_run(a.seed, a.data_root)

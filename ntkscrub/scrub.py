@@ -400,9 +400,11 @@ _DENSE_FACTORS = {"one_shot": 2, "projected": 2, "ce_newton": 20, "output_match"
 
 
 def solver_estimate(
-    J_r: Jacobian, J_f: Jacobian, max_dense_bytes: float, method: str = "one_shot"
+    J_r: Jacobian, J_f: Jacobian | None, max_dense_bytes: float, method: str = "one_shot"
 ) -> dict[str, Any]:
-    """The cost model behind ``solver="auto"`` (recorded as ``info["auto_solver"]``).
+    """The cost model behind ``solver="auto"`` (recorded as ``info["auto_solver"]``), over the
+    samples of ``J_r`` and ``J_f`` (``None``: ``J_r`` holds all of D — a
+    :class:`~ntkscrub.Scrubber`'s preparation).
 
     Memory: the explicit ``J_D`` ``(c·N, p)`` and two ``(c·N)²`` float64 matrices (Θ_DD and a
     factor; :func:`~ntkscrub.operators.inverse.dense_dtype`) must fit ``max_dense_bytes``. Time,
@@ -423,10 +425,11 @@ def solver_estimate(
     classes the (c·N)²·p product dominates — c = 100, N = 100, p = 100 k, F = 10 MFLOPs fits
     4 GiB but costs ≈ 2e13 operations against cg's ≈ 5e11.
     """
-    n, c, p = J_r.n + J_f.n, J_r.c, J_r.p
+    parts = [J_r] if J_f is None else [J_r, J_f]
+    n, c, p = sum(j.n for j in parts), J_r.c, J_r.p
     rows = c * n
     item = torch.finfo(dense_dtype(J_r)).bits // 8
-    need = (J_r.dense_bytes() + J_f.dense_bytes()) + 2 * rows * rows * item
+    need = sum(j.dense_bytes() for j in parts) + 2 * rows * rows * item
     wide = 1.0 if dense_dtype(J_r) == J_r.dtype else 2.0
     counted = J_r.forward_flops()
     F = max(counted or 0.0, 2.0 * p)

@@ -36,6 +36,9 @@ Requests compose: F accumulates, and each request solves for the whole F, warm-s
 previous request's y restricted to the rows still retained (it differs from the new y only by
 the effect of the newly forgotten samples). The Θ_RR system is preconditioned by the prepared
 Nyström factor of Θ_DD restricted to the rows R (``LowRankPreconditioner.restrict``, no matvec).
+On the dense twin (``solver="dense"``, or ``"auto"`` where it fits) the preparation keeps the
+explicit J_D and Θ_DD + λ_D I, and a request's Θ_RR + λ_R I is their slice: one Cholesky and
+three products with the explicit rows, no pass over the data (:meth:`Scrubber._delta_dense`).
 
 Partial linearisation (issue 14.6): when ``params`` selects only a suffix of the network, the
 frozen prefix's activations on D are computed once and every product runs the suffix alone.
@@ -50,17 +53,20 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+from linear_operator.operators import DenseLinearOperator
 from torch import Tensor, nn
 
 from ntkscrub._validation import check_number
 from ntkscrub.batches import subset
 from ntkscrub.config import Method, ProductConfig, SolverConfig, check_mixed_precision
 from ntkscrub.operators import NTK, Counted, Inverse, Jacobian, MatvecCounter
+from ntkscrub.operators.base import accumulated_matmul
 from ntkscrub.params import ParameterSpace, ParamSelector
 from ntkscrub.prefix import jacobian_options, prefix_rows
 from ntkscrub.scrub import (
     ScrubResult,
     _check_scrub_args,
+    _default_solver,
     _module_params,
     _peak_memory,
     _solver_config,
@@ -68,6 +74,7 @@ from ntkscrub.scrub import (
     _typed,
     full_fp32_precision,
     load_weights,
+    solver_estimate,
 )
 from ntkscrub.shifts import retain_change
 
@@ -93,20 +100,24 @@ class Scrubber:
             accepts (``(X, Y)``, a Dataset, a sequential DataLoader); its order defines the
             positions that :meth:`forget` takes.
         init, linearize_at, loss, ridge, weight_decay, solver, tol, max_iter, params, seed,
-            solver_config, products: as :func:`~ntkscrub.scrub.scrub` (same defaults, except
-            ``solver``: ``None`` is the configuration's method, ``"cg"`` by default — the
-            requests' warm-started, preconditioned solves are what the Scrubber amortises; the
-            ``weight_decay`` convention λ = |S|·wd is applied to each system: λ_D = N·wd for the
-            prepared Θ_DD, λ_R = |R|·wd for each retained system).
+            solver_config, products: as :func:`~ntkscrub.scrub.scrub`, with the same defaults
+            (``solver=None``: ``"auto"`` unless ``solver_config`` or ``max_iter`` is given —
+            the dense twin when the explicit J_D and Θ_DD fit ``max_dense_bytes`` and cost
+            fewer operations, :func:`~ntkscrub.scrub.solver_estimate` on D, recorded in
+            ``prepare_info["auto_solver"]``; else matrix-free CG). The ``weight_decay``
+            convention λ = |S|·wd is applied to each system: λ_D = N·wd for the prepared Θ_DD,
+            λ_R = |R|·wd for each retained system.
         cache_prefix: when ``params`` leaves a frozen prefix (an ``nn.Sequential``'s first
             children, the ``features`` of a features → classifier model, or what ``torch.fx``
             can split off a torchvision-style model), compute its activations on D once and
             linearise only the suffix on them (same result, cheaper products;
             ``prepare_info["prefix_cached"]``, see :meth:`_cache_prefix`).
 
-    Preparation solves α = (Θ_DD + λ_D I)⁻¹ e_D ``(c·N,)`` and keeps α and the Nyström factor of
-    Θ_DD (``info["prepare"]`` records matvecs, seconds, iterations, converged). The module
-    docstring derives the request formula Δ = J_Rᵀ y − J_Fᵀ α_F and says why it was chosen.
+    Preparation solves α = (Θ_DD + λ_D I)⁻¹ e_D ``(c·N,)`` and keeps α and, on CG, the Nyström
+    factor of Θ_DD; on the dense twin, the explicit J_D ``(c·N, p)`` and Θ_DD + λ_D I, of which
+    each request's system is a slice (:meth:`_delta_dense`: no pass over the data).
+    ``info["prepare"]`` records matvecs, seconds, iterations, converged. The module docstring
+    derives the request formula Δ = J_Rᵀ y − J_Fᵀ α_F and says why it was chosen.
     Rescaling and noise are not offered: ``result.model`` is w(D) + Δ.
     """
 
@@ -138,7 +149,11 @@ class Scrubber:
             weight_decay = check_number(weight_decay, "weight_decay")
             if ridge != 0.0:
                 raise ValueError("weight_decay: give either ridge or weight_decay, not both")
-        self.cfg = _solver_config(solver_config, solver, tol, max_iter, None, seed)
+        solver = _default_solver(solver, solver_config, max_iter)
+        auto = solver == "auto"
+        self.cfg = _solver_config(
+            solver_config, None if auto else solver, tol, max_iter, None, seed
+        )
         self.products = _typed(products, ProductConfig, "products")
         check_mixed_precision(self.cfg, self.products)
         self.model, self.data = model, data
@@ -150,6 +165,9 @@ class Scrubber:
         self._prefix = prefix_info
         self.J_D = self._jacobian(self._rows_data, "data")
         self.n, self.c = self.J_D.n, self.J_D.c
+        estimate = solver_estimate(self.J_D, None, self.cfg.max_dense_bytes) if auto else None
+        if estimate is not None:
+            self.cfg = self.cfg.replace(method=estimate["method"])
         self.ridge_d = ridge if weight_decay is None else self.n * weight_decay
         counter = MatvecCounter()
         e_d = _targets(self.J_D, loss)
@@ -170,6 +188,7 @@ class Scrubber:
             "solves": self._inv_d.records,
             "ridge_d": self.ridge_d,
             "prefix_cached": prefix_info,
+            "auto_solver": estimate,
         }
 
     def _build_spaces(self, model: nn.Module, init: Any, params: ParamSelector) -> None:
@@ -256,8 +275,11 @@ class Scrubber:
         kept = set(F)
         R = [i for i in range(self.n) if i not in kept]
         counter = MatvecCounter()
+        dense = self.cfg.method == "dense"
         with full_fp32_precision(not self.products.allow_tf32):
-            delta, y, rows_r, ridge_r, records = self._delta(F, R, counter)
+            delta, y, rows_r, ridge_r, records = (self._delta_dense if dense else self._delta)(
+                F, R, counter
+            )
         # Commit the state only once the request succeeded.
         self.forgotten = F
         self._y = torch.zeros_like(self.alpha)
@@ -297,6 +319,43 @@ class Scrubber:
             e_norm=float(self._e_d[rows_r].norm()),
         )  # fmt: skip
         return delta.detach(), y.detach(), rows_r, ridge_r, records
+
+    def _delta_dense(
+        self, F: list[int], R: list[int], counter: MatvecCounter
+    ) -> tuple[Tensor, Tensor, Tensor, float, list[dict[str, Any]]]:
+        """:meth:`_delta` on the dense twin, from what the preparation built: the explicit J_D
+        ``(c·N, p)`` and Θ_DD + λ_D I ``(c·N, c·N)`` (float64 below float64 J). Θ_RR + λ_R I is
+        the slice of rows and columns R (+ (λ_R − λ_D) on its diagonal), so a request is one
+        Cholesky of ``(c·|R|)²`` and three products with the explicit rows, summed in the
+        system's dtype: g = J_Fᵀα_F, b = J_R g + (λ_D − λ_R)α_R, Δ = J_Rᵀy − g — no pass over
+        the data and no products counted in ``counter``.
+
+        Why not a fresh dense scrub of R and F: that recomputes per-sample Jacobians of every
+        retained sample (c backward passes each) and Θ_RR = J_R J_Rᵀ, which the prepared
+        matrices already hold (quick preset, 2 CPU threads: ``benchmarks/quick_scrubber.py``).
+        The explicit rows do not depend on which samples share a batch, so the slice is the
+        fresh scrub's system up to the order of its floating-point sums."""
+        del counter  # the explicit rows are products already paid for
+        Jd = self.J_D.dense()  # (c·N, p), cached by the preparation's dense system
+        A = self._inv_d.dense_system()  # (c·N, c·N) in the dense dtype, λ_D on its diagonal
+        wide = A.dtype
+        rows_r = _rows(R, self.c, self.alpha.device)
+        rows_f = _rows(F, self.c, self.alpha.device)
+        ridge_r = self.ridge if self.weight_decay is None else len(R) * self.weight_decay
+        u = torch.zeros(self.c * self.n, 1, dtype=wide, device=A.device)
+        u[rows_f, 0] = self.alpha[rows_f].to(wide)
+        g = accumulated_matmul(Jd.mT, u, wide)  # (p, 1): J_Fᵀ α_F
+        b = accumulated_matmul(Jd, g, wide)[rows_r, 0]  # (c·|R|,): J_R g
+        b = b + (self.ridge_d - ridge_r) * self.alpha[rows_r].to(wide)
+        eye = torch.eye(len(rows_r), dtype=wide, device=A.device)
+        A_rr = A[rows_r][:, rows_r] + (ridge_r - self.ridge_d) * eye
+        inv = Inverse(DenseLinearOperator(A_rr), self.cfg, label="Θ_RR (slice of Θ_DD)")
+        y = inv.solve(b)  # (c·|R|,)
+        u.zero_()
+        u[rows_r, 0] = y
+        delta = (accumulated_matmul(Jd.mT, u, wide) - g)[:, 0]
+        dtype = self.alpha.dtype
+        return delta.to(dtype), y.to(dtype), rows_r, ridge_r, list(inv.records)
 
     def _info(
         self, F: list[int], R: list[int], ridge_r: float, request: dict, delta: Tensor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from model_zoo import make_cnn, make_data, make_mlp
@@ -9,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ntkscrub import Scrubber, scrub
 from ntkscrub.config import SolverConfig
+from ntkscrub.operators import Jacobian
 
 
 def rel(a, b):
@@ -116,7 +119,7 @@ def test_dataset_and_loader_forms():
 
 def test_records_per_request():
     model, init, X, Y = setup()
-    s = Scrubber(model, (X, Y), init=init, ridge=0.5, tol=1e-12)
+    s = Scrubber(model, (X, Y), init=init, ridge=0.5, tol=1e-12, solver="cg")
     prep = s.prepare_info
     assert prep["matvecs"] > 0 and prep["iterations"] > 0 and prep["converged"]
     res = s.forget([0])
@@ -125,7 +128,7 @@ def test_records_per_request():
         assert key in req
     assert req["matvecs"] > 0 and req["iterations"] > 0 and req["converged"] is True
     assert res.info["prepare"]["matvecs"] == prep["matvecs"]
-    full = fresh(model, init, X, Y, [0], ridge=0.5, tol=1e-12)
+    full = fresh(model, init, X, Y, [0], ridge=0.5, tol=1e-12, solver="cg")
     assert full.info["matvecs"] > 0  # both counted (speed is for the benchmarks, not asserted)
 
 
@@ -216,7 +219,7 @@ def test_request_tightens_its_solve_by_the_cancellation_of_delta():
     g = torch.Generator().manual_seed(0)
     X = torch.cat([X[:3] + 1e-2 * torch.randn(X[:3].shape, generator=g, dtype=X.dtype), X])
     Y = torch.cat([Y[:3], Y])
-    kw = {"loss": "ce", "weight_decay": 0.05, "linearize_at": "trained"}
+    kw = {"loss": "ce", "weight_decay": 0.05, "linearize_at": "trained", "solver": "cg"}
     s = Scrubber(model, (X, Y), init=init, tol=1e-3, **kw)
     got = s.forget([0, 1, 2])
     rho = got.info["solves"][-1]["cancellation"]
@@ -226,3 +229,61 @@ def test_request_tightens_its_solve_by_the_cancellation_of_delta():
     exact = fresh(model, init, X, Y, [0, 1, 2], tol=1e-12, **kw)
     loose = fresh(model, init, X, Y, [0, 1, 2], tol=1e-3, **kw)
     assert rel(got.shift, exact.shift) <= 2 * rel(loose.shift, exact.shift) + 1e-4
+
+
+# --------------------------------------------------------------------------- dense twin
+def test_dense_request_slices_the_prepared_system(monkeypatch):
+    """solver='dense': a request reads Θ_RR + λ_R I from the prepared Θ_DD and J_R, J_F from the
+    explicit rows of J_D — no per-sample Jacobian is computed again, no product is counted —
+    and equals a fresh dense scrub of everything forgotten (float64)."""
+    model, init, X, Y = setup(n=30)
+    kw = {"loss": "ce", "weight_decay": 0.05, "solver": "dense"}
+    s = Scrubber(model, (X, Y), init=init, **kw)
+    calls = []
+    rows = Jacobian.dense_rows
+
+    def counted(self, *a, **k):
+        calls.append(self.name)
+        return rows(self, *a, **k)
+
+    monkeypatch.setattr(Jacobian, "dense_rows", counted)
+    first = s.forget([5, 12])
+    second = s.forget([0])
+    assert calls == []
+    assert first.info["request"]["matvecs"] == 0
+    assert first.info["solves"][0]["system"] == "Θ_RR (slice of Θ_DD)"
+    monkeypatch.setattr(Jacobian, "dense_rows", rows)
+    assert rel(first.shift, fresh(model, init, X, Y, [5, 12], **kw).shift) <= 1e-9
+    assert rel(second.shift, fresh(model, init, X, Y, [0, 5, 12], **kw).shift) <= 1e-9
+
+
+def test_dense_request_in_float32_sums_in_float64():
+    """A float32 model: the sliced request is as close to the float64 scrub as a fresh float32
+    dense scrub is (both solve in float64; the slice also sums its products there)."""
+    model, init, X, Y = setup(n=30)
+    kw = {"loss": "mse", "weight_decay": 0.05, "solver": "dense"}
+    exact = fresh(model, init, X, Y, [3, 4, 20], **kw).shift
+    m32, i32 = copy.deepcopy(model).float(), copy.deepcopy(init).float()
+    got = Scrubber(m32, (X.float(), Y), init=i32, **kw).forget([3, 4, 20]).shift.double()
+    want = fresh(m32, i32, X.float(), Y, [3, 4, 20], **kw).shift.double()
+    assert rel(got, exact) <= max(2 * rel(want, exact), 1e-6)
+
+
+def test_auto_solver_is_the_default():
+    """solver=None: "auto" on D (prepare_info["auto_solver"]), as scrub's default; a given
+    solver configuration keeps its method; a memory cap too small for the dense twin gives cg."""
+    model, init, X, Y = setup()
+    s = Scrubber(model, (X, Y), init=init, ridge=0.5)
+    est = s.prepare_info["auto_solver"]
+    assert est["method"] == s.cfg.method == "dense"  # a 24-sample MLP: the twin is cheap
+    assert est["dense_bytes"] == 24 * s.c * s.J_D.p * 8 + 2 * (24 * s.c) ** 2 * 8
+    want = fresh(model, init, X, Y, [7], ridge=0.5)
+    assert rel(s.forget([7]).shift, want.shift) <= 1e-9
+    tight = SolverConfig(max_dense_bytes=1)
+    capped = Scrubber(model, (X, Y), init=init, ridge=0.5, solver="auto", solver_config=tight)
+    assert (
+        capped.cfg.method == "cg"
+        and "max_dense_bytes" in capped.prepare_info["auto_solver"]["reason"]
+    )
+    given = Scrubber(model, (X, Y), init=init, ridge=0.5, solver_config=SolverConfig())
+    assert given.cfg.method == "cg" and given.prepare_info["auto_solver"] is None
