@@ -165,7 +165,13 @@ def run_prefix_case(n: int, arch: str = "mlp", seed: int = 0) -> dict[str, Any]:
         init = build_model("smallcnn", CLASSES, 1.0, in_channels=1, seed=seed).float().eval()
     nf = max(1, round(FORGET_FRACTION * n))
     model = _train(init, (X, Y), seed)[0].model.eval()
-    kw = {"init": init, "loss": "ce", "weight_decay": FINETUNE_RECIPE["weight_decay"]}
+    # cg: the measured effect is the prefix cache on every product (auto may pick dense here)
+    kw = {
+        "init": init,
+        "loss": "ce",
+        "weight_decay": FINETUNE_RECIPE["weight_decay"],
+        "solver": "cg",
+    }
     out: dict[str, Any] = {"n": n, "arch": arch, "params": r"^classifier\.", "n_forget": nf}
     shifts = {}
     for cache in (True, False):
