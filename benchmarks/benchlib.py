@@ -762,6 +762,54 @@ def run_scrub(
     return rec
 
 
+def run_scrubber(
+    problem: ScrubProblem,
+    device: torch.device,
+    *,
+    requests: list[list[int]],
+    batch_size: int,
+    tol: float = 1e-4,
+    max_iter: int = 300,
+    params: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:class:`ntkscrub.Scrubber` over ``problem.data`` (cg, the library's default
+    preconditioner, the settings of :func:`run_scrub`), then ``requests`` in turn (positions in
+    D): the preparation's and each request's seconds, products and convergence, and the peak
+    memory of the whole. Out-of-memory and other errors become ``status`` ``'oom'``/``'error'``."""
+    from ntkscrub import Scrubber
+    from ntkscrub.config import ProductConfig
+
+    rec: dict[str, Any] = {"solver": "cg", "batch_size": batch_size, "tol": tol,
+                           "max_iter": max_iter, "params_selected": params}  # fmt: skip
+    mem = MemoryMeter(device)
+    try:
+        with mem, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # non-convergence is recorded below
+            seconds, s = timed(
+                lambda: Scrubber(problem.model, problem.data, init=problem.init, loss="ce",
+                                 weight_decay=RECIPE["weight_decay"], solver="cg", tol=tol,
+                                 max_iter=max_iter, params=params, seed=seed,
+                                 products=ProductConfig(batch_size=batch_size)),
+                device,
+            )  # fmt: skip
+            rec["prepare"] = {"seconds": seconds, "matvecs": s.prepare_info["matvecs"],
+                              "converged": s.prepare_info["converged"]}  # fmt: skip
+            rec["requests"] = []
+            for idx in requests:
+                seconds, res = timed(lambda idx=idx: s.forget(idx), device)
+                rec["requests"].append({"n_new": len(idx), "seconds": seconds,
+                                        "matvecs": res.info["request"]["matvecs"],
+                                        "converged": res.info["converged"]})  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - a failure is a data point, not a crash
+        free_memory(device)
+        status = "oom" if is_oom(err) else "error"
+        rec.update({"status": status, "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+        return rec
+    rec.update({"status": "ok", **mem.to_dict()})
+    return rec
+
+
 def _scrub_summary(info: dict[str, Any]) -> dict[str, Any]:
     """Matvecs, CG iterations, preconditioner cost, residuals and memory of a scrub's info."""
     solves = info.get("solves", [])

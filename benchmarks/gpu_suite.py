@@ -29,12 +29,15 @@ Stages, in order (each gets a share of the budget; time a stage leaves unused pa
 6. ``partial_large:<model>``: a converged scrub of ResNet-18 ×1 c=10 at N=50,000 with only its
    last block and head linearised (``PARTIAL``; the frozen prefix runs once), against the
    retrain of the same problem (``kind='partial'``).
-7. ``scrub_large:<model>``: one scrub of ResNet-18 ×1 c=10 at N=50,000 with the CG iteration cap
+7. ``requests:<model>``: amortised deletion requests on that problem (``Scrubber``
+   preparation, then two requests of |D_f| samples each), each against the retrain
+   (``kind='requests'``; the issue's goal ≤ 0.1×).
+8. ``scrub_large:<model>``: one scrub of ResNet-18 ×1 c=10 at N=50,000 with the CG iteration cap
    the remaining time allows (``kind='capped'``: peak memory against a training step at the same
    batch size, seconds per iteration, the residual reached; not a converged scrub).
-8. ``variants``: speed knobs of one scrub (All-CNN, N=5000): preconditioner on/off, batch size,
+9. ``variants``: speed knobs of one scrub (All-CNN, N=5000): preconditioner on/off, batch size,
    warm start — on whatever time the stages above left.
-9. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
+10. ``compile`` (only with ``--compile``): torch.compile of the per-batch JVP/VJP and of the
    training step, All-CNN at N=5000.
 
 Budget: before every measurement its cost is estimated from per-sample costs probed on one batch
@@ -132,6 +135,7 @@ SHARES = {
     "scrub": 0.36,  # split evenly between the scrub models
     "engine_large": 0.18,
     "partial_large": 0.3,  # plus what earlier stages left; before scrub_large, which takes the rest
+    "requests": 0.2,  # Scrubber on partial_large's problem (before scrub_large frees it)
     "scrub_large": 0.0,  # what the others leave (the whole budget with --stages scrub_large)
     "variants": 0.0,  # only what the others leave
     "compile": 0.0,  # likewise
@@ -584,6 +588,18 @@ class Suite:
         )
 
     # -------------------------------------------------------------------------------- scrub
+    def problem_for(self, spec: ModelSpec, n: int) -> tuple[benchlib.ScrubProblem, dict[str, Any]]:
+        """The scrub problem at (model, N) and its measured retrain; consecutive points (and
+        stages) at the same (model, N) share one."""
+        key = (spec.label, n)
+        if self._problem_key != key:
+            self._problem = None
+            benchlib.free_memory(self.device)
+            self._problem = benchlib.make_scrub_problem(spec, n, self.device)
+            self._retrain = benchlib.measure_retrain(self._problem, self.device)
+            self._problem_key = key
+        return self._problem, self._retrain
+
     def scrub_point(
         self,
         label: str,
@@ -603,14 +619,7 @@ class Suite:
         dev = self.device
         spec = ModelSpec.parse(label)
         benchlib.warm_up_scrub(spec, dev, solver, batch, self.warm)
-        key = (label, n)
-        if self._problem_key != key:  # consecutive points at the same (model, N) share it
-            self._problem = None
-            benchlib.free_memory(dev)
-            self._problem = benchlib.make_scrub_problem(spec, n, dev)
-            self._retrain = benchlib.measure_retrain(self._problem, dev)
-            self._problem_key = key
-        prob, rt = self._problem, self._retrain
+        prob, rt = self.problem_for(spec, n)
         rec = benchlib.run_scrub(
             prob,
             dev,
@@ -777,6 +786,17 @@ class Suite:
         self._problem, self._problem_key = None, None
         benchlib.free_memory(dev)
 
+    def partial_costs(self, label: str) -> tuple[float, float, float]:
+        """For the ``PARTIAL`` selection of ``label`` at ``engine_large_n``: the suffix's share of
+        the forward FLOPs, the estimated seconds of one product (the full network's probe × that
+        share, at least 5 %) and of the fixed work (problem, retrain, the prefix pass)."""
+        spec, n = ModelSpec.parse(label), self.cfg.engine_large_n
+        c = self.probe(label, self.cfg.scrub_precision)
+        share = benchlib.suffix_flop_share(spec, PARTIAL[spec.name], self.device)
+        mv = n * c["mv1_s_per_sample"] * max(0.05, share)
+        overhead = n * c["train_s_per_sample"] * 6 + n * c["mv1_s_per_sample"]
+        return share, mv, overhead
+
     def stage_partial_large(self, label: str) -> None:
         """A converged scrub at ``engine_large_n`` (50,000 on the GPU) with only the last block
         and the head linearised (``PARTIAL``): the frozen prefix runs once over D
@@ -786,10 +806,7 @@ class Suite:
         suffix's share of the forward FLOPs (at least 5 %). Kind ``'partial'``."""
         cfg = self.cfg
         spec, n = ModelSpec.parse(label), cfg.engine_large_n
-        c = self.probe(label, cfg.scrub_precision)
-        share = benchlib.suffix_flop_share(spec, PARTIAL[spec.name], self.device)
-        mv = n * c["mv1_s_per_sample"] * max(0.05, share)
-        overhead = n * c["train_s_per_sample"] * 6 + n * c["mv1_s_per_sample"]  # + prefix pass
+        share, mv, overhead = self.partial_costs(label)
         cap = int((self.budget.left() / SAFETY - overhead - 4 * mv) / (2 * mv))
         base = {"kind": "partial", "model": label, "n": n, "solver": "cg"}
         if cap < 10:
@@ -807,6 +824,39 @@ class Suite:
             note=f"params {PARTIAL[spec.name]!r} (forward-FLOP share {share:.3f}); cap {cap}",
             params=PARTIAL[spec.name],
         )
+
+    def stage_requests(self, label: str) -> None:
+        """Amortised deletion requests (issue 14 item 5) on the partial problem of
+        :meth:`stage_partial_large` (same model, N and ``PARTIAL`` selection, its problem and
+        retrain reused): ``Scrubber`` preparation over D, then request 1 = the problem's D_f
+        (the scrub ``partial_large`` timed) and request 2 = as many further samples, each timed
+        against the measured retrain. Kind ``'requests'``; the issue's goal is ≤ 0.1× a retrain."""
+        cfg = self.cfg
+        spec, n = ModelSpec.parse(label), cfg.engine_large_n
+        _, mv, overhead = self.partial_costs(label)
+        # preparation ≈ one solve, each request ≈ two (the re-solve over Δ's cancellation)
+        cap = int((self.budget.left() / SAFETY - overhead - 6 * mv) / (5 * mv))
+        base = {"kind": "requests", "model": label, "n": n}
+        if cap < 10:
+            self.skip(f"budget: {cap} CG iterations per solve would fit", **base)
+            return
+        prob, rt = self.problem_for(spec, n)
+        nf = prob.forget[0].shape[0]
+        rec = benchlib.run_scrubber(
+            prob,
+            self.device,
+            requests=[list(range(nf)), list(range(nf, 2 * nf))],
+            batch_size=cfg.engine_batch,
+            tol=cfg.scrub_tol,
+            max_iter=min(cap, cfg.scrub_max_iter),
+            params=PARTIAL[spec.name],
+        )
+        ratios = [r["seconds"] / rt["retrain_seconds"] for r in rec.get("requests", [])]
+        note = f"params {PARTIAL[spec.name]!r}; cap {min(cap, cfg.scrub_max_iter)}"
+        self.add(**base, params=prob.p, n_forget=nf, **rt, **rec,
+                 ratio_requests_to_retrain=ratios, note=note)  # fmt: skip
+        self.log(f"requests {label} N={n}: {rec['status']} {ratios}")
+        benchlib.free_memory(self.device)
 
     def stage_variants(self) -> None:
         """Speed knobs of one scrub (first scrub model at ``variant_n``): preconditioner on/off,
@@ -1066,6 +1116,12 @@ class Suite:
                 cfg.shares["partial_large"],
                 lambda label=label: self.stage_partial_large(label),
             )
+        for label in cfg.large_scrub_models:
+            self.run_stage(
+                f"requests:{label}",
+                cfg.shares["requests"],
+                lambda label=label: self.stage_requests(label),
+            )
         per = cfg.shares["scrub_large"] / max(1, len(cfg.large_scrub_models))
         for label in cfg.large_scrub_models:
             self.run_stage(
@@ -1109,8 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
         "--stages",
         nargs="*",
         default=None,
-        help="only stages whose names start with these (engine cg dense scrub scrub_large "
-        "engine_large compile)",
+        help="only stages whose names start with these (engine cg dense scrub engine_large "
+        "partial_large requests scrub_large variants compile)",
     )
     ap.add_argument(
         "--share",

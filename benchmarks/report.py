@@ -284,6 +284,16 @@ def _targets(records: list[Record], slope_rows: list[dict[str, Any]]) -> list[li
                 "≤ 1 (at N=50,000)",
                 top["ratio_scrub_to_retrain"] <= 1 if top["n"] >= 50000 else None,
             )
+    for r in records:
+        if r.get("kind") == "requests" and r.get("ratio_requests_to_retrain"):
+            worst = max(r["ratio_requests_to_retrain"])
+            ok = all(q.get("converged") for q in r["requests"])
+            add(
+                f"deletion request / retrain at N={r['n']}, {r['model']} (worst)",
+                worst,
+                "≤ 0.1",
+                worst <= 0.1 and ok,
+            )
     return rows
 
 
@@ -400,6 +410,32 @@ CAPPED_COLUMNS: list[Column] = [
     ("dense J would need", lambda r: _bytes(r.get("dense_jacobian_bytes"))),
     ("note", lambda r: (r.get("reason") or r.get("note") or "")[:160]),
 ]
+
+
+def _per_request(key: str) -> Any:
+    """A column listing ``key`` of each deletion request of a ``requests`` record."""
+    return lambda r: ", ".join(fmt(q.get(key)) for q in r.get("requests") or []) or None
+
+
+REQUESTS_COLUMNS: list[Column] = [
+    ("model", "model"),
+    ("params", "params"),
+    ("N", "n"),
+    ("forgotten per request", "n_forget"),
+    ("status", "status"),
+    ("prepare s", lambda r: (r.get("prepare") or {}).get("seconds")),
+    ("prepare matvecs", lambda r: (r.get("prepare") or {}).get("matvecs")),
+    ("request s", _per_request("seconds")),
+    ("request matvecs", _per_request("matvecs")),
+    ("converged", _per_request("converged")),
+    ("retrain s", "retrain_seconds"),
+    (
+        "request/retrain",
+        lambda r: ", ".join(fmt(x) for x in r.get("ratio_requests_to_retrain") or []),
+    ),
+    ("Δ MiB", "delta_mib"),
+    ("note", lambda r: (r.get("reason") or r.get("note") or "")[:160]),
+]
 SLOPE_COLUMNS: list[Column] = [
     ("model", "model"),
     ("solver", "solver"),
@@ -488,7 +524,9 @@ def _md_engine(by: Any) -> list[str]:
 
 def _md_scrub(by: Any) -> list[str]:
     """The scrub-vs-retrain sections (over N, model size, variants, time-capped)."""
-    if not any(by(k) for k in ("scaling", "model_size", "variant", "capped", "partial")):
+    if not any(
+        by(k) for k in ("scaling", "model_size", "variant", "capped", "partial", "requests")
+    ):
         return []
     parts = ["## Scrub vs retrain", ""]
     parts.append(
@@ -511,6 +549,16 @@ def _md_scrub(by: Any) -> list[str]:
             rs = sorted(rs, key=lambda r: (str(r.get("model")), str(r.get("solver")), r["n"]))
         if rs:
             parts += [heading, "", column_table(rs, SCRUB_COLUMNS), ""]
+    if by("requests"):
+        parts += [
+            "### Amortised deletion requests (`Scrubber`) on the partial problem",
+            "",
+            "Preparation solves the D system once; each request forgets |D_f| more samples "
+            "(request 1 = the partial scrub's D_f) with one solve on what is retained.",
+            "",
+            column_table(by("requests"), REQUESTS_COLUMNS),
+            "",
+        ]
     if by("capped"):
         parts += [
             "### At the largest N with a time-capped CG (memory and cost per iteration)",

@@ -47,3 +47,22 @@ def test_gpu_suite_tiny_partial_linearisation(tmp_path):
     assert rec["prefix_cache"]["cached"] and rec["p_linearised"] < rec["params"]
     assert rec["retrain_seconds"] > 0 and rec["ratio_scrub_to_retrain"] > 0
     assert "Partial linearisation" in (out / "report.md").read_text()
+
+
+@pytest.mark.smoke
+def test_gpu_suite_tiny_deletion_requests(tmp_path):
+    """requests: Scrubber preparation and two requests on the partial problem, each against the
+    retrain, and the report's table and target row — before any device time."""
+    out = tmp_path / "suite"
+    argv = ["--out", str(out), "--device", "cpu", "--tiny", "--budget-seconds", "300"]
+    assert gpu_suite.main([*argv, "--stages", "requests"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    (rec,) = [r for r in doc["records"] if r["kind"] == "requests"]
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["n"] == gpu_suite.TINY.engine_large_n
+    assert rec["prepare"]["converged"] and rec["prepare"]["matvecs"] > 0
+    assert [q["n_new"] for q in rec["requests"]] == [rec["n_forget"]] * 2
+    assert all(q["converged"] and q["matvecs"] > 0 for q in rec["requests"])
+    assert len(rec["ratio_requests_to_retrain"]) == 2 and rec["retrain_seconds"] > 0
+    report = (out / "report.md").read_text()
+    assert "Amortised deletion requests" in report and "deletion request / retrain" in report

@@ -18,7 +18,7 @@
 #                Why processes: at N = 500 one seed's kernels leave most of an H200 idle (the
 #                paper preset's 4 seeds took 388 s one after the other on an H100).
 #   PAPER_SETS   extra `--set NAME=VALUE` pairs for every reproduction process, space-separated
-#   SUITE_STAGES, SUITE_ARGS   what gpu_suite.py runs (default "cg partial_large scrub_large")
+#   SUITE_STAGES, SUITE_ARGS   what gpu_suite.py runs (default "cg partial_large requests scrub_large")
 #   PRESET, DEVICE, DATA_ROOT  (default paper, cuda, experiments/cache/gpu-data): a CPU check
 #                runs the same script with PRESET=smoke DEVICE=cpu.
 set -u
@@ -81,7 +81,7 @@ fi
 
 if [ "$SUITE_BUDGET" -gt 0 ]; then
   timeout $((SUITE_BUDGET + 30)) "$PY" benchmarks/gpu_suite.py --out "$WORK/suite" \
-    --device "$DEVICE" --budget-seconds "$SUITE_BUDGET" --stages ${SUITE_STAGES:-cg partial_large scrub_large} \
+    --device "$DEVICE" --budget-seconds "$SUITE_BUDGET" --stages ${SUITE_STAGES:-cg partial_large requests scrub_large} \
     ${SUITE_ARGS:-} >"$OUT_DIR/suite.log" 2>&1
   echo "gpu_suite.py exit $?" >>"$OUT_DIR/suite.log"
   tar czf "$OUT_DIR/suite.tgz" -C "$WORK" suite

@@ -14,8 +14,14 @@ too; the last-block selection and the head once more with ``ProductConfig(prefix
 Newton method where it is affordable. Records seconds, the ratio to the
 retrain, products, D_r/D_f/test error and the softmax-L1 to the retrain on D_f.
 
+``--parts scrubber`` (in the default ``scrub,scrubber``): deletion requests as a service would
+send them — ``Scrubber(model, DataLoader(D), init=θ0, linearize_at="trained", loss="ce",
+weight_decay=wd, params=...)`` with the default ``solver``, then ``forget(D_f's positions)`` and
+``forget(as many positions drawn from D_r)``; each request's seconds, products and ratio to the
+retrain, and its shift against a fresh ``scrub`` of everything forgotten so far (same settings).
+
 Run: ``PYTHONPATH=$PWD .venv/bin/python experiments/practitioner_resnet18.py --out FILE.json``
-(≈ 6 min on 2 CPU cores).
+(≈ 6 min on 2 CPU cores; the Scrubber part ≈ 2 min more).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
-from ntkscrub import readouts, scrub
+from ntkscrub import Scrubber, readouts, scrub
 from ntkscrub.config import ProductConfig
 from ntkscrub.io import atomic_write_json
 from ntkscrub.recipes import data_root
@@ -86,9 +92,50 @@ def finetune(theta0: nn.Module, data: Dataset, seed: int) -> nn.Module:
     return model
 
 
+def scrubber_rows(
+    model: nn.Module, theta0: nn.Module, D: Dataset, forget_idx: list[int], t_rt: float
+) -> list[dict]:
+    """Two deletion requests per selection against fresh scrubs of the same union (see the
+    module docstring); ``t_rt`` is the retrain's seconds."""
+    kw = {"init": theta0, "linearize_at": "trained", "loss": "ce", "weight_decay": WD, "seed": 0}
+    drop = set(forget_idx)
+    g = torch.Generator().manual_seed(0)
+    pool = [i for i in range(len(D)) if i not in drop]
+    second = sorted(pool[int(j)] for j in torch.randperm(len(pool), generator=g)[: len(drop)])
+    rows = []
+    for name in ("layer4.1+fc", "fc"):
+        t0 = time.perf_counter()
+        s = Scrubber(model, DataLoader(D, batch_size=64), params=SELECTIONS[name], **kw)
+        prep = {"seconds": time.perf_counter() - t0, "products": s.prepare_info["matvecs"]}
+        row = {"params": name, "solver": s.cfg.method,
+               "auto_solver": s.prepare_info["auto_solver"], "requests": [],
+               "prepare": {**prep, "x_retrain": prep["seconds"] / t_rt}}  # fmt: skip
+        print(json.dumps({k: row[k] for k in ("params", "solver", "prepare")}), flush=True)
+        gone: list[int] = []
+        for request in (forget_idx, second):
+            t0 = time.perf_counter()
+            res = s.forget(request)
+            sec = time.perf_counter() - t0
+            gone += request
+            keep = [i for i in range(len(D)) if i not in set(gone)]
+            fresh = scrub(model, Subset(D, keep), Subset(D, sorted(gone)), params=SELECTIONS[name],
+                          solver=s.cfg.method, **kw)  # fmt: skip
+            diff = float((res.shift - fresh.shift).norm() / fresh.shift.norm())
+            rec = {"forgotten": len(gone), "seconds": sec, "x_retrain": sec / t_rt,
+                   "products": res.info["request"]["matvecs"], "converged": res.info["converged"],
+                   "fresh_scrub_seconds": fresh.info["seconds"],
+                   "fresh_scrub_products": fresh.info["matvecs"],
+                   "rel_diff_to_fresh": diff}  # fmt: skip
+            row["requests"].append(rec)
+            print(json.dumps(rec), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-class", type=int, default=40)
+    ap.add_argument("--parts", default="scrub,scrubber", help="comma-separated: scrub, scrubber")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -131,7 +178,8 @@ def main() -> None:
     t_rt = time.perf_counter() - t0
     l1 = lambda m: round(float(readouts.softmax_l1(m, retrain, forget)), 4)  # noqa: E731
     out = {
-        "command": "experiments/practitioner_resnet18.py " + f"--per-class {args.per_class}",
+        "command": "experiments/practitioner_resnet18.py "
+                   + f"--per-class {args.per_class} --parts {args.parts}",
         "hardware": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "python": platform.python_version(), "machine": platform.machine()},
         "sizes": {"D": len(D), "D_r": len(retain), "D_f": len(forget), "test": len(T)},
@@ -140,10 +188,14 @@ def main() -> None:
         "scrubs": [],
     }  # fmt: skip
     print(json.dumps({k: out[k] for k in ("sizes", "w_D", "retrain")}), flush=True)
-    runs = [(name, "one_shot", None, True) for name in SELECTIONS]
-    runs += [("layer4.1+fc", "one_shot", None, False), ("fc", "one_shot", "cg", True)]
-    runs += [("fc", "one_shot", "cg", False), ("fc", "ce_newton", None, True)]
-    runs += [("layer4.1+fc", "ce_newton", None, True)]
+    if "scrubber" in args.parts.split(","):
+        out["scrubber"] = scrubber_rows(model, theta0, D, forget_idx, t_rt)
+    parts = args.parts.split(",")
+    runs = [(name, "one_shot", None, True) for name in SELECTIONS] if "scrub" in parts else []
+    if runs:
+        runs += [("layer4.1+fc", "one_shot", None, False), ("fc", "one_shot", "cg", True)]
+        runs += [("fc", "one_shot", "cg", False), ("fc", "ce_newton", None, True)]
+        runs += [("layer4.1+fc", "ce_newton", None, True)]
     for name, method, solver, cache in runs:
         kw = {"rescale": "trapezium"} if method == "one_shot" else {"method": method}
         t0 = time.perf_counter()
