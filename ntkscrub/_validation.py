@@ -15,6 +15,18 @@ def check_model(model: Any, name: str = "model") -> nn.Module:
     return model
 
 
+def check_logits(out: Any, name: str = "model") -> torch.Tensor:
+    """``out`` if the model returned a tensor, else a TypeError naming ``name``: torchvision's
+    GoogLeNet/Inception in train mode return aux logits, Hugging Face models an output object,
+    and torch's own error would be "'tuple' object has no attribute 'dim'"."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"{name}: its forward must return a logits tensor (b, c), got "
+            f"{type(out).__name__}; wrap it in a module that returns the logits alone"
+        )
+    return out
+
+
 def check_number(x: Any, name: str, *, positive: bool = False) -> float:
     """A finite float ≥ 0 (> 0 with ``positive``), else an error naming ``name``."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

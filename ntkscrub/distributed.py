@@ -544,6 +544,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
         ScrubResult,
         _spaces,
         _targets,
+        check_rank,
         trapezium_scale,
     )
     from ntkscrub.shifts import cancellation_amplification, cancellation_floor
@@ -588,6 +589,7 @@ def sharded_scrub(  # noqa: C901, PLR0915 - listed in pyproject.toml
     ridge_r = ridge_d = float(ridge)
     if weight_decay is not None:
         ridge_r, ridge_d = n_r * weight_decay, (n_r + n_f) * weight_decay
+    check_rank(c * (n_r + n_f), p, ridge_d, "Θ_DD")  # global sizes: every rank raises alike
     tol = cfg.tol_for(dt)
 
     J_d_loc = J_r if J_f is None else StackedJacobian(J_r, J_f)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ntkscrub._validation import check_model, check_number, check_seed
+from ntkscrub._validation import check_logits, check_model, check_number, check_seed
 from ntkscrub.batches import as_batches
 from ntkscrub.config import NoiseConfig
 from ntkscrub.operators.ggn import ggn_diagonal
@@ -133,7 +133,7 @@ def add_fisher_noise(
     x0, _ = as_batches(data, name="retain", batch_size=1).first()
     p0 = next(iter(model.parameters()))
     with torch.no_grad():
-        c = int(model(x0.to(device=p0.device, dtype=p0.dtype)).shape[1])
+        c = int(check_logits(model(x0.to(device=p0.device, dtype=p0.dtype))).shape[1])
     fisher = diagonal_fisher(
         model, data, params=space.names, batch_size=batch_size, reduction=reduction
     )

@@ -648,6 +648,7 @@ def scrub(
     # the weight_decay convention: λ = N·wd for each system (N_r for Θ_rr, N_D for Θ_DD)
     wd = weight_decay
     ridge_r, ridge_d = (ridge, ridge) if wd is None else (J_r.n * wd, (J_r.n + J_f.n) * wd)
+    check_rank(J_r.c * (J_r.n + J_f.n), J_r.p, ridge_d, "Θ_DD")
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
     with full_fp32_precision(not products.allow_tf32):
@@ -803,6 +804,22 @@ def _check_scrub_args(
     check_choice(form, "form", ("solves", "block"))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+
+
+def check_rank(rows: int, p: int, ridge: float, system: str) -> None:
+    """Refuse, before any product, a system that no solver can answer: ``Θ = J Jᵀ`` of
+    ``rows`` = c·N rows has rank ≤ p (the linearised parameters), so with no ridge and
+    c·N > p it is singular and the residuals e (not in J's range in general) have no solution —
+    CG would run its whole budget and report a stall, the dense twin a failed Cholesky. Typical
+    case: ``params`` selects the head (p = 2,565 for a 5-class ResNet-18 ``fc``) and D has more
+    than p / c images. Θ_rr has fewer rows than Θ_DD and a ridge no larger, so checking Θ_DD
+    covers it."""
+    if ridge == 0.0 and rows > p:
+        raise ValueError(
+            f"ridge: {system} has c·N = {rows:,} rows but rank ≤ p = {p:,} (the linearised "
+            "parameters), so with ridge=0 it is singular and has no solution; give ridge > 0 or "
+            "weight_decay (the fine-tuning's, λ = N·wd), or linearise more parameters (params)"
+        )
 
 
 def _check_method(method: Any, loss: Any, ridge: Any, weight_decay: Any, form: Any) -> None:

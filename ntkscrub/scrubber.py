@@ -72,6 +72,7 @@ from ntkscrub.scrub import (
     _solver_config,
     _targets,
     _typed,
+    check_rank,
     full_fp32_precision,
     load_weights,
     solver_estimate,
@@ -169,6 +170,7 @@ class Scrubber:
         if estimate is not None:
             self.cfg = self.cfg.replace(method=estimate["method"])
         self.ridge_d = ridge if weight_decay is None else self.n * weight_decay
+        check_rank(self.c * self.n, self.J_D.p, self.ridge_d, "Θ_DD")
         counter = MatvecCounter()
         e_d = _targets(self.J_D, loss)
         self._inv_d = Inverse(

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ntkscrub._validation import check_logits
 from ntkscrub.batches import Batches, as_batches
 from ntkscrub.io import atomic_write
 
@@ -184,6 +185,7 @@ def _anchor_tensors(
 # ------------------------------------------------------------------------------------- losses
 def _per_sample_loss(logits: Tensor, y: Tensor, loss: str) -> Tensor:
     """``(B, c)`` logits, ``(B,)`` labels → ``(B,)`` per-sample losses."""
+    logits = check_logits(logits)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
@@ -247,7 +249,7 @@ def _eval_pass(model: nn.Module, batches: Batches, loss: str, comm: Any = None) 
         for x, y in batches:
             if y is None:
                 raise ValueError("data: labels are required to evaluate")
-            out = model(x)
+            out = check_logits(model(x))
             wrong += int((out.argmax(dim=1) != y).sum())
             total_loss += float(_per_sample_loss(out.float(), y, loss).sum())
             n += y.shape[0]
@@ -519,7 +521,7 @@ def _training_batches(
     if y0 is None:
         raise ValueError("data: labels are required for training")
     with torch.no_grad(), _ModeGuard(net):
-        c = net(x0[:1].to(device)).shape[1]
+        c = check_logits(net(x0[:1].to(device))).shape[1]
     batches = as_batches(data, batch_size=batch_size, name="data", num_classes=c)
     eval_batches = as_batches(
         data, batch_size=max(batch_size, 512), name="data", num_classes=c, device=device

@@ -311,3 +311,57 @@ def test_scrub_names_the_set_with_the_wrong_feature_dimension_and_refuses_meta_i
         scrub(m, (X[:30], Y[:30]), (torch.randn(10, 12), Y[30:]), init=m, ridge=1.0)
     with pytest.raises(ValueError, match="init: holds tensors on the 'meta' device"):
         scrub(m, (X[:30], Y[:30]), (X[30:], Y[30:]), init=copy.deepcopy(m).to("meta"), ridge=1.0)
+
+
+@pytest.mark.parametrize("solver", ["cg", "dense", None])
+def test_ridge_free_system_with_more_rows_than_parameters_is_refused_up_front(solver):
+    """Θ_DD = J Jᵀ has rank ≤ p: with ridge 0 and c·N > p it is singular. Old behaviour: cg ran
+    its budget (κ ≈ 1e9, "tol below the rounding floor"), the dense twin failed its Cholesky;
+    now a ValueError naming ``ridge`` before any product — from scrub and from Scrubber."""
+    from ntkscrub import Scrubber
+
+    m, m0 = make_mlp(seed=0), make_mlp(seed=1)  # p = 6·8 + 8 + 8·3 + 3 = 83
+    X, Y = make_data("mlp", 40)  # c·N = 120 > 83
+    kw = {} if solver is None else {"solver": solver}
+    with pytest.raises(ValueError, match=r"ridge: Θ_DD has c·N = 120 rows but rank ≤ p = 83"):
+        scrub(m, (X[1:], Y[1:]), (X[:1], Y[:1]), init=m0, **kw)
+    with pytest.raises(ValueError, match="ridge: Θ_DD has c·N = 120 rows"):
+        Scrubber(m, (X, Y), init=m0, weight_decay=0.0, **kw)
+    # below the rank bound (c·N = 75 ≤ 83) a ridge-free scrub is still allowed and solved
+    res = scrub(m, (X[1:25], Y[1:25]), (X[:1], Y[:1]), init=m0, solver="dense")
+    assert torch.isfinite(res.shift).all()
+    # and a ridge makes the large system solvable
+    res = scrub(m, (X[1:], Y[1:]), (X[:1], Y[:1]), init=m0, weight_decay=0.01, **kw)
+    assert torch.isfinite(res.shift).all()
+
+
+def test_a_model_returning_a_tuple_is_named_everywhere_it_is_called():
+    """GoogLeNet/Inception in train mode, Hugging Face models: forward returns no tensor. Old:
+    AttributeError "'tuple' object has no attribute 'dim'" (scrub) / "'shape'" (fisher_forget,
+    train); now a TypeError naming the model in each entry point."""
+    from torch import nn
+
+    from ntkscrub import Scrubber, baselines, readouts
+    from ntkscrub.training import train
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fc(x), x.sum()
+
+    torch.manual_seed(0)
+    m, m0 = Pair().eval(), Pair().eval()
+    X, Y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    calls = [
+        lambda: scrub(m, (X[2:], Y[2:]), (X[:2], Y[:2]), init=m0, weight_decay=0.1),
+        lambda: Scrubber(m, (X, Y), init=m0, weight_decay=0.1),
+        lambda: baselines.fisher_forget(m, (X, Y), alpha=1e-6),
+        lambda: train(m, (X, Y), epochs=1, lr=0.1, progress=False),
+        lambda: readouts.error(m, (X, Y)),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"model.*logits.*got tuple"):
+            call()

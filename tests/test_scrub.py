@@ -382,11 +382,17 @@ def test_not_converged_names_the_system_with_partial_result(cnn_problem):
 
 
 def test_dense_singular_system_raises_not_least_squares():
-    """λ = 0 with c·N > p: Θ_DD is singular; the old dense path fell back to least squares."""
+    """λ = 0 and Θ_DD singular: the old dense path fell back to least squares. With c·N > p the
+    rank bound refuses it before any product (naming ``ridge``); with c·N ≤ p a repeated sample
+    makes two rows of J equal, which only the factorisation can see."""
     model = make_cnn(seed=0)
     X, Y = make_data("cnn", 100)  # c·N = 300 > p = 267
-    with pytest.raises(ValueError, match="Θ_DD: the dense system is singular"):
+    with pytest.raises(ValueError, match="ridge: Θ_DD has c·N = 300 rows but rank ≤ p = 267"):
         scrub(model, (X[:90], Y[:90]), (X[90:], Y[90:]), init=make_cnn(seed=1), solver="dense")
+    X, Y = X[:40].clone(), Y[:40].clone()  # c·N = 120 ≤ 267
+    X[1], Y[1] = X[0], Y[0]
+    with pytest.raises(ValueError, match="Θ_DD: the dense system is singular"):
+        scrub(model, (X[:36], Y[:36]), (X[36:], Y[36:]), init=make_cnn(seed=1), solver="dense")
 
 
 def test_auto_solver_is_dense_when_it_fits_else_cg(cnn_problem):

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
 from ntkscrub._progress import logger, warn
-from ntkscrub._validation import check_vector_chunk
+from ntkscrub._validation import check_logits, check_vector_chunk
 from ntkscrub.batches import Batches, as_batches, check_model_accepts, subset
 from ntkscrub.operators.base import Operator, accumulated_matmul, check_vector
 from ntkscrub.operators.forward_cache import ForwardCache
@@ -135,7 +135,7 @@ class Jacobian(Operator):
             # "mat1 and mat2 shapes cannot be multiplied", naming neither the set nor the fix.
             check_model_accepts(space.model, **{name: self.data})
             raise ValueError(f"{name}: the model cannot be applied to its inputs: {err}") from err
-        if out.dim() != 2:
+        if check_logits(out).dim() != 2:
             raise ValueError(f"model: expected logits of shape (b, c), got {tuple(out.shape)}")
         self.c: int = out.shape[1]
         self.n: int = len(self.data)
