@@ -237,9 +237,16 @@ class Batches:
             self.source = data
         elif isinstance(data, (tuple, list)):
             if len(data) != 2 or not all(isinstance(t, Tensor) for t in data):
+                samples = len(data) > 0 and isinstance(data[0], (tuple, list))
+                hint = (
+                    " — a list of (x, y) samples: stack it into an (X, Y) pair or wrap it in a "
+                    "Dataset (e.g. TensorDataset)"
+                    if samples
+                    else ""
+                )
                 raise TypeError(
                     f"{name}: expected an (X, Y) pair of tensors, a Dataset or a DataLoader, "
-                    f"got a {type(data).__name__} of length {len(data)}"
+                    f"got a {type(data).__name__} of length {len(data)}{hint}"
                 )
             X, Y = data
             if X.dim() == 0 or Y.dim() == 0 or X.shape[0] != Y.shape[0]:

@@ -62,6 +62,13 @@ def _select(model: nn.Module, params: ParamSelector) -> list[str]:
             raise ValueError(f"params: unknown parameter names {unknown}")
         wanted_set = set(wanted)
         chosen = [n for n, _ in named if n in wanted_set]  # keep named_parameters() order
+    if not chosen and params is None and named:
+        # A model frozen after training (requires_grad_(False)) is common; say which rule chose.
+        raise ValueError(
+            f"params: none of the model's {len(named)} parameter tensors requires grad, and "
+            "params=None selects those that do; pass params (a regex, names or a predicate), "
+            "e.g. params='.*' for all, or call model.requires_grad_(True)"
+        )
     if not chosen:
         raise ValueError("params: the selection contains no parameters")
     return chosen

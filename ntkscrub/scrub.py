@@ -397,6 +397,10 @@ def trapezium_scale(
 # factorisations of the (c·N)² system on the dense twin (CE Newton: one per step, two fits).
 _CG_PRODUCTS = {"one_shot": 80, "projected": 80, "ce_newton": 300, "output_match": 300}
 _DENSE_FACTORS = {"one_shot": 2, "projected": 2, "ce_newton": 20, "output_match": 20}
+# Below this many dense FLOPs (≈ 1 ms at the 120–160 GFLOP/s measured on 2 CPU cores) both
+# paths cost their fixed overheads, not their FLOPs, and the dense twin is exact and cannot
+# miss a tolerance: an 83-parameter MLP (c·N = 120) went to cg at 3.2 MFLOPs against 7.1.
+_TINY_DENSE_FLOPS = 1e8
 
 
 def solver_estimate(
@@ -418,7 +422,8 @@ def solver_estimate(
     with w = 2 where Θ and its factors are computed in a wider dtype than J (float64 for a
     float32 J: half the throughput; quick preset 27 → 39 s) and 1 otherwise.
 
-    with K and k per method (``_CG_PRODUCTS``, ``_DENSE_FACTORS``). Why FLOPs: on this
+    with K and k per method (``_CG_PRODUCTS``, ``_DENSE_FACTORS``); below ``_TINY_DENSE_FLOPS``
+    the dense twin is taken whatever cg's count (overheads decide there). Why FLOPs: on this
     project's 2-core CPU the Θ product of the quick preset (All-CNN ×0.25, F = 44 MFLOPs)
     ran at ≈ 120 GFLOP/s by this count and the (2500 × 102 k) Gram product at 160, so one unit
     buys about the same time on either side. Why not memory alone (the rule before): with many
@@ -438,6 +443,8 @@ def solver_estimate(
     cg = K * 6.0 * n * F
     if need > max_dense_bytes:
         choice, why = "cg", "the explicit Jacobian and Θ exceed max_dense_bytes"
+    elif dense <= _TINY_DENSE_FLOPS:
+        choice, why = "dense", "the problem is tiny: the exact dense twin costs next to nothing"
     elif dense > cg:
         choice, why = "cg", "the dense twin would cost more operations than cg"
     else:

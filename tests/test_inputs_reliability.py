@@ -365,3 +365,31 @@ def test_a_model_returning_a_tuple_is_named_everywhere_it_is_called():
     for call in calls:
         with pytest.raises(TypeError, match=r"model.*logits.*got tuple"):
             call()
+
+
+def test_a_list_of_samples_gets_a_hint_not_just_a_refusal():
+    X, Y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(TypeError, match=r"data: .*list of length 4 — a list of \(x, y\) samples"):
+        as_batches([(X[i], int(Y[i])) for i in range(4)], name="data")
+    with pytest.raises(TypeError, match=r"of length 3$"):  # three tensors: no sample hint
+        as_batches([X, Y, Y], name="data")
+
+
+def test_a_frozen_model_is_told_how_to_select_its_parameters():
+    """requires_grad_(False) after training left params=None with nothing, and the old message
+    ("the selection contains no parameters") did not say why; an explicit selection still works
+    (torch.func needs no requires_grad) and gives the same shift."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    mk = lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()  # noqa: E731
+    m0, m = mk(), mk()
+    X, Y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    kw = {"init": m0, "weight_decay": 0.01, "solver": "dense"}
+    ref = scrub(m, (X[5:], Y[5:]), (X[:5], Y[:5]), **kw)
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"params: none of the model's 4 parameter tensors"):
+        scrub(m, (X[5:], Y[5:]), (X[:5], Y[:5]), **kw)
+    res = scrub(m, (X[5:], Y[5:]), (X[:5], Y[:5]), params=".*", **kw)
+    assert torch.equal(res.shift, ref.shift)
+    assert not any(p.requires_grad for p in m.parameters())  # input untouched

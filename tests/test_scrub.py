@@ -477,3 +477,18 @@ def test_shift_error_is_not_the_fits_error_times_the_cancellation(loss):
     last = res.info["solves"][-1]
     assert last["cancellation"] > 1 and last["rhs_ratio"] > 0 and res.info["converged"]
     assert last["system"] == "Θ_rr (tol / cancellation)" and last["converged"]
+
+
+def test_auto_takes_the_exact_dense_twin_for_a_tiny_problem():
+    """Below ``_TINY_DENSE_FLOPS`` the FLOP comparison is noise (fixed overheads decide) and the
+    dense twin cannot miss a tolerance: an MLP of 83 parameters, c·N = 120, used to go to cg."""
+    from ntkscrub.scrub import _TINY_DENSE_FLOPS
+
+    torch.manual_seed(0)
+    mk = lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()  # noqa: E731
+    X, Y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    res = scrub(mk(), (X[5:], Y[5:]), (X[:5], Y[:5]), init=mk(), weight_decay=0.01)
+    auto = res.info["auto_solver"]
+    assert res.info["solver"] == "dense" and auto["dense_flops"] <= _TINY_DENSE_FLOPS
+    assert auto["dense_flops"] > auto["cg_flops"]  # the FLOP rule alone would have said cg
+    assert auto["reason"].startswith("the problem is tiny")
