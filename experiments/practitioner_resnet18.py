@@ -188,9 +188,9 @@ def main() -> None:
         "scrubs": [],
     }  # fmt: skip
     print(json.dumps({k: out[k] for k in ("sizes", "w_D", "retrain")}), flush=True)
-    if "scrubber" in args.parts.split(","):
-        out["scrubber"] = scrubber_rows(model, theta0, D, forget_idx, t_rt)
     parts = args.parts.split(",")
+    if "scrubber" in parts:
+        out["scrubber"] = scrubber_rows(model, theta0, D, forget_idx, t_rt)
     runs = [(name, "one_shot", None, True) for name in SELECTIONS] if "scrub" in parts else []
     if runs:
         runs += [("layer4.1+fc", "one_shot", None, False), ("fc", "one_shot", "cg", True)]

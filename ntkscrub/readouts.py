@@ -34,6 +34,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from ntkscrub._progress import check_progress, logger, progress_bar, warn
+from ntkscrub._validation import check_logits
 from ntkscrub.batches import Batches, DataLike, _check_labels, as_batches, subset
 from ntkscrub.params import check_eval_mode
 
@@ -106,12 +107,7 @@ def _logits(
     """``f(x)`` of shape ``(b, c)`` on the model's device, in float32 or float64, checked finite."""
     device, dtype = placement
     x = x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
-    out = model(x)
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"{model_name}: expected the model to return a tensor of logits, got "
-            f"{type(out).__name__}"
-        )
+    out = check_logits(model(x), model_name)
     if out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ValueError(
             f"{model_name}: expected logits of shape (batch, c) = ({x.shape[0]}, c), got "
