@@ -511,6 +511,8 @@ def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> Non
     skip = C.derive(C.PRESETS["smoke"], skip_methods=("core",))
     run2 = stages.SeedRun(stages.Context(skip, *[getattr(ctx, k) for k in _CTX]), 0, {})
     assert run2.model("core") is None and "skipped" in run2.res["method_failures"]["core"]
+    with pytest.raises(ValueError, match="headline"):  # NTK + noise and Fig. 3 need it
+        C.derive(C.PRESETS["smoke"], skip_methods=(C.PRESETS["smoke"].forget.headline,))
     doc = {"meta": {}, "seeds": {"0": {"method_failures": run.res["method_failures"]}}}
     text = "\n".join(figures._report_header(doc))
     assert "METHOD FAILED, seed 0: boom" in text
@@ -533,6 +535,31 @@ def test_step_rule_takes_the_raw_step_of_a_model_linear_in_its_parameters():
     for a, m in zip(grid, out["mismatch"], strict=True):
         assert abs(m - (a - 1.0) ** 2 * norm) <= 1e-4 * norm, (a, m)
     assert len(out["val_errors"]) == len(grid)
+
+
+def test_step_rule_keeps_the_raw_step_on_a_tie_within_noise():
+    """One-standard-error rule: a step of lower mean mismatch replaces a = 1 only when its gain
+    exceeds the standard error of the paired per-image differences."""
+    from ntkscrub.recipes.reproduction.measure import one_se_step
+
+    g = torch.Generator().manual_seed(0)
+    grid, n = (0.5, 0.75, 1.0, 1.25), 125
+    base = torch.rand(n, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    rows = torch.stack([base + 1.0, base + 0.01 * noise - 0.001, base, base + 0.5])
+    tie = one_se_step(rows, grid, prefer=1.0)
+    assert tie["a_min"] == 0.75 and tie["a"] == 1.0
+    assert 0 < tie["gain"] < tie["se"]
+    rows[1] = base - 0.1 + 0.01 * noise  # a clear gain: 0.1 against a standard error ~ 1e-3
+    clear = one_se_step(rows, grid, prefer=1.0)
+    assert clear["a"] == 0.75 and clear["gain"] > clear["se"]
+    assert one_se_step(rows, grid, prefer=None)["a"] == 0.75
+    rows[1] = base + 0.01 * noise - 0.001
+    assert one_se_step(rows, grid, prefer=None)["a"] == 0.75  # plain argmin
+    with pytest.raises(ValueError, match="prefer"):
+        one_se_step(rows, grid, prefer=2.0)
+    with pytest.raises(ValueError, match="per_image"):
+        one_se_step(rows[:2], grid, prefer=1.0)
 
 
 def test_dense_check_report_reads_a_difference_as_the_tolerance():

@@ -165,6 +165,16 @@ class ForgetConfig:
     ntk_noise_alpha: float = 1e-9
     headline: str = "ntk_ref_trap"
 
+    def __post_init__(self) -> None:
+        # the headline model carries "NTK + noise" and Fig. 3's bounds: skipping it used to fail
+        # those late, as "model: expected an nn.Module, got NoneType"
+        if self.headline in self.skip_methods:
+            raise ValueError(
+                f"headline={self.headline!r} is in skip_methods: the headline model carries "
+                "'NTK + noise' and Fig. 3's bounds; set headline to a method that runs "
+                "(e.g. --set headline=ntk_paper_trap) or do not skip it"
+            )
+
 
 @dataclass(frozen=True)
 class MeasureConfig:
