@@ -516,6 +516,9 @@ def test_a_failing_method_is_left_out_and_recorded(tmp_path, monkeypatch) -> Non
     doc = {"meta": {}, "seeds": {"0": {"method_failures": run.res["method_failures"]}}}
     text = "\n".join(figures._report_header(doc))
     assert "METHOD FAILED, seed 0: boom" in text
+    doc["seeds"]["0"]["method_failures"].update(run2.res["method_failures"])
+    text = "\n".join(figures._report_header(doc))
+    assert "not run (`forget.skip_methods`): core" in text and "FAILED, seed 0: core" not in text
 
 
 def test_step_rule_takes_the_raw_step_of_a_model_linear_in_its_parameters():

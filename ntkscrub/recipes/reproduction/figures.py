@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ntkscrub.io import save_figure, write_text  # noqa: E402
-from ntkscrub.recipes.reproduction.methods import METHODS  # noqa: E402
+from ntkscrub.recipes.reproduction.methods import METHODS, SKIPPED  # noqa: E402
 
 # the registry's order is the order of every table and figure; SHORT: two-line tick labels
 METHOD_ORDER = list(METHODS)
@@ -434,8 +434,14 @@ def _report_header(results: dict[str, Any]) -> list[str]:
     for s_name, f in (meta.get("failed_seeds") or {}).items():
         L.append(f"- **Seed {s_name} FAILED**: {f.get('reason')}")
     for s_name, s in results.get("seeds", {}).items():
+        skipped = [m for m, why in (s.get("method_failures") or {}).items() if why == SKIPPED]
+        if skipped:
+            L.append(f"- Seed {s_name}: not run (`forget.skip_methods`): {', '.join(skipped)}")
         for m, why in (s.get("method_failures") or {}).items():
-            L.append(f"- **METHOD FAILED, seed {s_name}: {m}** (left out of this seed): `{why}`")
+            if why != SKIPPED:
+                L.append(
+                    f"- **METHOD FAILED, seed {s_name}: {m}** (left out of this seed): `{why}`"
+                )
         for w in s.get("solver_warnings") or []:
             L.append(
                 f"- **SOLVER WARNING, seed {s_name}: {w.get('what')} did NOT converge** (its "

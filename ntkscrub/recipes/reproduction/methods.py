@@ -38,6 +38,7 @@ __all__ = [
     "METHODS",
     "NTK_FORMS",
     "STEP_GRID",
+    "SKIPPED",
     "method_labels",
     "fisher_noise_seed",
     "scrub_call",
@@ -323,6 +324,9 @@ def _ntk_noise(run: SeedRun) -> nn.Module:
     alpha = run.cfg.forget.ntk_noise_alpha
     return add_noise(run.model(head), run.variance(head), alpha, 61_000 + run.seed)
 
+
+# method_failures' entry for a method named in forget.skip_methods (reported as not run)
+SKIPPED = "skipped (forget.skip_methods)"
 
 METHODS: dict[str, Method] = {
     m.name: m

@@ -44,7 +44,13 @@ from ntkscrub.recipes.reproduction.failures import (
     require_trained,
     training_failure,
 )
-from ntkscrub.recipes.reproduction.methods import METHODS, NTK_FORMS, scrub_call, scrub_form
+from ntkscrub.recipes.reproduction.methods import (
+    METHODS,
+    NTK_FORMS,
+    SKIPPED,
+    scrub_call,
+    scrub_form,
+)
 from ntkscrub.recipes.reproduction.weights import fisher_variance
 from ntkscrub.recipes.runtime import BudgetExceeded, RunLog, log
 
@@ -133,7 +139,7 @@ class SeedRun:
         methods' readouts. w(D) and the seed-matched run are not methods that can fail here."""
         if name not in self.models and name in self.cfg.forget.skip_methods:
             self.models[name] = None
-            self.res.setdefault("method_failures", {})[name] = "skipped (forget.skip_methods)"
+            self.res.setdefault("method_failures", {})[name] = SKIPPED
         if name not in self.models:
             try:
                 with self.stage(METHODS[name].stage):
