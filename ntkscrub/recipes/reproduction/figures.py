@@ -434,10 +434,11 @@ def _report_header(results: dict[str, Any]) -> list[str]:
     for s_name, f in (meta.get("failed_seeds") or {}).items():
         L.append(f"- **Seed {s_name} FAILED**: {f.get('reason')}")
     for s_name, s in results.get("seeds", {}).items():
-        skipped = [m for m, why in (s.get("method_failures") or {}).items() if why == SKIPPED]
+        failures = s.get("method_failures") or {}
+        skipped = [m for m, why in failures.items() if why == SKIPPED]
         if skipped:
             L.append(f"- Seed {s_name}: not run (`forget.skip_methods`): {', '.join(skipped)}")
-        for m, why in (s.get("method_failures") or {}).items():
+        for m, why in failures.items():
             if why != SKIPPED:
                 L.append(
                     f"- **METHOD FAILED, seed {s_name}: {m}** (left out of this seed): `{why}`"
