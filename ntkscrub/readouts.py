@@ -52,6 +52,7 @@ __all__ = [
     "relearn_time",
     "RelearnResult",
     "membership_attack",
+    "mean_entropy",
     "AttackResult",
     "SOFTMAX_L1_CONVENTION",
     "RELEARN_CONVENTION",
@@ -709,6 +710,15 @@ def _entropies(model: nn.Module, data: DataLike, name: str, batch_size: int) -> 
         logp = out.double().log_softmax(dim=1)
         parts.append(-(logp.exp() * logp).sum(dim=1).cpu())
     return torch.cat(parts).numpy()
+
+
+def mean_entropy(model: nn.Module, data: DataLike, *, batch_size: int = 512) -> float:
+    """Mean softmax entropy of ``model`` on ``data`` (nats; labels ignored) — the attack's feature.
+
+    On held-out images it is what ``scrub(..., method="ce_newton", forget_entropy=...)`` takes:
+    a retrain's confidence on D_f, images it never saw, measured without a retrain."""
+    check_eval_mode(model, "model")
+    return float(_entropies(model, data, "data", batch_size).mean())
 
 
 def membership_attack(

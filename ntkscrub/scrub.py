@@ -526,6 +526,7 @@ def scrub(
     match: MatchConfig | None = None,
     newton: NewtonConfig | None = None,
     anchor_data: Any = None,
+    forget_entropy: float | None = None,
     process_group: Any = None,
 ) -> ScrubResult:
     """Scrub D_f from ``model`` in one shot: ``S(w) = w(D) + s·Δ + n`` (Prop. 2, eq. 10–11).
@@ -589,6 +590,12 @@ def scrub(
             stop test, inexact-Newton forcing, Armijo constant); ``None``: its defaults.
         anchor_data: ``method="output_match"``: extra unlabelled anchor images (X, a Dataset or
             DataLoader; labels ignored), e.g. validation images, held at w(D)'s outputs.
+        forget_entropy: ``method="ce_newton"``: the mean softmax entropy (nats) D_f's outputs
+            should have after the removal — a retrain's on images it never saw, measured
+            without one as the model's own on held-out images:
+            ``readouts.mean_entropy(model, val)``. The retain model's predicted D_f outputs are
+            tempered to it and the CE model refitted on D with them as D_f's soft targets
+            (:func:`ntkscrub.shifts.ce_newton_shift`; one more Newton fit). ``None``: off.
         process_group: data-parallel scrub (:mod:`ntkscrub.distributed`): when given, or when a
             default ``torch.distributed`` group is initialised, ``retain`` and ``forget`` are this
             rank's shards and the shift equals the one-process scrub of the shards concatenated
@@ -602,7 +609,7 @@ def scrub(
     _check_scrub_args(model, linearize_at, loss, rescale, form, seed)
     check_not_meta(model, "model")
     check_not_meta(init, "init")
-    _check_method(method, loss, ridge, weight_decay, form)
+    forget_entropy = _check_method(method, loss, ridge, weight_decay, form, forget_entropy)
     match = check_match(method, match, anchor_data, loss, ridge, weight_decay)
     ridge, noise, newton = (
         check_number(ridge, "ridge"),
@@ -671,8 +678,9 @@ def scrub(
             )  # fmt: skip
         else:
             res = _method_shift(
-                method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg, newton
-            )
+                method, J_r, J_f, e_r, w_d - theta0, linearize_at, ridge_r, ridge_d, cfg, newton,
+                forget_entropy,
+            )  # fmt: skip
     scale, cos = 1.0, None
     if rescale == "trapezium":
         scale, cos = trapezium_scale(res.delta, w_d, theta0, res.w_lin_r)
@@ -829,7 +837,10 @@ def check_rank(rows: int, p: int, ridge: float, system: str) -> None:
         )
 
 
-def _check_method(method: Any, loss: Any, ridge: Any, weight_decay: Any, form: Any) -> None:
+def _check_method(
+    method: Any, loss: Any, ridge: Any, weight_decay: Any, form: Any, forget_entropy: Any = None
+) -> float | None:
+    """The method's argument checks; returns ``forget_entropy`` checked (a float or None)."""
     check_choice(method, "method", ("one_shot", "projected", "ce_newton", "output_match"))
     if method != "one_shot" and form != "solves":
         raise ValueError(f"form: applies to method='one_shot' only, got form={form!r}")
@@ -843,6 +854,18 @@ def _check_method(method: Any, loss: Any, ridge: Any, weight_decay: Any, form: A
                 "ridge: method='ce_newton' needs a ridge > 0 (or weight_decay > 0); the "
                 "cross-entropy alone has no unique minimiser"
             )
+    return _check_forget_entropy(forget_entropy, method)
+
+
+def _check_forget_entropy(value: Any, method: str) -> float | None:
+    if value is None:
+        return None
+    if method != "ce_newton":
+        raise ValueError(f"forget_entropy: applies to method='ce_newton' only, got {method!r}")
+    value = check_number(value, "forget_entropy")
+    if not value > 0:
+        raise ValueError(f"forget_entropy: expected a mean entropy > 0 nats, got {value}")
+    return value
 
 
 def _method_shift(
@@ -856,6 +879,7 @@ def _method_shift(
     ridge_d: float,
     cfg: SolverConfig,
     newton: NewtonConfig | None = None,
+    forget_entropy: float | None = None,
 ) -> Any:
     """The shift of a method of :mod:`ntkscrub.shifts` (a :class:`~ntkscrub.shifts.MethodShift`).
 
@@ -866,8 +890,9 @@ def _method_shift(
         return projected_shift(J_r, J_f, displacement, e_r, ridge=ridge_r, config=cfg)
     centre = -displacement if linearize_at == "trained" else None
     return ce_newton_shift(
-        J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg, newton=newton, centre=centre
-    )
+        J_r, J_f, ridge_r=ridge_r, ridge_d=ridge_d, config=cfg, newton=newton, centre=centre,
+        forget_entropy=forget_entropy,
+    )  # fmt: skip
 
 
 def _typed(value: Any, cls: type, name: str) -> Any:

@@ -90,22 +90,28 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     assert tune["alpha"] == (max(ok) if ok else min(tune["alphas"]))
     assert tune["qualified"] == bool(ok)
     # issue 13: the new methods' readouts, their validation-only step rule, and the diagnostics
-    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "ntk_match", "ntk_match_ce"):
+    new = ("ntk_ce_init", "ntk_ce_trained", "ntk_ce_cal", "ntk_projected", "ntk_match")
+    for m in new + ("ntk_match_ce",):
         assert set(seed["readouts"][m]["error"]) >= {"forget", "retain", "test"}
         assert seed["diagnostics"][m]["cos_vs_retrains"]
-    for form in ("ntk_ce_init", "ntk_ce_trained"):
+    for form in ("ntk_ce_init", "ntk_ce_trained", "ntk_ce_cal"):
         t = seed["methods_config"][f"{form}_tuning"]
         # the step whose realised change of the validation logits best matches J_val Δ
         assert len(t["mismatch"]) == len(t["val_errors"]) == len(t["grid"])
         assert t["a"] == t["grid"][int(np.argmin(t["mismatch"]))]
         newton = seed["ntk"][form]["scrub_info"]["method_info"]["newton"]
         assert newton["D"]["converged"] and newton["D_r"]["converged"]
+    # D_f's predicted outputs tempered to w(D)'s mean entropy on the unlabelled validation images
+    cal = seed["ntk"]["ntk_ce_cal"]["scrub_info"]["method_info"]["calibration"]
+    assert 0 < cal["target_entropy"] and cal["temperature"] > 0
+    assert seed["ntk"]["ntk_ce_cal"]["scrub_info"]["method_info"]["newton"]["D calibrated"]
     fid = seed["fidelity"]
     assert set(fid) == {
         "ntk_paper",
         "ntk_ref",
         "ntk_ce_init",
         "ntk_ce_trained",
+        "ntk_ce_cal",
         "ntk_projected",
         "ntk_match",
         "ntk_match_ce",
@@ -164,7 +170,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     # the report carries the check and, for every method, its band position and cost
     summ = res["summary"]
     assert summ["dense_check"]["0"]["max_rel_shift"] == dc["max_rel_shift"]
-    for m in ("ntk_ce_init", "ntk_ce_trained", "ntk_projected", "ntk_match"):
+    for m in new:
         assert summ["costs"][m]["matvecs"]["mean"] == seed["ntk"][m]["scrub_info"]["matvecs"]
         assert summ["costs"][m]["all_converged"] is True and m in summ["inside_band"]
         assert m in summ["diagnostics"] and m in seed["line"]
@@ -244,7 +250,7 @@ def _check_matching(ntk: dict, n_val: int) -> None:
 
 # issue 13's Newton and matching forms: covered end to end by test_smoke_preset_end_to_end; the
 # other pipeline tests skip them (CI time: −27 s and −15 s)
-_HEAVY_FORMS = ("ntk_ce_init", "ntk_ce_trained", "ntk_match")
+_HEAVY_FORMS = ("ntk_ce_init", "ntk_ce_trained", "ntk_ce_cal", "ntk_match")
 
 
 def test_failed_finetune_baseline_leaves_the_seed(tmp_path: Path) -> None:
@@ -376,6 +382,7 @@ def test_method_registry_orders_tables_and_labels() -> None:
         "ntk_ref_trap",
         "ntk_ce_init",
         "ntk_ce_trained",
+        "ntk_ce_cal",
         "ntk_projected",
         "ntk_match",
         "ntk_match_ce",

@@ -19,16 +19,18 @@ from model_zoo import (
 )
 from scipy.optimize import minimize
 
+from ntkscrub import readouts
 from ntkscrub.config import SolverConfig
 from ntkscrub.scrub import scrub
-from ntkscrub.shifts import NewtonConfig
+from ntkscrub.shifts import NewtonConfig, entropy_temperature, mean_entropy
 
 
-def lbfgs_ce_minimiser(J, f0, Y, lam, centre=None):
-    """argmin_w Σ CE(f0 + J w, y) + ½λ‖w − centre‖² by scipy L-BFGS in float64 (primal)."""
+def lbfgs_ce_minimiser(J, f0, Y, lam, centre=None, targets=None):
+    """argmin_w Σ CE(f0 + J w, y) + ½λ‖w − centre‖² by scipy L-BFGS in float64 (primal);
+    ``targets`` ``(N, c)``: soft target rows in place of one-hot ``Y``."""
     centre = torch.zeros(J.shape[1], dtype=torch.float64) if centre is None else centre
     c = f0.shape[1]
-    onehot = torch.nn.functional.one_hot(Y, c).double()
+    onehot = torch.nn.functional.one_hot(Y, c).double() if targets is None else targets
 
     def fun(w_np):
         w = torch.tensor(w_np, dtype=torch.float64, requires_grad=True)
@@ -219,6 +221,94 @@ def test_rescale_and_noise_apply_to_every_method():
         n = scrub(trained, (X[:16], Y[:16]), (X[16:], Y[16:]), noise=1e-3, seed=3, **kw)
         diff = flat(n.model) - flat(trained) - n.shift
         assert float(diff.norm()) > 0  # the noise was added on top of the shift
+
+
+# --------------------------------------------------------------------------- forget_entropy
+@pytest.mark.parametrize("linearize_at", ["init", "trained"])
+def test_forget_entropy_equals_lbfgs_minimiser_with_tempered_soft_targets(linearize_at):
+    """``forget_entropy``: the retain model's D_f logits tempered to the target entropy become D_f's
+    soft targets of a refit on D with the retain ridge; against L-BFGS in float64 (independent:
+    primal, explicit J, its own bisection for T), on cg and on the dense twin."""
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    Xr, Yr, Xf, Yf = X[:16], Y[:16], X[16:], Y[16:]
+    lam_r, lam_d = 16 * 0.05, 20 * 0.05
+    at = theta0 if linearize_at == "init" else trained
+    J_d, f_d = explicit_jacobian(at, X)
+    J_r, f_r = J_d[: 3 * 16], f_d[:16]
+    centre = flat(theta0) - flat(at)
+    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d, centre)
+    w_r = lbfgs_ce_minimiser(J_r, f_r, Yr, lam_r, centre)
+    z_f = f_d[16:] + (J_d[3 * 16 :] @ w_r).reshape(-1, 3)
+    target = mean_entropy(z_f) + 0.15  # less confident than the retain model predicts
+    lo, hi = 1e-3, 1e3  # the test's own bisection for T
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        h = float(-(torch.softmax(z_f / mid, 1) * torch.log_softmax(z_f / mid, 1)).sum(1).mean())
+        lo, hi = (mid, hi) if h < target else (lo, mid)
+    soft = torch.cat([torch.nn.functional.one_hot(Yr, 3).double(), torch.softmax(z_f / lo, 1)])
+    w_cal = lbfgs_ce_minimiser(J_d, f_d, None, lam_r, centre, targets=soft)
+    out = {}
+    for solver in ("dense", "cg"):
+        res = scrub(trained, (Xr, Yr), (Xf, Yf), init=theta0, linearize_at=linearize_at,
+                    loss="ce", method="ce_newton", weight_decay=0.05, solver=solver,
+                    forget_entropy=target)  # fmt: skip
+        assert rel(res.delta, w_cal - w_d) <= 1e-6
+        assert rel(res.w_lin_r, w_cal) <= 1e-6
+        cal = res.info["method_info"]["calibration"]
+        assert cal["temperature"] == pytest.approx(lo, rel=1e-5)
+        assert cal["predicted_entropy"] < cal["fitted_entropy"] < target  # the ridge holds back
+        assert res.info["method_info"]["newton"]["D calibrated"]["converged"]
+        out[solver] = res
+    assert rel(out["cg"].delta, out["dense"].delta) <= 1e-8
+
+
+def test_forget_entropy_at_the_predicted_entropy_is_the_plain_ce_model():
+    """T = 1 (the target is the retain model's own predicted entropy): the refit's minimiser is
+    w_ce(D_r) itself, so the shift is the plain CE model's — why the refit uses the retain ridge."""
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    kw = dict(init=theta0, loss="ce", method="ce_newton", weight_decay=0.05, solver="dense",
+              linearize_at="trained")  # fmt: skip
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    plain = scrub(*args, **kw)
+    h = scrub(*args, forget_entropy=1.0, **kw).info["method_info"]["calibration"]
+    same = scrub(*args, forget_entropy=h["predicted_entropy"], **kw)
+    assert same.info["method_info"]["calibration"]["temperature"] == pytest.approx(1.0, rel=1e-9)
+    assert rel(same.delta, plain.delta) <= 1e-9
+    assert same.info["method_info"]["newton"]["D calibrated"]["start"] == "warm"
+
+
+def test_entropy_temperature_and_mean_entropy():
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.2, 3.0]], dtype=torch.float64)
+    p = torch.softmax(z, 1)
+    assert mean_entropy(z) == pytest.approx(float(-(p * p.log()).sum(1).mean()), rel=1e-12)
+    for h in (0.1, 0.7, 1.05):
+        assert mean_entropy(z / entropy_temperature(z, h)) == pytest.approx(h, rel=1e-6)
+    with pytest.raises(ValueError, match="forget_entropy"):
+        entropy_temperature(z, 1.2)  # > log 3
+    model = make_mlp(seed=0)
+    X, _ = make_data("mlp", 12)
+    before = flat(model).clone()
+    H = readouts.mean_entropy(model, X)
+    with torch.no_grad():
+        assert H == pytest.approx(mean_entropy(model(X)), rel=1e-12)
+    assert torch.equal(flat(model), before)
+
+
+def test_forget_entropy_bad_input_names_the_argument():
+    trained, theta0 = trained_pair()
+    X, Y = make_data("mlp", 20)
+    args = (trained, (X[:16], Y[:16]), (X[16:], Y[16:]))
+    kw = dict(init=theta0, loss="ce", ridge=0.1)
+    with pytest.raises(ValueError, match="forget_entropy"):
+        scrub(*args, method="one_shot", forget_entropy=0.5, **kw)
+    with pytest.raises(ValueError, match="forget_entropy"):
+        scrub(*args, method="ce_newton", forget_entropy=0.0, **kw)
+    with pytest.raises(TypeError, match="forget_entropy"):
+        scrub(*args, method="ce_newton", forget_entropy=True, **kw)
+    with pytest.raises(ValueError, match="forget_entropy"):
+        scrub(*args, method="ce_newton", forget_entropy=5.0, solver="dense", **kw)
 
 
 def test_method_bad_input_names_the_argument():

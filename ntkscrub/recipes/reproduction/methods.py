@@ -78,11 +78,20 @@ class Method:
 # kernel prediction, anchors (100 images of D_r + the unlabelled validation images, scrub_call)
 # held at w(D)'s; MatchConfig defaults — no knob was chosen on retrains or D_f. "match_ce": the
 # same rounds toward the cross-entropy linear model's kernel prediction (first_step="ce_newton").
+# "ce_cal": the CE model at w(D) with D_f's predicted outputs tempered to w(D)'s mean entropy on
+# the (unlabelled) validation images, ``scrub(forget_entropy=...)`` — a retrain's confidence on
+# images it never saw, measured without one.
 NTK_FORMS: dict[str, dict[str, str]] = {
     "ntk_paper": {"linearize_at": "init", "loss": "mse"},
     "ntk_ref": {"linearize_at": "trained", "loss": "ce"},
     "ntk_ce_init": {"linearize_at": "init", "loss": "ce", "method": "ce_newton"},
     "ntk_ce_trained": {"linearize_at": "trained", "loss": "ce", "method": "ce_newton"},
+    "ntk_ce_cal": {
+        "linearize_at": "trained",
+        "loss": "ce",
+        "method": "ce_newton",
+        "forget_entropy": "val",
+    },
     "ntk_projected": {"linearize_at": "init", "loss": "mse", "method": "projected"},
     "ntk_match": {"linearize_at": "init", "loss": "mse", "method": "output_match"},
     "ntk_match_ce": {
@@ -187,6 +196,9 @@ def scrub_call(run: SeedRun, form: str, solver: str) -> Any:
     form_kw = dict(NTK_FORMS[form])
     first_step = form_kw.pop("first_step", "one_shot")
     match = form_kw.get("method") == "output_match"
+    val = data_sets(run.split)["val"][0]  # unlabelled: what the tuning rule allows
+    if form_kw.pop("forget_entropy", None) == "val":
+        form_kw["forget_entropy"] = readouts.mean_entropy(run.w_d, val)
     return scrub(
         run.w_d,
         run.split.retain,
@@ -206,7 +218,7 @@ def scrub_call(run: SeedRun, form: str, solver: str) -> Any:
             precond=cfg.cg_precond,
         ),
         # the validation images (unlabelled) as extra anchors: allowed by the tuning rule
-        anchor_data=data_sets(run.split)["val"][0] if match else None,
+        anchor_data=val if match else None,
         match=MatchConfig(first_step=first_step) if match else None,
         **form_kw,
     )
@@ -392,6 +404,15 @@ METHODS: dict[str, Method] = {
             "NTK CE\nw(D), val",
             "scrub_ntk_ce_trained",
             _ntk_val("ntk_ce_trained"),
+            diagnostics=True,
+            line=True,
+        ),
+        Method(
+            "ntk_ce_cal",
+            "NTK, cross-entropy linear model at w(D), D_f entropy calibrated on val, step on val",
+            "NTK CE\nw(D) cal.",
+            "scrub_ntk_ce_cal",
+            _ntk_val("ntk_ce_cal"),
             diagnostics=True,
             line=True,
         ),
