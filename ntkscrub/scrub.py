@@ -862,10 +862,7 @@ def _check_forget_entropy(value: Any, method: str) -> float | None:
         return None
     if method != "ce_newton":
         raise ValueError(f"forget_entropy: applies to method='ce_newton' only, got {method!r}")
-    value = check_number(value, "forget_entropy")
-    if not value > 0:
-        raise ValueError(f"forget_entropy: expected a mean entropy > 0 nats, got {value}")
-    return value
+    return check_number(value, "forget_entropy", positive=True)
 
 
 def _method_shift(

@@ -763,13 +763,11 @@ def ce_newton_shift(
         warm=warm,
         theta=None if T is None else DenseLinearOperator(T[:cr, :cr]),
     )
-    # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
-    delta = Counted(J_d, counter).mT @ torch.cat(
-        [fit_r.alpha - fit_d.alpha[:cr], -fit_d.alpha[cr:]]
-    )
     w_r = Counted(J_r, counter).mT @ fit_r.alpha
     if centre is not None:
         w_r = w_r + centre.to(w_r.dtype)
+    # Δ = J_rᵀ α_r − J_Dᵀ α_D = J_Dᵀ [α_r − α_D[r]; −α_D[f]]: one VJP pass over D.
+    dual = torch.cat([fit_r.alpha - fit_d.alpha[:cr], -fit_d.alpha[cr:]])
     fits = [("D", fit_d), ("D_r", fit_r)]
     calibration = None
     if forget_entropy is not None:
@@ -778,10 +776,11 @@ def ce_newton_shift(
             records, centre,
         )  # fmt: skip
         fits.append(("D calibrated", fit_c))
-        delta = Counted(J_d, counter).mT @ (fit_c.alpha - fit_d.alpha)
+        dual = fit_c.alpha - fit_d.alpha  # Δ = w_cal − w_ce(D) = J_Dᵀ(α_cal − α_D)
         w_r = Counted(J_d, counter).mT @ fit_c.alpha
         if centre is not None:
             w_r = w_r + centre.to(w_r.dtype)
+    delta = Counted(J_d, counter).mT @ dual
     extra = {
         "newton": {
             name: {
@@ -848,8 +847,7 @@ def _calibrated_fit(
     T = entropy_temperature(z_f, entropy)
     q_f = torch.softmax(z_f.double() / T, dim=1).to(J_f.dtype)
     cr = fit_r.alpha.numel()
-    onehot_r = torch.nn.functional.one_hot(J_d.labels()[: cr // J_d.c].long(), J_d.c)
-    targets = torch.cat([onehot_r.to(q_f.dtype), q_f])
+    targets = torch.cat([_fit_targets(J_d, None)[: cr // J_d.c].to(q_f.dtype), q_f])
     # λ_r, not λ_D: with it w_ce(D_r) is the exact minimiser at T = 1 (the D_f rows' gradient
     # J_fᵀ(π_f − q_f) vanishes there), so the refit changes only what the tempering asks for.
     M = fit_d.precond

@@ -52,6 +52,18 @@ def lbfgs_ce_minimiser(J, f0, Y, lam, centre=None, targets=None):
     return torch.tensor(res.x)
 
 
+def lbfgs_pair(trained, theta0, linearize_at, X, Y, lam_r, lam_d):
+    """The L-BFGS references on D and on D_r (its first 16 images) at θ0 or w(D):
+    ``(J_D, f_D, centre, w_ce(D), w_ce(D_r))``, the ridge centred at θ0 (weight decay toward
+    θ0: at w(D), θ0 − w(D) from θ_lin)."""
+    at = theta0 if linearize_at == "init" else trained
+    J_d, f_d = explicit_jacobian(at, X)
+    centre = flat(theta0) - flat(at)
+    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d, centre)
+    w_r = lbfgs_ce_minimiser(J_d[: 3 * 16], f_d[:16], Y[:16], lam_r, centre)
+    return J_d, f_d, centre, w_d, w_r
+
+
 def linear(d, c, seed):
     """``nn.Linear(d, c)`` in float64 from its own seed: torch seeds the global generator at random
     per process, and an unseeded model made these tests see a new problem every run (one in
@@ -81,13 +93,7 @@ def test_ce_newton_equals_lbfgs_minimiser(linearize_at, convention):
         kw, lam_r, lam_d = {"ridge": 0.7}, 0.7, 0.7
     else:
         kw, lam_r, lam_d = {"weight_decay": 0.05}, 16 * 0.05, 20 * 0.05
-    at = theta0 if linearize_at == "init" else trained
-    J_d, f_d = explicit_jacobian(at, X)
-    J_r, f_r = J_d[: 3 * 16], f_d[:16]
-    # the ridge is centred at θ0 (weight decay toward θ0): at w(D), θ0 − w(D) from θ_lin
-    centre = flat(theta0) - flat(at)
-    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d, centre)
-    w_r = lbfgs_ce_minimiser(J_r, f_r, Yr, lam_r, centre)
+    J_d, f_d, centre, w_d, w_r = lbfgs_pair(trained, theta0, linearize_at, X, Y, lam_r, lam_d)
     expected = w_r - w_d
     before = flat(trained).clone()
     out = {}
@@ -233,12 +239,7 @@ def test_forget_entropy_equals_lbfgs_minimiser_with_tempered_soft_targets(linear
     X, Y = make_data("mlp", 20)
     Xr, Yr, Xf, Yf = X[:16], Y[:16], X[16:], Y[16:]
     lam_r, lam_d = 16 * 0.05, 20 * 0.05
-    at = theta0 if linearize_at == "init" else trained
-    J_d, f_d = explicit_jacobian(at, X)
-    J_r, f_r = J_d[: 3 * 16], f_d[:16]
-    centre = flat(theta0) - flat(at)
-    w_d = lbfgs_ce_minimiser(J_d, f_d, Y, lam_d, centre)
-    w_r = lbfgs_ce_minimiser(J_r, f_r, Yr, lam_r, centre)
+    J_d, f_d, centre, w_d, w_r = lbfgs_pair(trained, theta0, linearize_at, X, Y, lam_r, lam_d)
     z_f = f_d[16:] + (J_d[3 * 16 :] @ w_r).reshape(-1, 3)
     target = mean_entropy(z_f) + 0.15  # less confident than the retain model predicts
     lo, hi = 1e-3, 1e3  # the test's own bisection for T
